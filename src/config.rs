@@ -1,0 +1,94 @@
+//! Settings shared by clients and workers.
+
+use std::time::Duration;
+
+use crate::encoding::Encoding;
+use crate::error::Error;
+use crate::keys::{DEFAULT_PREFIX, validate_prefix};
+
+/// Connection and limit settings shared by [`crate::Client`] and
+/// [`crate::Worker`].
+///
+/// ```
+/// use job_async_redis::Config;
+/// let config = Config::new("redis://127.0.0.1:6379").prefix("myapp");
+/// assert_eq!(config.prefix, "myapp");
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// Redis URL. `redis://[user:password@]host:port[/db]`; passwords and ACL
+    /// users go here. `rediss://` (TLS) needs the crate's `tls` feature.
+    pub url: String,
+    /// Prefix of every key and channel. Default `jq`.
+    pub prefix: String,
+    /// Encoding of payloads submitted by a client. Default MessagePack.
+    pub encoding: Encoding,
+    /// Largest encoded payload a client submits and largest result a worker
+    /// returns, in bytes. Default 1 MiB.
+    pub max_payload_bytes: usize,
+    /// Response timeout of non-blocking calls. Default 5 s.
+    pub command_timeout: Duration,
+    /// Timeout of each connection attempt. Default 5 s.
+    pub connect_timeout: Duration,
+    /// How long one blocking pop waits before it is re-issued. The blocking
+    /// connection's response timeout is this plus `command_timeout`.
+    /// Default 5 s.
+    pub block_timeout: Duration,
+}
+
+impl Config {
+    /// Settings for `url` with every default.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            encoding: Encoding::default(),
+            max_payload_bytes: 1024 * 1024,
+            command_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            block_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Sets [`Config::prefix`].
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets [`Config::encoding`].
+    pub fn encoding(mut self, encoding: Encoding) -> Self {
+        self.encoding = encoding;
+        self
+    }
+
+    /// Sets [`Config::max_payload_bytes`].
+    pub fn max_payload_bytes(mut self, max: usize) -> Self {
+        self.max_payload_bytes = max;
+        self
+    }
+
+    /// Sets [`Config::command_timeout`].
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Config::block_timeout`].
+    pub fn block_timeout(mut self, timeout: Duration) -> Self {
+        self.block_timeout = timeout;
+        self
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), Error> {
+        validate_prefix(&self.prefix)?;
+        if self.block_timeout < Duration::from_millis(10) {
+            return Err(Error::Config("block_timeout must be at least 10 ms".into()));
+        }
+        if self.max_payload_bytes == 0 {
+            return Err(Error::Config("max_payload_bytes must be positive".into()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,50 @@
+//! Opening connections.
+//!
+//! - Non-blocking calls (scripts) share one auto-reconnecting multiplexed
+//!   [`ConnectionManager`]; concurrent calls are pipelined on it.
+//! - Each blocking wait (BLMPOP) has a connection of its own, whose response
+//!   timeout is the block time plus the command timeout: the redis crate's
+//!   default of 500 ms would cut every longer block short.
+//! - Pub/sub has a dedicated connection (see `replies`).
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client};
+
+use crate::config::Config;
+use crate::error::Error;
+
+/// Opens the Redis client for `config.url`.
+pub(crate) fn client(config: &Config) -> Result<Client, Error> {
+    config.validate()?;
+    Ok(Client::open(config.url.as_str())?)
+}
+
+/// Opens the shared connection for non-blocking calls and loads the scripts.
+pub(crate) async fn manager(client: &Client, config: &Config) -> Result<ConnectionManager, Error> {
+    let manager_config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(config.command_timeout))
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_min_delay(Duration::from_millis(20))
+        .set_max_delay(Duration::from_secs(1))
+        .set_number_of_retries(3);
+    let mut con = client
+        .get_connection_manager_with_config(manager_config)
+        .await?;
+    crate::scripts::load_all(&mut con).await?;
+    Ok(con)
+}
+
+/// Opens a connection for blocking calls that block up to `config.block_timeout`.
+pub(crate) async fn blocking(
+    client: &Client,
+    config: &Config,
+) -> Result<MultiplexedConnection, Error> {
+    let con_config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_response_timeout(Some(config.block_timeout + config.command_timeout));
+    Ok(client
+        .get_multiplexed_async_connection_with_config(&con_config)
+        .await?)
+}

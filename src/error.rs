@@ -1,0 +1,246 @@
+//! The crate's error type, and the only place where Redis replies and the
+//! scripts' error codes are mapped to it.
+
+use std::time::Duration;
+
+use redis::RedisError;
+
+use crate::failure::FailureKind;
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A Redis command failed: connection refused or dropped, timeout,
+    /// authentication, or an unexpected reply.
+    #[error("redis: {0}")]
+    Redis(#[from] RedisError),
+
+    /// The queue was registered in another mode by an earlier client or
+    /// worker. Nothing was written.
+    #[error("queue {queue:?} is registered in {existing} mode, but {requested} mode was requested")]
+    ModeMismatch {
+        /// Queue name.
+        queue: String,
+        /// Mode recorded in the queue's metadata.
+        existing: String,
+        /// Mode this client or worker asked for.
+        requested: String,
+    },
+
+    /// The queue was registered with another protocol version. Nothing was
+    /// written.
+    #[error(
+        "queue {queue:?} uses protocol version {existing}, but this library speaks version {requested}"
+    )]
+    ProtocolMismatch {
+        /// Queue name.
+        queue: String,
+        /// Protocol version recorded in the queue's metadata.
+        existing: String,
+        /// Protocol version of this library.
+        requested: String,
+    },
+
+    /// A payload or result is larger than the configured maximum. Nothing was
+    /// written.
+    #[error("{what} of {size} bytes exceeds the maximum of {max} bytes")]
+    TooLarge {
+        /// "payload" or "result".
+        what: &'static str,
+        /// Encoded size in bytes.
+        size: usize,
+        /// Configured maximum in bytes.
+        max: usize,
+    },
+
+    /// A queue name or key prefix that would break the key layout.
+    #[error("invalid name: {0}")]
+    InvalidName(String),
+
+    /// Invalid configuration (for example a worker without queues).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// A value could not be serialised.
+    #[error("cannot encode {what}: {message}")]
+    Encode {
+        /// What was being encoded.
+        what: &'static str,
+        /// The serialiser's message.
+        message: String,
+    },
+
+    /// Bytes read from Redis could not be decoded.
+    #[error("cannot decode {what}: {message}")]
+    Decode {
+        /// What was being decoded.
+        what: &'static str,
+        /// The deserialiser's message.
+        message: String,
+    },
+
+    /// The job ran and failed: its handler returned an error or panicked, or
+    /// its payload could not be decoded by the worker.
+    #[error("job {job_id} failed ({kind}): {message}")]
+    JobFailed {
+        /// Job ID.
+        job_id: String,
+        /// Why it failed.
+        kind: FailureKind,
+        /// Human-readable message from the worker.
+        message: String,
+    },
+
+    /// No outcome arrived within the time the caller was willing to wait.
+    /// The job itself may still run.
+    #[error("no outcome for job {job_id} within {after:?}")]
+    Timeout {
+        /// Job ID.
+        job_id: String,
+        /// How long the caller waited.
+        after: Duration,
+    },
+
+    /// The client was closed before the job's outcome arrived.
+    #[error("the client was closed before job {job_id} had an outcome")]
+    ClientClosed {
+        /// Job ID.
+        job_id: String,
+    },
+
+    /// A script refused with a code this version of the library does not
+    /// know, or with `JQ_BAD_ARGS` (a bug in the caller).
+    #[error("script {script} refused: {code} {message}")]
+    Script {
+        /// Script name.
+        script: &'static str,
+        /// Error code, e.g. `JQ_BAD_ARGS`.
+        code: String,
+        /// The rest of the error message.
+        message: String,
+    },
+
+    /// The queue has no metadata (it was deleted, or Redis lost its data).
+    /// Clients and workers register the queue again and retry once.
+    #[error("queue {queue:?} is not registered")]
+    QueueNotRegistered {
+        /// Queue name.
+        queue: String,
+    },
+}
+
+impl Error {
+    /// True when retrying the same call later may succeed: the connection
+    /// dropped or timed out, or the server is loading, failing over or busy.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Redis(e) => is_transient(e),
+            _ => false,
+        }
+    }
+}
+
+/// See [`Error::is_transient`].
+pub(crate) fn is_transient(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.code(),
+            Some("LOADING" | "TRYAGAIN" | "MASTERDOWN" | "BUSY" | "CLUSTERDOWN" | "UNBLOCKED")
+        )
+}
+
+/// Maps a failed script call to an [`Error`]. `script` names the script and
+/// `queue` the queue it ran on, for the message.
+pub(crate) fn from_script(err: RedisError, script: &'static str, queue: &str) -> Error {
+    let Some(code) = err.code().filter(|c| c.starts_with("JQ_")) else {
+        return Error::Redis(err);
+    };
+    let code = code.to_owned();
+    let detail = err.detail().unwrap_or("").to_owned();
+    let mut words = detail.split_whitespace();
+    let mut two = || -> (String, String) {
+        (
+            words.next().unwrap_or("?").to_owned(),
+            words.next().unwrap_or("?").to_owned(),
+        )
+    };
+    match code.as_str() {
+        "JQ_MODE_MISMATCH" => {
+            let (existing, requested) = two();
+            Error::ModeMismatch {
+                queue: queue.to_owned(),
+                existing,
+                requested,
+            }
+        }
+        "JQ_PROTOCOL_MISMATCH" => {
+            let (existing, requested) = two();
+            Error::ProtocolMismatch {
+                queue: queue.to_owned(),
+                existing,
+                requested,
+            }
+        }
+        "JQ_QUEUE_UNKNOWN" => Error::QueueNotRegistered {
+            queue: queue.to_owned(),
+        },
+        _ => Error::Script {
+            script,
+            code,
+            message: detail,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::{ErrorKind, Value};
+
+    fn server_error(text: &str) -> RedisError {
+        // Parse a real RESP error reply, as the connection would.
+        let raw = format!("-{text}\r\n");
+        let value: Value = redis::parse_redis_value(raw.as_bytes()).unwrap();
+        match value {
+            Value::ServerError(e) => e.into(),
+            other => panic!("not an error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn mode_mismatch_names_both_modes() {
+        let e = from_script(
+            server_error("JQ_MODE_MISMATCH recoverable simple"),
+            "submit",
+            "q1",
+        );
+        match e {
+            Error::ModeMismatch {
+                queue,
+                existing,
+                requested,
+            } => {
+                assert_eq!(
+                    (queue.as_str(), existing.as_str(), requested.as_str()),
+                    ("q1", "recoverable", "simple")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_codes_and_plain_errors_are_kept() {
+        assert!(matches!(
+            from_script(server_error("JQ_SOMETHING_NEW x y"), "submit", "q"),
+            Error::Script { code, .. } if code == "JQ_SOMETHING_NEW"
+        ));
+        let plain = from_script(server_error("ERR boom"), "submit", "q");
+        assert!(matches!(plain, Error::Redis(ref e) if e.kind() != ErrorKind::Io));
+        assert!(!plain.is_transient());
+    }
+}

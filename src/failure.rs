@@ -1,0 +1,80 @@
+//! Why a job failed, as recorded on the wire.
+
+use std::fmt;
+
+/// The reason a job failed. On the wire it is the lower-case string given
+/// for each variant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// `handler`: the handler returned an error.
+    Handler,
+    /// `panic`: the handler panicked.
+    Panic,
+    /// `decode`: the worker could not decode the job's payload, or the job
+    /// envelope was malformed.
+    Decode,
+    /// `encode`: the worker could not encode the handler's result.
+    Encode,
+    /// `too_large`: the result exceeded the worker's maximum size.
+    TooLarge,
+    /// `shutdown`: the worker shut down and its grace period ran out before
+    /// the job finished.
+    Shutdown,
+    /// Any other string, from a newer version or another implementation.
+    Other(String),
+}
+
+impl FailureKind {
+    /// The wire string.
+    pub fn as_str(&self) -> &str {
+        match self {
+            FailureKind::Handler => "handler",
+            FailureKind::Panic => "panic",
+            FailureKind::Decode => "decode",
+            FailureKind::Encode => "encode",
+            FailureKind::TooLarge => "too_large",
+            FailureKind::Shutdown => "shutdown",
+            FailureKind::Other(s) => s,
+        }
+    }
+
+    /// Parses a wire string; unknown strings become [`FailureKind::Other`].
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "handler" => FailureKind::Handler,
+            "panic" => FailureKind::Panic,
+            "decode" => FailureKind::Decode,
+            "encode" => FailureKind::Encode,
+            "too_large" => FailureKind::TooLarge,
+            "shutdown" => FailureKind::Shutdown,
+            other => FailureKind::Other(other.to_owned()),
+        }
+    }
+}
+
+impl fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_strings_round_trip() {
+        for k in [
+            FailureKind::Handler,
+            FailureKind::Panic,
+            FailureKind::Decode,
+            FailureKind::Encode,
+            FailureKind::TooLarge,
+            FailureKind::Shutdown,
+            FailureKind::Other("custom".into()),
+        ] {
+            assert_eq!(FailureKind::parse(k.as_str()), k);
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! The only place where Redis key and channel names are built.
+//!
+//! Every key of a queue carries the queue's name as a Redis Cluster hash tag
+//! (`<prefix>:{<queue>}:...`), so that every script touches a single hash
+//! slot and runs unchanged on a cluster.
+
+use crate::error::Error;
+
+/// The default key prefix.
+pub const DEFAULT_PREFIX: &str = "jq";
+
+/// Key and channel names of one queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueKeys {
+    queue: String,
+    base: String,
+}
+
+impl QueueKeys {
+    /// Builds the names for `queue` under `prefix`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidName`] when the queue name is empty, longer than 256
+    /// bytes or contains `{`, `}` or a control character, or when the
+    /// prefix contains `{` or `}` (either would break the hash tag).
+    pub fn new(prefix: &str, queue: &str) -> Result<Self, Error> {
+        validate_prefix(prefix)?;
+        if queue.is_empty()
+            || queue.len() > 256
+            || queue.contains(['{', '}'])
+            || queue.chars().any(char::is_control)
+        {
+            return Err(Error::InvalidName(format!(
+                "queue name {queue:?} must be 1 to 256 bytes without '{{', '}}' or control characters"
+            )));
+        }
+        Ok(Self {
+            queue: queue.to_owned(),
+            base: format!("{prefix}:{{{queue}}}"),
+        })
+    }
+
+    /// The queue's name.
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// Queue metadata hash: mode, protocol version, creation time.
+    pub fn meta(&self) -> String {
+        format!("{}:meta", self.base)
+    }
+
+    /// List of pending jobs (envelopes in simple mode).
+    pub fn pending(&self) -> String {
+        format!("{}:pending", self.base)
+    }
+
+    /// Dead-letter list of entries that could not be run.
+    pub fn dead(&self) -> String {
+        format!("{}:dead", self.base)
+    }
+
+    /// Channel on which the client `client_id` receives outcomes of the jobs
+    /// it submitted to this queue.
+    pub fn reply_channel(&self, client_id: &str) -> String {
+        format!("{}:reply:{client_id}", self.base)
+    }
+}
+
+impl QueueKeys {
+    /// True when `channel` is a reply channel of this queue, so a worker
+    /// never publishes outside the queue's hash slot or key space.
+    pub(crate) fn owns_reply_channel(&self, channel: &str) -> bool {
+        channel
+            .strip_prefix(&self.reply_channel(""))
+            .is_some_and(|id| !id.is_empty())
+    }
+}
+
+/// Checks that a key prefix cannot break hash tags.
+pub(crate) fn validate_prefix(prefix: &str) -> Result<(), Error> {
+    if prefix.is_empty() || prefix.contains(['{', '}']) || prefix.chars().any(char::is_control) {
+        return Err(Error::InvalidName(format!(
+            "prefix {prefix:?} must be non-empty without '{{', '}}' or control characters"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_carries_the_queue_hash_tag() {
+        let k = QueueKeys::new("jq", "emails").unwrap();
+        for key in [k.meta(), k.pending(), k.dead(), k.reply_channel("c1")] {
+            assert!(key.starts_with("jq:{emails}:"), "{key}");
+        }
+        assert_eq!(k.pending(), "jq:{emails}:pending");
+        assert_eq!(k.reply_channel("abc"), "jq:{emails}:reply:abc");
+        assert!(k.owns_reply_channel("jq:{emails}:reply:abc"));
+        assert!(!k.owns_reply_channel("jq:{emails}:reply:"));
+        assert!(!k.owns_reply_channel("jq:{other}:reply:abc"));
+    }
+
+    #[test]
+    fn names_that_would_break_the_hash_tag_are_refused() {
+        for bad in ["", "a{b", "a}b", "a\nb"] {
+            assert!(
+                matches!(QueueKeys::new("jq", bad), Err(Error::InvalidName(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(QueueKeys::new("j{q", "ok").is_err());
+        assert!(QueueKeys::new("", "ok").is_err());
+        assert!(QueueKeys::new("jq", &"x".repeat(257)).is_err());
+    }
+}

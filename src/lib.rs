@@ -1,0 +1,33 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod client;
+mod config;
+mod connection;
+mod encoding;
+mod error;
+mod failure;
+mod handle;
+mod job;
+pub mod keys;
+mod mode;
+mod queue_meta;
+mod replies;
+pub mod scripts;
+mod wire;
+mod worker;
+
+pub use client::{Client, Queue};
+pub use config::Config;
+pub use encoding::Encoding;
+pub use error::Error;
+pub use failure::FailureKind;
+pub use handle::JobHandle;
+pub use job::Job;
+pub use mode::{Mode, PROTOCOL_VERSION};
+pub use worker::{ShutdownHandle, Worker, WorkerBuilder, WorkerStats};
+
+/// The redis crate this library is built on, re-exported so that users get
+/// the matching version.
+pub use redis;

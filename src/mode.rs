@@ -1,0 +1,34 @@
+//! Operational modes and the protocol version.
+
+use std::fmt;
+
+/// The wire protocol version this library speaks. It is recorded in every
+/// queue's metadata; clients and workers with another version are refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// How a queue carries its jobs. Every client and worker of a queue must
+/// use the same mode; the first one to use a queue records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Mode {
+    /// `simple`: the whole job is pushed on a list, a worker pops it, and the
+    /// outcome goes back by pub/sub. Fastest. A job is lost if its worker dies
+    /// while running it, and an outcome is lost if its client is not
+    /// subscribed when it is published.
+    Simple,
+}
+
+impl Mode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Simple => "simple",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

@@ -1,0 +1,195 @@
+//! Receives job outcomes on a client's reply channels and hands each one to
+//! the [`crate::JobHandle`] waiting for it.
+//!
+//! One task per client owns one dedicated pub/sub connection. When the
+//! connection drops, the task reconnects and subscribes to every channel
+//! again; a [`Replies::subscribe`] made meanwhile waits until the channel is
+//! subscribed, so a client never submits a job whose outcome it could not
+//! receive at that moment. Outcomes published while the connection was down
+//! are lost in simple mode (see protocol.md).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::Error;
+use crate::wire::{Reply, unpack};
+
+type WaiterMap = Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>;
+
+enum Command {
+    Subscribe {
+        channel: String,
+        done: oneshot::Sender<Result<(), redis::RedisError>>,
+    },
+}
+
+/// Handle to a client's reply task. The task ends when the handle is dropped.
+pub(crate) struct Replies {
+    commands: mpsc::UnboundedSender<Command>,
+    waiters: WaiterMap,
+    timeout: Duration,
+}
+
+/// Receives one job's outcome. Dropping it forgets the job.
+pub(crate) struct Waiter {
+    job_id: String,
+    rx: oneshot::Receiver<Reply>,
+    waiters: WaiterMap,
+}
+
+impl Waiter {
+    /// Waits for the outcome; `None` when the client was closed.
+    pub(crate) async fn recv(&mut self) -> Option<Reply> {
+        (&mut self.rx).await.ok()
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.waiters.lock() {
+            map.remove(&self.job_id);
+        }
+    }
+}
+
+impl Replies {
+    /// Starts the reply task for `client`. `timeout` bounds how long
+    /// [`Replies::subscribe`] waits for a connection.
+    pub(crate) fn start(client: redis::Client, timeout: Duration) -> Self {
+        let (commands, rx) = mpsc::unbounded_channel();
+        let waiters = WaiterMap::default();
+        tokio::spawn(run(client, rx, waiters.clone()));
+        Self {
+            commands,
+            waiters,
+            timeout,
+        }
+    }
+
+    /// Subscribes to `channel` (once; later calls return when the channel is
+    /// subscribed on the live connection).
+    pub(crate) async fn subscribe(&self, channel: &str) -> Result<(), Error> {
+        let (done, rx) = oneshot::channel();
+        let command = Command::Subscribe {
+            channel: channel.to_owned(),
+            done,
+        };
+        let closed = || {
+            Error::Redis(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "reply subscription task stopped",
+            )))
+        };
+        self.commands.send(command).map_err(|_| closed())?;
+        match tokio::time::timeout(self.timeout, rx).await {
+            Ok(Ok(result)) => Ok(result?),
+            Ok(Err(_)) => Err(closed()),
+            Err(_) => Err(Error::Redis(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "timed out subscribing to the reply channel",
+                channel.to_owned(),
+            )))),
+        }
+    }
+
+    /// Registers interest in `job_id`'s outcome.
+    pub(crate) fn register(&self, job_id: &str) -> Waiter {
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .expect("reply waiters lock")
+            .insert(job_id.to_owned(), tx);
+        Waiter {
+            job_id: job_id.to_owned(),
+            rx,
+            waiters: self.waiters.clone(),
+        }
+    }
+}
+
+async fn run(
+    client: redis::Client,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    waiters: WaiterMap,
+) {
+    let mut channels: Vec<String> = Vec::new();
+    let mut backoff = Duration::from_millis(20);
+    'connect: loop {
+        let pubsub = match client.get_async_pubsub().await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "reply subscription: cannot connect; retrying");
+                if commands.is_closed() {
+                    break;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        if !channels.is_empty() {
+            if let Err(e) = sink.subscribe(&channels).await {
+                tracing::warn!(error = %e, "reply subscription: resubscribe failed; reconnecting");
+                continue;
+            }
+            tracing::info!(channels = channels.len(), "reply subscription restored");
+        }
+        backoff = Duration::from_millis(20);
+        loop {
+            tokio::select! {
+                msg = stream.next() => match msg {
+                    Some(msg) => dispatch(&waiters, msg.get_payload_bytes()),
+                    None => {
+                        tracing::warn!("reply subscription lost; reconnecting");
+                        continue 'connect;
+                    }
+                },
+                command = commands.recv() => match command {
+                    None => break 'connect,
+                    Some(Command::Subscribe { channel, done }) => {
+                        if channels.contains(&channel) {
+                            let _ = done.send(Ok(()));
+                            continue;
+                        }
+                        match sink.subscribe(&channel).await {
+                            Ok(()) => {
+                                channels.push(channel);
+                                let _ = done.send(Ok(()));
+                            }
+                            Err(e) => {
+                                let _ = done.send(Err(e));
+                                continue 'connect;
+                            }
+                        }
+                    }
+                },
+            }
+        }
+    }
+    // The client is gone: wake every waiter with "closed".
+    if let Ok(mut map) = waiters.lock() {
+        map.clear();
+    }
+}
+
+fn dispatch(waiters: &WaiterMap, payload: &[u8]) {
+    let reply: Reply = match unpack(payload, "reply message") {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring an undecodable reply message");
+            return;
+        }
+    };
+    let waiter = waiters
+        .lock()
+        .ok()
+        .and_then(|mut map| map.remove(&reply.id));
+    if let Some(tx) = waiter {
+        let _ = tx.send(reply);
+    }
+}

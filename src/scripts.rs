@@ -1,0 +1,331 @@
+//! The script registry: every state transition is a Lua file in `lua/`,
+//! embedded at build time, hashed with SHA1 over the exact bytes sent, and run
+//! with EVALSHA. A NOSCRIPT reply (after a restart, a failover or SCRIPT
+//! FLUSH) loads the script and retries, on single calls and in pipelines.
+
+use std::sync::OnceLock;
+
+use include_dir::{Dir, include_dir};
+use redis::{RedisError, RedisResult, ServerErrorKind, Value, aio::ConnectionLike};
+
+static LUA_DIR: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/lua");
+
+/// One embedded Lua script.
+#[derive(Debug)]
+pub struct LuaScript {
+    name: String,
+    version: u32,
+    sha1: String,
+    source: &'static str,
+}
+
+impl LuaScript {
+    /// Script name: its file name without `.lua`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Version from the script's `-- version:` header line.
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+    /// Lower-case hex SHA1 of the exact source bytes; the EVALSHA digest.
+    pub fn sha1(&self) -> &str {
+        &self.sha1
+    }
+    /// The source text, byte for byte as sent to Redis.
+    pub fn source(&self) -> &'static str {
+        self.source
+    }
+
+    /// The script name with a static lifetime (scripts live for the program).
+    pub(crate) fn name_static(&'static self) -> &'static str {
+        &self.name
+    }
+
+    /// Starts a call of this script.
+    pub(crate) fn call(&'static self) -> Call {
+        Call {
+            script: self,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    fn parse(file_name: &str, source: &'static str) -> Result<Self, String> {
+        let name = file_name
+            .strip_suffix(".lua")
+            .ok_or_else(|| format!("{file_name}: not a .lua file"))?;
+        let header = |field: &str| {
+            source
+                .lines()
+                .take_while(|l| l.starts_with("--") || l.starts_with("#!"))
+                .find_map(|l| l.strip_prefix(&format!("-- {field}:")))
+                .map(str::trim)
+        };
+        if header("name") != Some(name) {
+            return Err(format!("{file_name}: header '-- name: {name}' missing"));
+        }
+        let version = header("version")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("{file_name}: header '-- version: N' missing"))?;
+        Ok(Self {
+            name: name.to_owned(),
+            version,
+            sha1: sha1_smol::Sha1::from(source.as_bytes())
+                .digest()
+                .to_string(),
+            source,
+        })
+    }
+}
+
+/// Names of the scripts, one per state transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Name {
+    QueueRegister,
+    Submit,
+    SimpleReply,
+    SimpleRequeue,
+    SimpleDead,
+}
+
+impl Name {
+    #[cfg(test)]
+    const ALL: [Name; 5] = [
+        Name::QueueRegister,
+        Name::Submit,
+        Name::SimpleReply,
+        Name::SimpleRequeue,
+        Name::SimpleDead,
+    ];
+
+    fn file_stem(self) -> &'static str {
+        match self {
+            Name::QueueRegister => "queue_register",
+            Name::Submit => "submit",
+            Name::SimpleReply => "simple_reply",
+            Name::SimpleRequeue => "simple_requeue",
+            Name::SimpleDead => "simple_dead",
+        }
+    }
+}
+
+/// All embedded scripts, sorted by name.
+pub fn all() -> &'static [LuaScript] {
+    static REGISTRY: OnceLock<Vec<LuaScript>> = OnceLock::new();
+    REGISTRY.get_or_init(|| {
+        let mut scripts: Vec<LuaScript> = LUA_DIR
+            .files()
+            .filter(|f| f.path().extension().is_some_and(|e| e == "lua"))
+            .map(|f| {
+                let file_name = f.path().file_name().and_then(|n| n.to_str()).unwrap_or("");
+                let source = f
+                    .contents_utf8()
+                    .unwrap_or_else(|| panic!("lua/{file_name} is not UTF-8"));
+                LuaScript::parse(file_name, source).unwrap_or_else(|e| panic!("lua/{e}"))
+            })
+            .collect();
+        scripts.sort_by(|a, b| a.name.cmp(&b.name));
+        scripts
+    })
+}
+
+/// The script for a transition.
+pub(crate) fn get(name: Name) -> &'static LuaScript {
+    let stem = name.file_stem();
+    all()
+        .iter()
+        .find(|s| s.name == stem)
+        .unwrap_or_else(|| panic!("lua/{stem}.lua is not embedded"))
+}
+
+/// Loads every script into the server's script cache (SCRIPT LOAD). Calls
+/// recover from NOSCRIPT by themselves; loading up front saves that round
+/// trip and checks early that the connection may run scripts.
+pub(crate) async fn load_all<C: ConnectionLike>(con: &mut C) -> RedisResult<()> {
+    let mut pipe = redis::pipe();
+    for s in all() {
+        pipe.cmd("SCRIPT").arg("LOAD").arg(s.source);
+    }
+    let shas: Vec<String> = pipe.query_async(con).await?;
+    for (s, sha) in all().iter().zip(&shas) {
+        if *sha != s.sha1 {
+            return Err(RedisError::from((
+                redis::ErrorKind::Client,
+                "SCRIPT LOAD returned an unexpected SHA1",
+                format!("{}: expected {}, got {sha}", s.name, s.sha1),
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// One prepared script call: EVALSHA with keys and arguments.
+#[derive(Debug, Clone)]
+pub(crate) struct Call {
+    script: &'static LuaScript,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+fn is_noscript(err: &RedisError) -> bool {
+    err.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
+impl Call {
+    /// Adds a key (KEYS[n]).
+    pub(crate) fn key(mut self, key: impl AsRef<[u8]>) -> Self {
+        self.keys.push(key.as_ref().to_vec());
+        self
+    }
+
+    /// Adds an argument (ARGV[n]).
+    pub(crate) fn arg(mut self, arg: impl AsRef<[u8]>) -> Self {
+        self.args.push(arg.as_ref().to_vec());
+        self
+    }
+
+    /// The script being called.
+    pub(crate) fn script(&self) -> &'static LuaScript {
+        self.script
+    }
+
+    fn evalsha(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.script.sha1)
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.args);
+        cmd
+    }
+
+    /// Runs the call; on NOSCRIPT, loads the script and runs it once more.
+    pub(crate) async fn invoke<T, C>(&self, con: &mut C) -> RedisResult<T>
+    where
+        T: redis::FromRedisValue,
+        C: ConnectionLike,
+    {
+        let cmd = self.evalsha();
+        match cmd.query_async(con).await {
+            Err(e) if is_noscript(&e) => {
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(self.script.source)
+                    .exec_async(con)
+                    .await?;
+                cmd.query_async(con).await
+            }
+            other => other,
+        }
+    }
+}
+
+/// Runs many calls in one pipeline (one round trip). The reply has one result
+/// per call, in order. Calls refused with NOSCRIPT (all of them after a
+/// restart; some of them when SCRIPT FLUSH ran while the pipeline was being
+/// served) did not run: their scripts are loaded and just those calls are
+/// sent once more.
+pub(crate) async fn invoke_pipeline<C: ConnectionLike>(
+    con: &mut C,
+    calls: &[Call],
+) -> RedisResult<Vec<RedisResult<Value>>> {
+    let mut results = send_pipeline(con, calls.iter()).await?;
+    let retry: Vec<usize> = (0..calls.len())
+        .filter(|&i| matches!(&results[i], Err(e) if is_noscript(e)))
+        .collect();
+    if !retry.is_empty() {
+        load_all(con).await?;
+        let again = send_pipeline(con, retry.iter().map(|&i| &calls[i])).await?;
+        for (i, r) in retry.into_iter().zip(again) {
+            results[i] = r;
+        }
+    }
+    Ok(results)
+}
+
+async fn send_pipeline<'a, C: ConnectionLike>(
+    con: &mut C,
+    calls: impl Iterator<Item = &'a Call>,
+) -> RedisResult<Vec<RedisResult<Value>>> {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for c in calls {
+        pipe.add_command(c.evalsha());
+    }
+    pipe.query_async(con).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (script, version, sha1) of every released script. Changing a script's
+    /// text without bumping its version fails this test; after a bump, add
+    /// the new line here and to protocol.md.
+    const LOCK: &[(&str, u32, &str)] = &[
+        (
+            "queue_register",
+            1,
+            "aa74a74df04db0536b0cfb3a4761413dcb759208",
+        ),
+        ("simple_dead", 1, "463e756357db9b3a9c6f3a46ff7941bc2186c0d9"),
+        (
+            "simple_reply",
+            1,
+            "fab24024516ed1a95e8cc9fec35e70d8b6d915e6",
+        ),
+        (
+            "simple_requeue",
+            1,
+            "1feac4b22e851b1c566a812d385be245c959dc33",
+        ),
+        ("submit", 1, "6a77e9ca8ffce8e22cebf27b80c32e5133f8debc"),
+    ];
+
+    #[test]
+    fn scripts_match_the_lock_list() {
+        let mut problems = Vec::new();
+        for s in all() {
+            match LOCK
+                .iter()
+                .find(|(n, v, _)| *n == s.name() && *v == s.version())
+            {
+                None => problems.push(format!(
+                    "{} version {} (sha1 {}) is not in the lock list: add it",
+                    s.name(),
+                    s.version(),
+                    s.sha1()
+                )),
+                Some((_, _, sha)) if *sha != s.sha1() => problems.push(format!(
+                    "{} changed (sha1 {} != locked {sha}) without a version bump",
+                    s.name(),
+                    s.sha1()
+                )),
+                Some(_) => {}
+            }
+        }
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn every_transition_has_a_script_with_a_shebang() {
+        for name in Name::ALL {
+            let s = get(name);
+            assert!(s.source().starts_with("#!lua\n"), "{}", s.name());
+            assert_eq!(s.sha1().len(), 40);
+        }
+        assert_eq!(all().len(), Name::ALL.len(), "a script in lua/ is not used");
+    }
+
+    #[test]
+    fn headers_are_required() {
+        assert!(LuaScript::parse("x.lua", "#!lua\n-- name: x\n").is_err());
+        assert!(LuaScript::parse("x.lua", "#!lua\n-- name: y\n-- version: 1\n").is_err());
+        let s = LuaScript::parse("x.lua", "#!lua\n-- name: x\n-- version: 3\nreturn 1\n").unwrap();
+        assert_eq!(s.version(), 3);
+        assert_eq!(
+            s.sha1(),
+            sha1_smol::Sha1::from(s.source()).digest().to_string()
+        );
+    }
+}

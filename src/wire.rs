@@ -1,0 +1,125 @@
+//! Records that cross the wire in simple mode, as protocol.md defines them.
+//! They are always MessagePack maps with string keys (`rmp_serde` named
+//! encoding); the job's own payload and result inside them are opaque bytes
+//! in the job's encoding.
+
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use crate::error::Error;
+
+/// A job as pushed on a simple-mode pending list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Envelope {
+    /// Job ID, unique per queue (a UUID v4 in this implementation).
+    pub id: String,
+    /// Channel to publish the outcome on; absent when nobody waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
+    /// Encoding of `payload` (and of the result): `msgpack` or `json`.
+    pub enc: String,
+    /// The job's payload.
+    pub payload: ByteBuf,
+    /// Submission time, milliseconds since the Unix epoch (client clock).
+    #[serde(default)]
+    pub submitted_ms: u64,
+}
+
+/// Outcome status on the wire.
+pub(crate) const COMPLETED: &str = "completed";
+/// Outcome status on the wire.
+pub(crate) const FAILED: &str = "failed";
+
+/// A job's outcome as published on a reply channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Reply {
+    /// Job ID.
+    pub id: String,
+    /// `completed` or `failed`.
+    pub status: String,
+    /// Encoding of `result`, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enc: Option<String>,
+    /// The handler's result, when `status` is `completed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<ByteBuf>,
+    /// Why the job failed, when `status` is `failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<WireError>,
+}
+
+/// A failure as recorded on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct WireError {
+    /// See [`crate::FailureKind`].
+    pub kind: String,
+    /// Human-readable message.
+    pub message: String,
+}
+
+/// A dead-letter record for a list entry that no worker could run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct DeadRecord {
+    /// Why the entry could not be run.
+    pub reason: String,
+    /// The entry exactly as it was popped.
+    pub entry: ByteBuf,
+    /// When the worker gave up on it, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+/// Encodes a protocol record (always MessagePack with named fields).
+pub(crate) fn pack<T: Serialize>(record: &T, what: &'static str) -> Result<Vec<u8>, Error> {
+    rmp_serde::to_vec_named(record).map_err(|e| Error::Encode {
+        what,
+        message: e.to_string(),
+    })
+}
+
+/// Decodes a protocol record.
+pub(crate) fn unpack<'a, T: Deserialize<'a>>(
+    bytes: &'a [u8],
+    what: &'static str,
+) -> Result<T, Error> {
+    rmp_serde::from_slice(bytes).map_err(|e| Error::Decode {
+        what,
+        message: e.to_string(),
+    })
+}
+
+/// Milliseconds since the Unix epoch on this machine's clock.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_golden_bytes() {
+        let env = Envelope {
+            id: "j1".into(),
+            reply: Some("c".into()),
+            enc: "json".into(),
+            payload: ByteBuf::from(b"\"hi\"".to_vec()),
+            submitted_ms: 7,
+        };
+        let bytes = pack(&env, "envelope").unwrap();
+        let expected: &[u8] = b"\x85\xa2id\xa2j1\xa5reply\xa1c\xa3enc\xa4json\xa7payload\xc4\x04\"hi\"\xacsubmitted_ms\x07";
+        assert_eq!(bytes, expected);
+        assert_eq!(unpack::<Envelope>(&bytes, "envelope").unwrap(), env);
+    }
+
+    #[test]
+    fn optional_fields_may_be_missing() {
+        // A minimal reply written by another implementation: id and status.
+        let bytes = b"\x82\xa2id\xa2j1\xa6status\xa6failed";
+        let reply: Reply = unpack(bytes, "reply").unwrap();
+        assert_eq!(reply.status, FAILED);
+        assert!(reply.error.is_none() && reply.result.is_none());
+    }
+}
