@@ -10,15 +10,19 @@
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client};
+use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion};
 
 use crate::config::Config;
 use crate::error::Error;
 
-/// Opens the Redis client for `config.url`.
+/// Opens the Redis client for `config.url`. It speaks RESP3 (Redis >= 6),
+/// so that the shared connection notices a disconnection at once and
+/// reconnects before the next call, rather than failing that call.
 pub(crate) fn client(config: &Config) -> Result<Client, Error> {
     config.validate()?;
-    Ok(Client::open(config.url.as_str())?)
+    let info = config.url.as_str().into_connection_info()?;
+    let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+    Ok(Client::open(info.set_redis_settings(settings))?)
 }
 
 /// Opens the shared connection for non-blocking calls and loads the scripts.
@@ -28,7 +32,7 @@ pub(crate) async fn manager(client: &Client, config: &Config) -> Result<Connecti
         .set_connection_timeout(Some(config.connect_timeout))
         .set_min_delay(Duration::from_millis(20))
         .set_max_delay(Duration::from_secs(1))
-        .set_number_of_retries(3);
+        .set_number_of_retries(6);
     let mut con = client
         .get_connection_manager_with_config(manager_config)
         .await?;

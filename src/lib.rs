@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod acl;
 mod client;
 mod config;
 mod connection;
@@ -18,6 +19,7 @@ pub mod scripts;
 mod wire;
 mod worker;
 
+pub use acl::acl_rules;
 pub use client::{Client, Queue};
 pub use config::Config;
 pub use encoding::Encoding;

@@ -287,9 +287,13 @@ impl Worker {
         let mut backoff = Backoff::default();
         loop {
             while tasks.try_join_next().is_some() {}
+            if self.shutdown.is_cancelled() {
+                return Ok(());
+            }
             let first = tokio::select! {
-                permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
+                biased;
                 _ = self.shutdown.cancelled() => return Ok(()),
+                permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
             };
             let mut permits = vec![first];
             while let Ok(p) = slots.clone().try_acquire_owned() {
@@ -367,15 +371,23 @@ impl Worker {
             result = &mut pop => return result,
             _ = self.shutdown.cancelled() => {}
         }
-        let unblock: redis::RedisResult<i64> = redis::cmd("CLIENT")
-            .arg("UNBLOCK")
-            .arg(client_id)
-            .query_async(&mut self.con.clone())
-            .await;
-        if let Err(e) = unblock {
-            tracing::debug!(error = %e, "CLIENT UNBLOCK failed; waiting for the block to time out");
+        // The pop may not be blocking yet when the first UNBLOCK arrives
+        // (UNBLOCK then answers 0): repeat until the pop returns.
+        loop {
+            let unblock: redis::RedisResult<i64> = redis::cmd("CLIENT")
+                .arg("UNBLOCK")
+                .arg(client_id)
+                .query_async(&mut self.con.clone())
+                .await;
+            if let Err(e) = unblock {
+                tracing::debug!(error = %e, "CLIENT UNBLOCK failed; waiting for the block to time out");
+                return pop.await;
+            }
+            tokio::select! {
+                result = &mut pop => return result,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
         }
-        pop.await
     }
 
     /// Gives entries popped after shutdown was requested back to the queue.

@@ -71,12 +71,11 @@ impl RedisServer {
                 self.child = None;
                 return false;
             }
-            if let Ok(client) = redis::Client::open(self.url()) {
-                if let Ok(mut con) = client.get_connection() {
-                    if redis::cmd("PING").query::<String>(&mut con).is_ok() {
-                        return true;
-                    }
-                }
+            if let Ok(client) = redis::Client::open(self.url())
+                && let Ok(mut con) = client.get_connection()
+                && redis::cmd("PING").query::<String>(&mut con).is_ok()
+            {
+                return true;
             }
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -1,0 +1,40 @@
+//! The least privilege a client and a worker need.
+
+/// Redis ACL rules that allow exactly what this library does under `prefix`,
+/// for use in `ACL SETUSER <user> on ><password> <rules>`. The commands
+/// include those the scripts run (Redis checks them against the caller's ACL).
+///
+/// ```
+/// let rules = job_async_redis::acl_rules("jq");
+/// assert!(rules.starts_with("resetkeys ~jq:* resetchannels &jq:* -@all"));
+/// ```
+pub fn acl_rules(prefix: &str) -> String {
+    let commands = [
+        // Connection set-up (RESP3 handshake) and health.
+        "+hello",
+        "+ping",
+        "+client|id",
+        // Scripts: loading and calling.
+        "+script|load",
+        "+evalsha",
+        // Worker: blocking pop, and waking it at shutdown.
+        "+blmpop",
+        "+client|unblock",
+        // Client: outcomes.
+        "+subscribe",
+        "+unsubscribe",
+        // Run inside the scripts.
+        "+hmget",
+        "+hset",
+        "+lpush",
+        "+rpush",
+        "+ltrim",
+        "+llen",
+        "+publish",
+        "+time",
+    ];
+    format!(
+        "resetkeys ~{prefix}:* resetchannels &{prefix}:* -@all {}",
+        commands.join(" ")
+    )
+}
