@@ -231,9 +231,14 @@ impl Queue {
         let mut con = self.client.inner.con.clone();
         let map = |e| from_script(e, "submit", self.keys.queue());
         if let [call] = calls {
-            return Ok(vec![call.invoke::<i64, _>(&mut con).await.map(drop).map_err(map)]);
+            return Ok(vec![
+                call.invoke::<i64, _>(&mut con).await.map(drop).map_err(map),
+            ]);
         }
         let results = scripts::invoke_pipeline(&mut con, calls).await?;
-        Ok(results.into_iter().map(|r| r.map(drop).map_err(map)).collect())
+        Ok(results
+            .into_iter()
+            .map(|r| r.map(drop).map_err(map))
+            .collect())
     }
 }

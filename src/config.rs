@@ -35,6 +35,11 @@ pub struct Config {
     /// connection's response timeout is this plus `command_timeout`.
     /// Default 5 s.
     pub block_timeout: Duration,
+    /// PEM certificate(s) of the authority that signed the server's TLS
+    /// certificate, for `rediss://` URLs when it is not in the system's
+    /// roots. Default none.
+    #[cfg(feature = "tls")]
+    pub tls_ca_pem: Option<Vec<u8>>,
 }
 
 impl Config {
@@ -48,6 +53,8 @@ impl Config {
             command_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             block_timeout: Duration::from_secs(5),
+            #[cfg(feature = "tls")]
+            tls_ca_pem: None,
         }
     }
 
@@ -78,6 +85,13 @@ impl Config {
     /// Sets [`Config::block_timeout`].
     pub fn block_timeout(mut self, timeout: Duration) -> Self {
         self.block_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Config::tls_ca_pem`].
+    #[cfg(feature = "tls")]
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca_pem = Some(pem.into());
         self
     }
 

@@ -21,8 +21,20 @@ use crate::error::Error;
 pub(crate) fn client(config: &Config) -> Result<Client, Error> {
     config.validate()?;
     let info = config.url.as_str().into_connection_info()?;
-    let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
-    Ok(Client::open(info.set_redis_settings(settings))?)
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    let info = info.set_redis_settings(settings);
+    #[cfg(feature = "tls")]
+    if let Some(ca) = &config.tls_ca_pem {
+        let certs = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.clone()),
+        };
+        return Ok(Client::build_with_tls(info, certs)?);
+    }
+    Ok(Client::open(info)?)
 }
 
 /// Opens the shared connection for non-blocking calls and loads the scripts.

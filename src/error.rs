@@ -132,7 +132,8 @@ pub enum Error {
 
 impl Error {
     /// True when retrying the same call later may succeed: the connection
-    /// dropped or timed out, or the server is loading, failing over or busy.
+    /// dropped or timed out, the server is loading, failing over, busy or out
+    /// of memory, or its script cache was emptied again and again.
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Redis(e) => is_transient(e),
@@ -149,7 +150,16 @@ pub(crate) fn is_transient(e: &RedisError) -> bool {
         || e.is_connection_refusal()
         || matches!(
             e.code(),
-            Some("LOADING" | "TRYAGAIN" | "MASTERDOWN" | "BUSY" | "CLUSTERDOWN" | "UNBLOCKED")
+            Some(
+                "LOADING"
+                    | "TRYAGAIN"
+                    | "MASTERDOWN"
+                    | "BUSY"
+                    | "CLUSTERDOWN"
+                    | "UNBLOCKED"
+                    | "NOSCRIPT"
+                    | "OOM"
+            )
         )
 }
 

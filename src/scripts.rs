@@ -160,6 +160,9 @@ pub(crate) async fn load_all<C: ConnectionLike>(con: &mut C) -> RedisResult<()> 
     Ok(())
 }
 
+/// How many times a call is sent when Redis answers NOSCRIPT.
+pub(crate) const NOSCRIPT_ATTEMPTS: u32 = 5;
+
 /// One prepared script call: EVALSHA with keys and arguments.
 #[derive(Debug, Clone)]
 pub(crate) struct Call {
@@ -199,23 +202,28 @@ impl Call {
         cmd
     }
 
-    /// Runs the call; on NOSCRIPT, loads the script and runs it once more.
+    /// Runs the call. On NOSCRIPT it loads the script and runs the call
+    /// again, up to [`NOSCRIPT_ATTEMPTS`] times (the cache can be flushed
+    /// again between the load and the retry).
     pub(crate) async fn invoke<T, C>(&self, con: &mut C) -> RedisResult<T>
     where
         T: redis::FromRedisValue,
         C: ConnectionLike,
     {
         let cmd = self.evalsha();
-        match cmd.query_async(con).await {
-            Err(e) if is_noscript(&e) => {
-                redis::cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(self.script.source)
-                    .exec_async(con)
-                    .await?;
-                cmd.query_async(con).await
+        let mut attempt = 1;
+        loop {
+            match cmd.query_async(con).await {
+                Err(e) if is_noscript(&e) && attempt < NOSCRIPT_ATTEMPTS => {
+                    attempt += 1;
+                    redis::cmd("SCRIPT")
+                        .arg("LOAD")
+                        .arg(self.script.source)
+                        .exec_async(con)
+                        .await?;
+                }
+                other => return other,
             }
-            other => other,
         }
     }
 }
@@ -223,17 +231,20 @@ impl Call {
 /// Runs many calls in one pipeline (one round trip). The reply has one result
 /// per call, in order. Calls refused with NOSCRIPT (all of them after a
 /// restart; some of them when SCRIPT FLUSH ran while the pipeline was being
-/// served) did not run: their scripts are loaded and just those calls are
-/// sent once more.
+/// served) did not run: the scripts are loaded and just those calls are sent
+/// again, up to [`NOSCRIPT_ATTEMPTS`] times in all.
 pub(crate) async fn invoke_pipeline<C: ConnectionLike>(
     con: &mut C,
     calls: &[Call],
 ) -> RedisResult<Vec<RedisResult<Value>>> {
     let mut results = send_pipeline(con, calls.iter()).await?;
-    let retry: Vec<usize> = (0..calls.len())
-        .filter(|&i| matches!(&results[i], Err(e) if is_noscript(e)))
-        .collect();
-    if !retry.is_empty() {
+    for _ in 1..NOSCRIPT_ATTEMPTS {
+        let retry: Vec<usize> = (0..calls.len())
+            .filter(|&i| matches!(&results[i], Err(e) if is_noscript(e)))
+            .collect();
+        if retry.is_empty() {
+            break;
+        }
         load_all(con).await?;
         let again = send_pipeline(con, retry.iter().map(|&i| &calls[i])).await?;
         for (i, r) in retry.into_iter().zip(again) {

@@ -16,7 +16,12 @@ fn commandstats(con: &mut redis::Connection) -> BTreeMap<String, u64> {
         .filter_map(|l| l.strip_prefix("cmdstat_"))
         .filter_map(|l| {
             let (name, rest) = l.split_once(':')?;
-            let calls = rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
             Some((name.to_owned(), calls))
         })
         .collect()
@@ -30,13 +35,24 @@ async fn a_simple_mode_job_costs_two_script_calls_and_at_most_one_pop() {
     let worker = spawn_worker(config(&server), &[&q], 1, reverse).await;
     let client = Client::connect(config(&server)).await.unwrap();
     let queue = client.queue(&q, Mode::Simple).await.unwrap();
-    queue.submit("warm up").await.unwrap().result::<String>().await.unwrap();
+    queue
+        .submit("warm up")
+        .await
+        .unwrap()
+        .result::<String>()
+        .await
+        .unwrap();
 
     let mut admin = server.connection();
-    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut admin).unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query(&mut admin)
+        .unwrap();
     for i in 0..JOBS {
         let h = queue.submit(&format!("job {i}")).await.unwrap();
-        h.result_timeout::<String>(Duration::from_secs(10)).await.unwrap();
+        h.result_timeout::<String>(Duration::from_secs(10))
+            .await
+            .unwrap();
     }
     worker.stop().await;
     let stats = commandstats(&mut admin);
@@ -55,7 +71,19 @@ async fn a_simple_mode_job_costs_two_script_calls_and_at_most_one_pop() {
     // UNBLOCK the worker's shutdown).
     let others: u64 = stats
         .iter()
-        .filter(|(k, _)| !["evalsha", "hmget", "lpush", "publish", "blmpop", "info", "config|resetstat", "client|unblock"].contains(&k.as_str()))
+        .filter(|(k, _)| {
+            ![
+                "evalsha",
+                "hmget",
+                "lpush",
+                "publish",
+                "blmpop",
+                "info",
+                "config|resetstat",
+                "client|unblock",
+            ]
+            .contains(&k.as_str())
+        })
         .map(|(_, v)| v)
         .sum();
     assert_eq!(others, 0, "{stats:?}");

@@ -24,10 +24,15 @@ async fn a_least_privilege_acl_user_can_run_everything() {
         .query(&mut admin)
         .unwrap();
     let url = format!("redis://jobs:s3cret@127.0.0.1:{}", server.port());
-    let config = Config::new(&url).prefix("app").block_timeout(Duration::from_secs(60));
+    let config = Config::new(&url)
+        .prefix("app")
+        .block_timeout(Duration::from_secs(60));
 
     // The user really is restricted.
-    let mut restricted = redis::Client::open(url.as_str()).unwrap().get_connection().unwrap();
+    let mut restricted = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
     let denied: redis::RedisResult<()> = restricted.set("other:key", 1);
     assert_eq!(denied.unwrap_err().code(), Some("NOPERM"));
     let denied: redis::RedisResult<()> = redis::cmd("FLUSHALL").query(&mut restricted);
@@ -44,14 +49,35 @@ async fn a_least_privilege_acl_user_can_run_everything() {
     let client = Client::connect(config.clone()).await.unwrap();
     let queue = client.queue(&q, Mode::Simple).await.unwrap();
     let wait = Duration::from_secs(10);
-    let up: String = queue.submit("hello").await.unwrap().result_timeout(wait).await.unwrap();
+    let up: String = queue
+        .submit("hello")
+        .await
+        .unwrap()
+        .result_timeout(wait)
+        .await
+        .unwrap();
     assert_eq!(up, "HELLO");
-    let handles = queue.submit_many(&["a".to_string(), "b".to_string()]).await.unwrap();
+    let handles = queue
+        .submit_many(&["a".to_string(), "b".to_string()])
+        .await
+        .unwrap();
     for h in handles {
         h.result_timeout::<String>(wait).await.unwrap();
     }
-    let err = queue.submit("fail").await.unwrap().result_timeout::<String>(wait).await.unwrap_err();
-    assert!(matches!(err, Error::JobFailed { kind: FailureKind::Handler, .. }));
+    let err = queue
+        .submit("fail")
+        .await
+        .unwrap()
+        .result_timeout::<String>(wait)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        Error::JobFailed {
+            kind: FailureKind::Handler,
+            ..
+        }
+    ));
     // Dead-lettering runs under the same user.
     let _: () = admin.lpush(format!("app:{{{q}}}:pending"), "junk").unwrap();
     let dead_key = format!("app:{{{q}}}:dead");
@@ -65,14 +91,23 @@ async fn a_least_privilege_acl_user_can_run_everything() {
     // timeout of 60 s, the worker still stops at once.
     let stopping = std::time::Instant::now();
     let stats = worker.stop().await;
-    assert!(stopping.elapsed() < Duration::from_secs(30), "CLIENT UNBLOCK woke the pop");
-    assert_eq!((stats.completed, stats.failed, stats.dead_lettered), (3, 1, 1));
+    assert!(
+        stopping.elapsed() < Duration::from_secs(30),
+        "CLIENT UNBLOCK woke the pop"
+    );
+    assert_eq!(
+        (stats.completed, stats.failed, stats.dead_lettered),
+        (3, 1, 1)
+    );
 
     // Outside its prefix, the same user is refused with a clear error.
     let other = Config::new(&url).prefix("other");
     let client = Client::connect(other).await.unwrap();
     let err = client.queue(&q, Mode::Simple).await.unwrap_err();
-    assert!(matches!(&err, Error::Redis(e) if e.code() == Some("NOPERM")), "{err}");
+    assert!(
+        matches!(&err, Error::Redis(e) if e.code() == Some("NOPERM")),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -89,5 +124,8 @@ async fn a_wrong_password_is_a_clear_error() {
         .unwrap();
     let url = format!("redis://jobs:wrong@127.0.0.1:{}", server.port());
     let err = Client::connect(Config::new(url)).await.unwrap_err();
-    assert!(matches!(&err, Error::Redis(e) if e.code() == Some("WRONGPASS")), "{err:?}");
+    assert!(
+        matches!(&err, Error::Redis(e) if e.code() == Some("WRONGPASS")),
+        "{err:?}"
+    );
 }

@@ -12,7 +12,10 @@ use support::{RedisServer, config, queue_name, reverse, spawn_worker};
 const WAIT: Duration = Duration::from_secs(15);
 
 fn flush_scripts(server: &RedisServer) {
-    let _: () = redis::cmd("SCRIPT").arg("FLUSH").query(&mut server.connection()).unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut server.connection())
+        .unwrap();
 }
 
 #[tokio::test]
@@ -30,9 +33,15 @@ async fn script_flush_between_calls_loses_nothing() {
         flush_scripts(&server);
         let batch: Vec<String> = (0..2500).map(|i| format!("{round}-{i}")).collect();
         let many = queue.submit_many(&batch).await.unwrap();
-        assert_eq!(one.result_timeout::<String>(WAIT).await.unwrap(), format!("{round}dnuor"));
+        assert_eq!(
+            one.result_timeout::<String>(WAIT).await.unwrap(),
+            format!("{round}dnuor")
+        );
         for (text, h) in batch.iter().zip(many) {
-            assert_eq!(h.result_timeout::<String>(WAIT).await.unwrap(), text.chars().rev().collect::<String>());
+            assert_eq!(
+                h.result_timeout::<String>(WAIT).await.unwrap(),
+                text.chars().rev().collect::<String>()
+            );
         }
         expected += 2501;
     }
@@ -64,23 +73,35 @@ async fn a_redis_restart_mid_run_loses_nothing() {
         .arg(job_async_redis::scripts::all()[0].sha1())
         .query(&mut server.connection())
         .unwrap();
-    assert_eq!(scripts, vec![false], "the restarted server has an empty script cache");
-    let queued: usize = server.connection().llen(format!("jq:{{{later}}}:pending")).unwrap();
+    assert_eq!(
+        scripts,
+        vec![false],
+        "the restarted server has an empty script cache"
+    );
+    let queued: usize = server
+        .connection()
+        .llen(format!("jq:{{{later}}}:pending"))
+        .unwrap();
     assert_eq!(queued, 50, "the queued jobs were persisted");
 
     // The running worker and the client carry on.
     let after: Vec<String> = (0..50).map(|i| format!("after{i}")).collect();
     let handles = busy_q.submit_many(&after).await.unwrap();
     for (text, h) in after.iter().zip(handles) {
-        assert_eq!(h.result_timeout::<String>(WAIT).await.unwrap(), text.chars().rev().collect::<String>());
+        assert_eq!(
+            h.result_timeout::<String>(WAIT).await.unwrap(),
+            text.chars().rev().collect::<String>()
+        );
     }
     // A worker started now serves the jobs queued before the restart, and
     // their outcomes reach the waiting client.
     let late_worker = spawn_worker(config(&server), &[&later], 4, reverse).await;
     for (text, h) in texts.iter().zip(waiting) {
-        assert_eq!(h.result_timeout::<String>(WAIT).await.unwrap(), text.chars().rev().collect::<String>());
+        assert_eq!(
+            h.result_timeout::<String>(WAIT).await.unwrap(),
+            text.chars().rev().collect::<String>()
+        );
     }
     assert_eq!(worker.stop().await.completed, 100);
     assert_eq!(late_worker.stop().await.completed, 50);
 }
-
