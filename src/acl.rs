@@ -23,6 +23,8 @@ pub fn acl_rules(prefix: &str) -> String {
         // Client: outcomes.
         "+subscribe",
         "+unsubscribe",
+        // Client: job status (recoverable mode).
+        // (HMGET is listed below with the commands the scripts run.)
         // Run inside the scripts.
         "+hmget",
         "+hset",
@@ -32,6 +34,19 @@ pub fn acl_rules(prefix: &str) -> String {
         "+llen",
         "+publish",
         "+time",
+        "+exists",
+        "+rpop",
+        "+lpop",
+        "+incr",
+        "+del",
+        "+set",
+        "+hdel",
+        "+pexpire",
+        "+zadd",
+        "+zrem",
+        "+zscore",
+        "+zrangebyscore",
+        "+zremrangebyrank",
     ];
     format!(
         "resetkeys ~{prefix}:* resetchannels &{prefix}:* -@all {}",

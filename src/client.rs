@@ -1,6 +1,7 @@
-//! [`Client`] and [`Queue`]: submitting jobs.
+//! [`Client`] and [`Queue`]: submitting jobs and following them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use serde::Serialize;
@@ -9,17 +10,19 @@ use serde_bytes::ByteBuf;
 use crate::config::Config;
 use crate::connection;
 use crate::encoding::Encoding;
-use crate::error::{Error, from_script};
-use crate::handle::JobHandle;
+use crate::error::Error;
+use crate::handle::{JobHandle, Stored};
 use crate::keys::QueueKeys;
-use crate::mode::{Mode, PROTOCOL_VERSION};
-use crate::queue_meta;
+use crate::mode::Mode;
 use crate::replies::Replies;
-use crate::scripts::{self, Call, Name};
+use crate::scripts::{self, Call};
+use crate::status::JobStatus;
+use crate::transitions::{self, NewJob};
 use crate::wire::{Envelope, now_ms, pack};
 
-/// Most jobs in one `submit` script call of [`Queue::submit_many`].
-const BATCH_CHUNK: usize = 1000;
+/// Most jobs in one submit script call of [`Queue::submit_many`]; larger
+/// batches are split and the calls sent in one pipeline.
+const BATCH_CHUNK: usize = 10_000;
 
 /// Submits jobs and receives their outcomes.
 ///
@@ -81,7 +84,7 @@ impl Client {
     /// [`Error::InvalidName`] for a name that would break the key layout.
     pub async fn queue(&self, name: &str, mode: Mode) -> Result<Queue, Error> {
         let keys = QueueKeys::new(&self.inner.config.prefix, name)?;
-        queue_meta::register(&mut self.inner.con.clone(), &keys, mode).await?;
+        transitions::queue_register(&self.inner.con, &keys, mode).await?;
         Ok(Queue {
             channel: keys.reply_channel(&self.inner.id),
             keys,
@@ -89,6 +92,40 @@ impl Client {
             encoding: self.inner.config.encoding,
             client: self.clone(),
         })
+    }
+}
+
+/// Per-job settings for [`Queue::submit_with`].
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct JobOptions {
+    /// The job's ID. Default: a new UUID v4. In recoverable mode an ID that
+    /// already exists in the queue is refused with [`Error::DuplicateJob`],
+    /// which makes submits idempotent.
+    pub id: Option<String>,
+    /// Recoverable mode: this job's lease, overriding the worker's default.
+    pub lease: Option<Duration>,
+    /// Recoverable mode: how many times the job may run when its handler
+    /// fails or panics (default 1: no retry). Stalls (a worker died) are
+    /// counted apart, against the worker's `max_stalls`.
+    pub max_attempts: u32,
+}
+
+impl JobOptions {
+    /// Sets [`JobOptions::id`].
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = Some(id.into());
+        self
+    }
+    /// Sets [`JobOptions::lease`].
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+    /// Sets [`JobOptions::max_attempts`].
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts;
+        self
     }
 }
 
@@ -127,15 +164,30 @@ impl Queue {
     /// [`Error::ModeMismatch`] or [`Error::ProtocolMismatch`] when the queue
     /// was re-registered differently since it was opened; [`Error::Redis`]
     /// when the call failed (after a dropped connection the job may or may
-    /// not have been queued).
+    /// not have been queued: in recoverable mode, submit with a
+    /// [`JobOptions::id`] to retry safely).
     pub async fn submit<P: Serialize + ?Sized>(&self, payload: &P) -> Result<JobHandle, Error> {
-        let mut handles = self.submit_iter(std::iter::once(payload)).await?;
+        self.submit_with(payload, JobOptions::default()).await
+    }
+
+    /// Submits one job with [`JobOptions`].
+    ///
+    /// # Errors
+    /// As [`Queue::submit`], and [`Error::DuplicateJob`] when the ID exists.
+    pub async fn submit_with<P: Serialize + ?Sized>(
+        &self,
+        payload: &P,
+        options: JobOptions,
+    ) -> Result<JobHandle, Error> {
+        let mut handles = self
+            .submit_iter(std::iter::once((payload, options)))
+            .await?;
         Ok(handles.pop().expect("one job submitted"))
     }
 
-    /// Submits many jobs: one script call per 1,000 jobs, all calls sent in
-    /// one pipeline. Either every job is checked and encoded before anything
-    /// is written, or an error is returned and nothing is written.
+    /// Submits many jobs: one script call per 10,000 jobs, all calls sent in
+    /// one pipeline. Every job is checked and encoded before anything is
+    /// written.
     ///
     /// # Errors
     /// As [`Queue::submit`]. When Redis refuses part of a batch, jobs in the
@@ -145,19 +197,66 @@ impl Queue {
         P: Serialize + 'a,
         I: IntoIterator<Item = &'a P>,
     {
-        self.submit_iter(payloads.into_iter()).await
+        self.submit_iter(payloads.into_iter().map(|p| (p, JobOptions::default())))
+            .await
     }
 
-    async fn submit_iter<'a, P, I>(&self, payloads: I) -> Result<Vec<JobHandle>, Error>
+    /// A handle on the job `id`, to await its outcome: for example after this
+    /// program restarted, or from another client. Recoverable mode only; in
+    /// simple mode outcomes are not stored.
+    ///
+    /// # Errors
+    /// [`Error::Config`] in simple mode; [`Error::Redis`] when the reply
+    /// channel cannot be subscribed.
+    pub async fn job(&self, id: &str) -> Result<JobHandle, Error> {
+        if self.mode == Mode::Simple {
+            return Err(Error::Config(
+                "simple mode does not store outcomes: only the submitting handle can await a job"
+                    .into(),
+            ));
+        }
+        let inner = &self.client.inner;
+        inner.replies.subscribe(&self.channel).await?;
+        Ok(JobHandle::new(
+            id.to_owned(),
+            inner.replies.register(id),
+            Some(self.stored()),
+            false,
+        ))
+    }
+
+    /// The job's state, attempts, timestamps and error, without waiting.
+    /// `None` when there is no such job (never submitted, or expired).
+    /// Recoverable mode only.
+    ///
+    /// # Errors
+    /// [`Error::Config`] in simple mode; [`Error::Redis`] on a failed read.
+    pub async fn status(&self, id: &str) -> Result<Option<JobStatus>, Error> {
+        if self.mode == Mode::Simple {
+            return Err(Error::Config("simple mode does not store job state".into()));
+        }
+        JobStatus::read(&self.client.inner.con, &self.keys, id).await
+    }
+
+    fn stored(&self) -> Stored {
+        let inner = &self.client.inner;
+        Stored {
+            con: inner.con.clone(),
+            keys: self.keys.clone(),
+            client_id: inner.id.clone(),
+            poll: inner.config.result_poll_interval,
+            reconnects: inner.replies.reconnects(),
+        }
+    }
+
+    async fn submit_iter<'a, P, I>(&self, jobs: I) -> Result<Vec<JobHandle>, Error>
     where
         P: Serialize + ?Sized + 'a,
-        I: Iterator<Item = &'a P>,
+        I: Iterator<Item = (&'a P, JobOptions)>,
     {
         let max = self.client.inner.config.max_payload_bytes;
-        let submitted_ms = now_ms();
-        let mut ids = Vec::new();
-        let mut envelopes = Vec::new();
-        for payload in payloads {
+        let mut prepared = Vec::new();
+        for (payload, options) in jobs {
             let bytes = self.encoding.encode(payload, "payload")?;
             if bytes.len() > max {
                 return Err(Error::TooLarge {
@@ -166,79 +265,127 @@ impl Queue {
                     max,
                 });
             }
-            let id = uuid::Uuid::new_v4().to_string();
-            envelopes.push(pack(
-                &Envelope {
-                    id: id.clone(),
-                    reply: Some(self.channel.clone()),
-                    enc: self.encoding.as_str().to_owned(),
-                    payload: ByteBuf::from(bytes),
-                    submitted_ms,
-                },
-                "job envelope",
-            )?);
-            ids.push(id);
+            let id = match options.id.clone() {
+                Some(id) if id.is_empty() || id.len() > 256 => {
+                    return Err(Error::InvalidName(format!(
+                        "job id {id:?} must be 1 to 256 bytes"
+                    )));
+                }
+                Some(id) => id,
+                None => uuid::Uuid::new_v4().to_string(),
+            };
+            prepared.push((id, bytes, options));
         }
-        if ids.is_empty() {
+        if prepared.is_empty() {
             return Ok(Vec::new());
         }
+        let calls = match self.mode {
+            Mode::Simple => self.simple_calls(prepared.iter().map(|(id, bytes, _)| (id, bytes)))?,
+            _ => self.job_calls(&prepared),
+        };
         // Subscribe first, so that no outcome can be published unseen.
         let inner = &self.client.inner;
         inner.replies.subscribe(&self.channel).await?;
-        let handles: Vec<JobHandle> = ids
+        let stored = (self.mode != Mode::Simple).then(|| self.stored());
+        let handles: Vec<JobHandle> = prepared
             .into_iter()
-            .map(|id| {
+            .map(|(id, _, _)| {
                 let waiter = inner.replies.register(&id);
-                JobHandle::new(id, waiter)
+                JobHandle::new(id, waiter, stored.clone(), true)
             })
             .collect();
-        let calls: Vec<Call> = envelopes
+        self.run_submit(&calls).await?;
+        Ok(handles)
+    }
+
+    fn simple_calls<'b>(
+        &self,
+        jobs: impl Iterator<Item = (&'b String, &'b Vec<u8>)>,
+    ) -> Result<Vec<Call>, Error> {
+        let submitted_ms = now_ms();
+        let envelopes = jobs
+            .map(|(id, bytes)| {
+                pack(
+                    &Envelope {
+                        id: id.clone(),
+                        reply: Some(self.channel.clone()),
+                        enc: self.encoding.as_str().to_owned(),
+                        payload: ByteBuf::from(bytes.clone()),
+                        submitted_ms,
+                    },
+                    "job envelope",
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(envelopes
             .chunks(BATCH_CHUNK)
-            .map(|chunk| self.submit_call(chunk))
-            .collect();
-        let mut results = self.run_calls(&calls).await?;
+            .map(|chunk| transitions::simple_submit(&self.keys, chunk))
+            .collect())
+    }
+
+    fn job_calls(&self, prepared: &[(String, Vec<u8>, JobOptions)]) -> Vec<Call> {
+        prepared
+            .chunks(BATCH_CHUNK)
+            .map(|chunk| {
+                let jobs: Vec<NewJob> = chunk
+                    .iter()
+                    .map(|(id, bytes, options)| NewJob {
+                        id: id.clone(),
+                        enc: self.encoding.as_str(),
+                        payload: bytes.clone(),
+                        client: self.client.inner.id.clone(),
+                        lease: options.lease,
+                        max_attempts: options.max_attempts.max(1),
+                    })
+                    .collect();
+                transitions::job_submit(&self.keys, self.mode, &jobs)
+            })
+            .collect()
+    }
+
+    /// Sends the submit calls. Calls refused because the queue's metadata is
+    /// missing (deleted, or Redis restarted without persistence) are sent
+    /// once more after registering the queue again.
+    async fn run_submit(&self, calls: &[Call]) -> Result<(), Error> {
+        let mut results = self.run_calls(calls).await?;
         let unregistered: Vec<usize> = (0..calls.len())
             .filter(|&i| matches!(results[i], Err(Error::QueueNotRegistered { .. })))
             .collect();
         if !unregistered.is_empty() {
-            // The metadata was lost (deleted, or Redis restarted without
-            // persistence): register again and retry just those calls once.
-            queue_meta::register(&mut inner.con.clone(), &self.keys, self.mode).await?;
+            transitions::queue_register(&self.client.inner.con, &self.keys, self.mode).await?;
             let retry: Vec<Call> = unregistered.iter().map(|&i| calls[i].clone()).collect();
             for (i, r) in unregistered.into_iter().zip(self.run_calls(&retry).await?) {
                 results[i] = r;
             }
         }
         results.into_iter().collect::<Result<Vec<()>, Error>>()?;
-        Ok(handles)
+        Ok(())
     }
 
-    fn submit_call(&self, envelopes: &[Vec<u8>]) -> Call {
-        let mut call = scripts::get(Name::Submit)
-            .call()
-            .key(self.keys.meta())
-            .key(self.keys.pending())
-            .arg(self.mode.as_str())
-            .arg(PROTOCOL_VERSION.to_string());
-        for e in envelopes {
-            call = call.arg(e);
-        }
-        call
-    }
-
-    /// Runs submit calls; one result per call.
+    /// Runs submit calls, one pipeline for all; one result per call.
     async fn run_calls(&self, calls: &[Call]) -> Result<Vec<Result<(), Error>>, Error> {
-        let mut con = self.client.inner.con.clone();
-        let map = |e| from_script(e, "submit", self.keys.queue());
+        let con = &self.client.inner.con;
         if let [call] = calls {
             return Ok(vec![
-                call.invoke::<i64, _>(&mut con).await.map(drop).map_err(map),
+                transitions::run::<i64>(con, call, &self.keys, None)
+                    .await
+                    .map(drop),
             ]);
         }
-        let results = scripts::invoke_pipeline(&mut con, calls).await?;
+        let results = scripts::invoke_pipeline(&mut con.clone(), calls).await?;
         Ok(results
             .into_iter()
-            .map(|r| r.map(drop).map_err(map))
+            .zip(calls)
+            .map(|(r, call)| {
+                r.map(drop).map_err(|e| {
+                    crate::error::from_script(
+                        e,
+                        call.script().name_static(),
+                        self.keys.queue(),
+                        None,
+                    )
+                })
+            })
             .collect())
     }
 }

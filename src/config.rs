@@ -35,6 +35,10 @@ pub struct Config {
     /// connection's response timeout is this plus `command_timeout`.
     /// Default 5 s.
     pub block_timeout: Duration,
+    /// Recoverable mode: how often a client awaiting a job re-reads its state
+    /// even without a doorbell (which can be missed while a connection is
+    /// down, or taken by another watcher). Default 5 s.
+    pub result_poll_interval: Duration,
     /// PEM certificate(s) of the authority that signed the server's TLS
     /// certificate, for `rediss://` URLs when it is not in the system's
     /// roots. Default none.
@@ -53,6 +57,7 @@ impl Config {
             command_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             block_timeout: Duration::from_secs(5),
+            result_poll_interval: Duration::from_secs(5),
             #[cfg(feature = "tls")]
             tls_ca_pem: None,
         }
@@ -85,6 +90,12 @@ impl Config {
     /// Sets [`Config::block_timeout`].
     pub fn block_timeout(mut self, timeout: Duration) -> Self {
         self.block_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Config::result_poll_interval`].
+    pub fn result_poll_interval(mut self, interval: Duration) -> Self {
+        self.result_poll_interval = interval;
         self
     }
 

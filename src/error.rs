@@ -121,6 +121,46 @@ pub enum Error {
         message: String,
     },
 
+    /// A job with this ID already exists in the queue. Nothing was written.
+    #[error("job {job_id} already exists in queue {queue:?}")]
+    DuplicateJob {
+        /// Queue name.
+        queue: String,
+        /// Job ID.
+        job_id: String,
+    },
+
+    /// No such job: it never existed, or its hash expired after the result
+    /// TTL.
+    #[error("job {job_id} not found in queue {queue:?} (never submitted, or expired)")]
+    JobNotFound {
+        /// Queue name.
+        queue: String,
+        /// Job ID.
+        job_id: String,
+    },
+
+    /// A worker's claim on a job was taken over by a newer attempt (its
+    /// lease ran out and another worker started the job): its outcome was
+    /// refused, and the newer attempt's stands.
+    #[error("lease on job {job_id} lost: a newer attempt (token {current_token}) owns it")]
+    LeaseLost {
+        /// Job ID.
+        job_id: String,
+        /// The fencing token of the attempt that owns the job now.
+        current_token: String,
+    },
+
+    /// The job is no longer active: it already has an outcome or was put
+    /// back on its queue.
+    #[error("job {job_id} is no longer active (state {state})")]
+    NotActive {
+        /// Job ID.
+        job_id: String,
+        /// The job's state.
+        state: String,
+    },
+
     /// The queue has no metadata (it was deleted, or Redis lost its data).
     /// Clients and workers register the queue again and retry once.
     #[error("queue {queue:?} is not registered")]
@@ -163,9 +203,14 @@ pub(crate) fn is_transient(e: &RedisError) -> bool {
         )
 }
 
-/// Maps a failed script call to an [`Error`]. `script` names the script and
-/// `queue` the queue it ran on, for the message.
-pub(crate) fn from_script(err: RedisError, script: &'static str, queue: &str) -> Error {
+/// Maps a failed script call to an [`Error`]. `script` names the script,
+/// `queue` the queue it ran on and `job_id` the job it was about, if any.
+pub(crate) fn from_script(
+    err: RedisError,
+    script: &'static str,
+    queue: &str,
+    job_id: Option<&str>,
+) -> Error {
     let Some(code) = err.code().filter(|c| c.starts_with("JQ_")) else {
         return Error::Redis(err);
     };
@@ -198,6 +243,22 @@ pub(crate) fn from_script(err: RedisError, script: &'static str, queue: &str) ->
         "JQ_QUEUE_UNKNOWN" => Error::QueueNotRegistered {
             queue: queue.to_owned(),
         },
+        "JQ_DUPLICATE" => Error::DuplicateJob {
+            queue: queue.to_owned(),
+            job_id: two().0,
+        },
+        "JQ_NO_JOB" => Error::JobNotFound {
+            queue: queue.to_owned(),
+            job_id: two().0,
+        },
+        "JQ_LEASE_LOST" => Error::LeaseLost {
+            job_id: job_id.unwrap_or("?").to_owned(),
+            current_token: two().0,
+        },
+        "JQ_ALREADY_FINISHED" => Error::NotActive {
+            job_id: job_id.unwrap_or("?").to_owned(),
+            state: two().0,
+        },
         _ => Error::Script {
             script,
             code,
@@ -225,8 +286,9 @@ mod tests {
     fn mode_mismatch_names_both_modes() {
         let e = from_script(
             server_error("JQ_MODE_MISMATCH recoverable simple"),
-            "submit",
+            "simple_submit",
             "q1",
+            None,
         );
         match e {
             Error::ModeMismatch {
@@ -246,10 +308,14 @@ mod tests {
     #[test]
     fn unknown_codes_and_plain_errors_are_kept() {
         assert!(matches!(
-            from_script(server_error("JQ_SOMETHING_NEW x y"), "submit", "q"),
+            from_script(server_error("JQ_SOMETHING_NEW x y"), "simple_submit", "q", None),
             Error::Script { code, .. } if code == "JQ_SOMETHING_NEW"
         ));
-        let plain = from_script(server_error("ERR boom"), "submit", "q");
+        let plain = from_script(server_error("ERR boom"), "simple_submit", "q", None);
+        assert!(matches!(
+            from_script(server_error("JQ_LEASE_LOST 7"), "job_finish", "q", Some("j")),
+            Error::LeaseLost { job_id, current_token } if job_id == "j" && current_token == "7"
+        ));
         assert!(matches!(plain, Error::Redis(ref e) if e.kind() != ErrorKind::Io));
         assert!(!plain.is_transient());
     }

@@ -21,6 +21,9 @@ pub enum FailureKind {
     /// `shutdown`: the worker shut down and its grace period ran out before
     /// the job finished.
     Shutdown,
+    /// `stalled`: the job's worker died or hung more often than allowed
+    /// (recoverable and reliable modes); the job is in the dead-letter set.
+    Stalled,
     /// Any other string, from a newer version or another implementation.
     Other(String),
 }
@@ -35,6 +38,7 @@ impl FailureKind {
             FailureKind::Encode => "encode",
             FailureKind::TooLarge => "too_large",
             FailureKind::Shutdown => "shutdown",
+            FailureKind::Stalled => "stalled",
             FailureKind::Other(s) => s,
         }
     }
@@ -48,6 +52,7 @@ impl FailureKind {
             "encode" => FailureKind::Encode,
             "too_large" => FailureKind::TooLarge,
             "shutdown" => FailureKind::Shutdown,
+            "stalled" => FailureKind::Stalled,
             other => FailureKind::Other(other.to_owned()),
         }
     }
@@ -72,6 +77,7 @@ mod tests {
             FailureKind::Encode,
             FailureKind::TooLarge,
             FailureKind::Shutdown,
+            FailureKind::Stalled,
             FailureKind::Other("custom".into()),
         ] {
             assert_eq!(FailureKind::parse(k.as_str()), k);

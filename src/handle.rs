@@ -2,12 +2,16 @@
 
 use std::time::Duration;
 
+use redis::aio::ConnectionManager;
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 
 use crate::encoding::Encoding;
 use crate::error::Error;
 use crate::failure::FailureKind;
+use crate::keys::QueueKeys;
 use crate::replies::Waiter;
+use crate::transitions::{self, Watch};
 use crate::wire::{COMPLETED, Reply};
 
 /// A submitted job. Await its outcome with [`JobHandle::result`] or
@@ -16,6 +20,20 @@ use crate::wire::{COMPLETED, Reply};
 pub struct JobHandle {
     id: String,
     waiter: Waiter,
+    stored: Option<Stored>,
+    /// Submitted by this client: the job's doorbell is already ours, so the
+    /// first read can wait for it.
+    fresh: bool,
+}
+
+/// What a handle needs to read a stored outcome (recoverable mode).
+#[derive(Clone)]
+pub(crate) struct Stored {
+    pub con: ConnectionManager,
+    pub keys: QueueKeys,
+    pub client_id: String,
+    pub poll: Duration,
+    pub reconnects: watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for JobHandle {
@@ -25,8 +43,13 @@ impl std::fmt::Debug for JobHandle {
 }
 
 impl JobHandle {
-    pub(crate) fn new(id: String, waiter: Waiter) -> Self {
-        Self { id, waiter }
+    pub(crate) fn new(id: String, waiter: Waiter, stored: Option<Stored>, fresh: bool) -> Self {
+        Self {
+            id,
+            waiter,
+            stored,
+            fresh,
+        }
     }
 
     /// The job's ID.
@@ -36,14 +59,64 @@ impl JobHandle {
 
     /// Waits for the job's outcome and decodes its result as `R`.
     ///
+    /// In recoverable mode the outcome is read from the job's hash (the
+    /// source of truth): at once if the job already finished, else when the
+    /// worker rings the client's doorbell, when the client's subscription
+    /// was restored after a disconnection, or every
+    /// [`crate::Config::result_poll_interval`].
+    ///
     /// # Errors
-    /// [`Error::JobFailed`] when the handler failed or panicked or the worker
-    /// could not decode the payload; [`Error::Decode`] when the result is not
-    /// an `R`; [`Error::ClientClosed`] when the client was dropped first.
+    /// [`Error::JobFailed`] when the handler failed or panicked, the worker
+    /// could not decode the payload, or the job stalled too often (kind
+    /// `stalled`); [`Error::Decode`] when the result is not an `R`;
+    /// [`Error::JobNotFound`] when the job does not exist (or expired);
+    /// [`Error::ClientClosed`] when the client was dropped first.
     pub async fn result<R: DeserializeOwned>(mut self) -> Result<R, Error> {
-        match self.waiter.recv().await {
-            Some(reply) => decode_reply(reply),
-            None => Err(Error::ClientClosed { job_id: self.id }),
+        let Some(mut stored) = self.stored.take() else {
+            return match self.waiter.recv().await {
+                Some(reply) => decode_reply(reply),
+                None => Err(Error::ClientClosed { job_id: self.id }),
+            };
+        };
+        let mut rung = false;
+        let mut read = !self.fresh;
+        loop {
+            if !read {
+                // A job this client just submitted cannot have finished
+                // unannounced: wait for its doorbell (or a reconnection, or
+                // the poll interval) before the first read.
+                read = true;
+            } else {
+                match transitions::job_watch(&stored.con, &stored.keys, &self.id, &stored.client_id)
+                    .await?
+                {
+                    Watch::Completed { enc, result } => return decode_result(&enc, &result),
+                    Watch::Failed { kind, message } => {
+                        return Err(Error::JobFailed {
+                            job_id: self.id,
+                            kind: FailureKind::parse(&kind),
+                            message,
+                        });
+                    }
+                    Watch::Missing => {
+                        return Err(Error::JobNotFound {
+                            queue: stored.keys.queue().to_owned(),
+                            job_id: self.id,
+                        });
+                    }
+                    Watch::Waiting => {}
+                }
+            }
+            tokio::select! {
+                bell = self.waiter.recv(), if !rung => {
+                    if bell.is_none() {
+                        return Err(Error::ClientClosed { job_id: self.id });
+                    }
+                    rung = true;
+                }
+                _ = stored.reconnects.changed() => {}
+                _ = tokio::time::sleep(stored.poll) => {}
+            }
         }
     }
 
@@ -61,16 +134,19 @@ impl JobHandle {
     }
 }
 
-/// Turns an outcome message into the caller's result.
+fn decode_result<R: DeserializeOwned>(enc_name: &str, bytes: &[u8]) -> Result<R, Error> {
+    let enc = Encoding::parse(enc_name).ok_or_else(|| Error::Decode {
+        what: "result",
+        message: format!("unknown encoding {enc_name:?}"),
+    })?;
+    enc.decode(bytes, "result")
+}
+
+/// Turns a simple-mode outcome message into the caller's result.
 pub(crate) fn decode_reply<R: DeserializeOwned>(reply: Reply) -> Result<R, Error> {
     if reply.status == COMPLETED {
-        let enc_name = reply.enc.as_deref().unwrap_or("msgpack");
-        let enc = Encoding::parse(enc_name).ok_or_else(|| Error::Decode {
-            what: "result",
-            message: format!("unknown encoding {enc_name:?}"),
-        })?;
         let bytes: &[u8] = reply.result.as_ref().map_or(&[], |b| b.as_slice());
-        return enc.decode(bytes, "result");
+        return decode_result(reply.enc.as_deref().unwrap_or("msgpack"), bytes);
     }
     let (kind, message) = match reply.error {
         Some(e) => (FailureKind::parse(&e.kind), e.message),

@@ -14,4 +14,8 @@ pub struct Job<P> {
     pub payload: P,
     /// Encoding the client used; the result is encoded the same way.
     pub encoding: Encoding,
+    /// Which attempt this is, from 1 (recoverable mode; always 1 in simple
+    /// mode). Attempts after the first follow a failure with attempts left,
+    /// or a stall (the previous attempt's worker died or hung).
+    pub attempt: u32,
 }

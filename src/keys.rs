@@ -60,6 +60,37 @@ impl QueueKeys {
         format!("{}:dead", self.base)
     }
 
+    /// Hash of one job (recoverable and reliable modes).
+    pub fn job(&self, id: &str) -> String {
+        format!("{}:job:{id}", self.base)
+    }
+
+    /// Recoverable mode: one entry per waiting job, which idle workers block
+    /// on (the job IDs themselves are only ever taken by a script).
+    pub fn tickets(&self) -> String {
+        format!("{}:tickets", self.base)
+    }
+
+    /// Sorted set of claimed jobs: job ID -> lease deadline (ms, server time).
+    pub fn leases(&self) -> String {
+        format!("{}:leases", self.base)
+    }
+
+    /// Counter that issues fencing tokens.
+    pub fn fence(&self) -> String {
+        format!("{}:fence", self.base)
+    }
+
+    /// Sorted set of dead-lettered job IDs -> time (ms).
+    pub fn dead_jobs(&self) -> String {
+        format!("{}:dead_jobs", self.base)
+    }
+
+    /// Guard that lets one worker at a time sweep stale leases.
+    pub fn sweep(&self) -> String {
+        format!("{}:sweep", self.base)
+    }
+
     /// Channel on which the client `client_id` receives outcomes of the jobs
     /// it submitted to this queue.
     pub fn reply_channel(&self, client_id: &str) -> String {
@@ -94,7 +125,18 @@ mod tests {
     #[test]
     fn every_key_carries_the_queue_hash_tag() {
         let k = QueueKeys::new("jq", "emails").unwrap();
-        for key in [k.meta(), k.pending(), k.dead(), k.reply_channel("c1")] {
+        for key in [
+            k.meta(),
+            k.pending(),
+            k.dead(),
+            k.job("j1"),
+            k.tickets(),
+            k.leases(),
+            k.fence(),
+            k.dead_jobs(),
+            k.sweep(),
+            k.reply_channel("c1"),
+        ] {
             assert!(key.starts_with("jq:{emails}:"), "{key}");
         }
         assert_eq!(k.pending(), "jq:{emails}:pending");

@@ -13,14 +13,15 @@ mod handle;
 mod job;
 pub mod keys;
 mod mode;
-mod queue_meta;
 mod replies;
 pub mod scripts;
+mod status;
+mod transitions;
 mod wire;
 mod worker;
 
 pub use acl::acl_rules;
-pub use client::{Client, Queue};
+pub use client::{Client, JobOptions, Queue};
 pub use config::Config;
 pub use encoding::Encoding;
 pub use error::Error;
@@ -28,6 +29,7 @@ pub use failure::FailureKind;
 pub use handle::JobHandle;
 pub use job::Job;
 pub use mode::{Mode, PROTOCOL_VERSION};
+pub use status::{JobState, JobStatus};
 pub use worker::{ShutdownHandle, Worker, WorkerBuilder, WorkerStats};
 
 /// The redis crate this library is built on, re-exported so that users get

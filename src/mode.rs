@@ -16,6 +16,11 @@ pub enum Mode {
     /// while running it, and an outcome is lost if its client is not
     /// subscribed when it is published.
     Simple,
+    /// `recoverable`: lists carry job IDs; each job's data, state and outcome
+    /// live in a hash. Claims carry a lease and a fencing token; a job whose
+    /// worker died is put back when its lease runs out; outcomes wait in
+    /// Redis for a client that was away (until the result TTL).
+    Recoverable,
 }
 
 impl Mode {
@@ -23,6 +28,7 @@ impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
             Mode::Simple => "simple",
+            Mode::Recoverable => "recoverable",
         }
     }
 }

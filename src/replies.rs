@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::Error;
 use crate::wire::{Reply, unpack};
@@ -32,6 +32,7 @@ pub(crate) struct Replies {
     commands: mpsc::UnboundedSender<Command>,
     waiters: WaiterMap,
     timeout: Duration,
+    reconnects: watch::Receiver<u64>,
 }
 
 /// Receives one job's outcome. Dropping it forgets the job.
@@ -62,12 +63,21 @@ impl Replies {
     pub(crate) fn start(client: redis::Client, timeout: Duration) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
         let waiters = WaiterMap::default();
-        tokio::spawn(run(client, rx, waiters.clone()));
+        let (generation, reconnects) = watch::channel(0);
+        tokio::spawn(run(client, rx, waiters.clone(), generation));
         Self {
             commands,
             waiters,
             timeout,
+            reconnects,
         }
+    }
+
+    /// Changes each time the subscriptions were restored after the
+    /// connection dropped: messages published meanwhile may be lost, so
+    /// waiters that can re-read their job's state should do so.
+    pub(crate) fn reconnects(&self) -> watch::Receiver<u64> {
+        self.reconnects.clone()
     }
 
     /// Subscribes to `channel` (once; later calls return when the channel is
@@ -115,6 +125,7 @@ async fn run(
     client: redis::Client,
     mut commands: mpsc::UnboundedReceiver<Command>,
     waiters: WaiterMap,
+    generation: watch::Sender<u64>,
 ) {
     let mut channels: Vec<String> = Vec::new();
     let mut backoff = Duration::from_millis(20);
@@ -138,6 +149,7 @@ async fn run(
                 continue;
             }
             tracing::info!(channels = channels.len(), "reply subscription restored");
+            generation.send_modify(|g| *g += 1);
         }
         backoff = Duration::from_millis(20);
         loop {

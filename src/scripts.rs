@@ -83,26 +83,50 @@ impl LuaScript {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Name {
     QueueRegister,
-    Submit,
+    SimpleSubmit,
     SimpleReply,
     SimpleRequeue,
     SimpleDead,
+    JobSubmit,
+    JobClaim,
+    JobStart,
+    JobFinish,
+    JobExtend,
+    JobRequeueStale,
+    JobWatch,
+    JobRelease,
 }
 
 impl Name {
     #[cfg(test)]
-    const ALL: [Name; 5] = [
+    const ALL: [Name; 13] = [
         Name::QueueRegister,
-        Name::Submit,
+        Name::SimpleSubmit,
         Name::SimpleReply,
         Name::SimpleRequeue,
         Name::SimpleDead,
+        Name::JobSubmit,
+        Name::JobClaim,
+        Name::JobStart,
+        Name::JobFinish,
+        Name::JobExtend,
+        Name::JobRequeueStale,
+        Name::JobWatch,
+        Name::JobRelease,
     ];
 
     fn file_stem(self) -> &'static str {
         match self {
             Name::QueueRegister => "queue_register",
-            Name::Submit => "submit",
+            Name::SimpleSubmit => "simple_submit",
+            Name::JobSubmit => "job_submit",
+            Name::JobClaim => "job_claim",
+            Name::JobStart => "job_start",
+            Name::JobFinish => "job_finish",
+            Name::JobExtend => "job_extend",
+            Name::JobRequeueStale => "job_requeue_stale",
+            Name::JobWatch => "job_watch",
+            Name::JobRelease => "job_release",
             Name::SimpleReply => "simple_reply",
             Name::SimpleRequeue => "simple_requeue",
             Name::SimpleDead => "simple_dead",
@@ -273,24 +297,21 @@ mod tests {
     /// (script, version, sha1) of every released script. Changing a script's
     /// text without bumping its version fails this test; after a bump, add
     /// the new line here and to protocol.md.
+    #[rustfmt::skip]
     const LOCK: &[(&str, u32, &str)] = &[
-        (
-            "queue_register",
-            1,
-            "aa74a74df04db0536b0cfb3a4761413dcb759208",
-        ),
+        ("job_claim", 1, "2241f971bf68d8dd6a78a1374922dcbadf611f76"),
+        ("job_extend", 1, "db82ab5ed1a6fbb32b5edfa00951586441173ee2"),
+        ("job_finish", 1, "c8e67da6afed07dc580156a1870e0c32c1d61397"),
+        ("job_release", 1, "e8b4bc99a8b4d27348b0b939d729c1aacdc28659"),
+        ("job_requeue_stale", 1, "428e9aee6bc089ec43b669493619d01e1197ca23"),
+        ("job_start", 1, "53046bc53398d40329257c5488d756669a5ae33b"),
+        ("job_submit", 1, "ffd9069e246ca2c6f943417e6f6c35457d649d07"),
+        ("job_watch", 1, "c00635b83b883b3f1246135986fdfae1a18c285f"),
+        ("queue_register", 1, "aa74a74df04db0536b0cfb3a4761413dcb759208"),
         ("simple_dead", 1, "463e756357db9b3a9c6f3a46ff7941bc2186c0d9"),
-        (
-            "simple_reply",
-            1,
-            "fab24024516ed1a95e8cc9fec35e70d8b6d915e6",
-        ),
-        (
-            "simple_requeue",
-            1,
-            "1feac4b22e851b1c566a812d385be245c959dc33",
-        ),
-        ("submit", 1, "6a77e9ca8ffce8e22cebf27b80c32e5133f8debc"),
+        ("simple_reply", 1, "fab24024516ed1a95e8cc9fec35e70d8b6d915e6"),
+        ("simple_requeue", 1, "1feac4b22e851b1c566a812d385be245c959dc33"),
+        ("simple_submit", 1, "a368c7ca312b8193fd6f97a1ebca210a3863e81c"),
     ];
 
     #[test]

@@ -100,6 +100,49 @@ async fn a_least_privilege_acl_user_can_run_everything() {
         (3, 1, 1)
     );
 
+    // Recoverable mode: submit, claim, start, finish, retry, heartbeat,
+    // sweep, watch and status, all as the same user.
+    let rq = queue_name("acl-rec");
+    let worker = support::spawn_built(
+        support::recoverable(config.clone(), &rq).lease(Duration::from_millis(300)),
+        |job: Job<u32>| async move {
+            if job.attempt == 1 {
+                return Err("again".to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(450)).await; // outlives a lease: heartbeat
+            Ok(job.payload + 1)
+        },
+    )
+    .await;
+    let rqueue = client.queue(&rq, Mode::Recoverable).await.unwrap();
+    let h = rqueue
+        .submit_with(
+            &41u32,
+            job_async_redis::JobOptions::default().max_attempts(2),
+        )
+        .await
+        .unwrap();
+    let id = h.id().to_owned();
+    assert_eq!(h.result_timeout::<u32>(wait).await.unwrap(), 42);
+    let status = rqueue.status(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (status.attempt, status.stalls),
+        (2, 0),
+        "the heartbeat kept the lease"
+    );
+    assert_eq!(
+        rqueue
+            .job(&id)
+            .await
+            .unwrap()
+            .result_timeout::<u32>(wait)
+            .await
+            .unwrap(),
+        42
+    );
+    let stats = worker.stop().await;
+    assert_eq!((stats.completed, stats.retried), (1, 1));
+
     // Outside its prefix, the same user is refused with a clear error.
     let other = Config::new(&url).prefix("other");
     let client = Client::connect(other).await.unwrap();

@@ -1,5 +1,5 @@
 #!lua
--- name: submit
+-- name: simple_submit
 -- version: 1
 -- Simple mode: appends one or more job envelopes to a queue's pending list,
 -- after checking that the queue is registered in simple mode with the same
@@ -30,7 +30,7 @@ if meta[2] ~= ARGV[2] then
   return redis.error_reply('JQ_PROTOCOL_MISMATCH ' .. tostring(meta[2]) .. ' ' .. ARGV[2])
 end
 if ARGV[1] ~= 'simple' then
-  return redis.error_reply('JQ_BAD_ARGS submit supports mode simple only in protocol 1')
+  return redis.error_reply('JQ_BAD_ARGS simple_submit is for simple mode; use job_submit')
 end
 if #ARGV < 3 then
   return redis.error_reply('JQ_BAD_ARGS no job envelopes given')

@@ -1,0 +1,66 @@
+#!lua
+-- name: job_finish
+-- version: 1
+-- Recoverable mode: records a job's outcome under its fencing token, drops
+-- its lease and rings the submitting client's doorbell. A failure with
+-- attempts left (and RETRY = 1) goes to the back of its queue instead.
+-- A completed job's payload is dropped; a failed job keeps it.
+-- A completion from a worker whose job was taken over by a newer attempt is
+-- refused; a late completion when nobody else started the job is accepted.
+--
+-- KEYS[1]  job hash        <prefix>:{<queue>}:job:<id>
+-- KEYS[2]  lease set       <prefix>:{<queue>}:leases
+-- KEYS[3]  pending list    <prefix>:{<queue>}:pending
+-- KEYS[4]  tickets list    <prefix>:{<queue>}:tickets
+-- ARGV[1]  id
+-- ARGV[2]  token           the token job_start accepted
+-- ARGV[3]  status          "completed" | "failed"
+-- ARGV[4]  completed: result bytes (in the job's enc); failed: error kind
+-- ARGV[5]  failed: error message ("" when completed)
+-- ARGV[6]  retry           "1" when a failure may be retried, else "0"
+-- ARGV[7]  result ttl ms   how long the finished job's hash is kept
+--
+-- Reply:   the job's new state: "completed", "failed" or "queued" (retried).
+-- Errors:  JQ_NO_JOB <id>              no such job (expired or never existed)
+--          JQ_LEASE_LOST <current token>  a newer attempt owns the job
+--          JQ_ALREADY_FINISHED <state>    the job is no longer active (it has an
+--                                         outcome, or was already put back)
+--          JQ_BAD_ARGS <detail>
+
+local id, token, status = ARGV[1], ARGV[2], ARGV[3]
+local ttl = tonumber(ARGV[7])
+if (status ~= 'completed' and status ~= 'failed') or not ttl then
+  return redis.error_reply('JQ_BAD_ARGS expected status completed or failed and a ttl')
+end
+local job = redis.call('HMGET', KEYS[1], 'state', 'token', 'client', 'attempt', 'max_attempts')
+local state = job[1]
+if not state then
+  return redis.error_reply('JQ_NO_JOB ' .. id)
+end
+if job[2] ~= token then
+  return redis.error_reply('JQ_LEASE_LOST ' .. tostring(job[2]))
+end
+if state ~= 'active' then
+  return redis.error_reply('JQ_ALREADY_FINISHED ' .. state)
+end
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+redis.call('ZREM', KEYS[2], id)
+if status == 'failed' and ARGV[6] == '1' and (tonumber(job[4]) or 0) < (tonumber(job[5]) or 1) then
+  redis.call('HSET', KEYS[1], 'state', 'queued', 'error_kind', ARGV[4], 'error', ARGV[5])
+  redis.call('LPUSH', KEYS[3], id)
+  redis.call('LPUSH', KEYS[4], '1')
+  return 'queued'
+end
+if status == 'completed' then
+  redis.call('HSET', KEYS[1], 'state', 'completed', 'result', ARGV[4], 'finished_ms', now_ms)
+  redis.call('HDEL', KEYS[1], 'error_kind', 'error', 'payload')
+else
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'error_kind', ARGV[4], 'error', ARGV[5],
+    'finished_ms', now_ms)
+end
+redis.call('PEXPIRE', KEYS[1], ttl)
+if job[3] and job[3] ~= '' then
+  redis.call('PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[3], cmsgpack.pack({id = id, status = status}))
+end
+return status

@@ -1,0 +1,78 @@
+#!lua
+-- name: job_submit
+-- version: 1
+-- Recoverable and reliable modes: stores one or more jobs, each in its own
+-- hash in state "queued", and appends their IDs to the queue's pending
+-- list, all at once. In recoverable mode it also pushes one ticket per job
+-- (workers block on tickets, never on the IDs themselves).
+--
+-- KEYS[1]    queue metadata hash   <prefix>:{<queue>}:meta
+-- KEYS[2]    pending list          <prefix>:{<queue>}:pending
+-- KEYS[3]    tickets list          <prefix>:{<queue>}:tickets
+-- KEYS[3+i]  job hash of job i     <prefix>:{<queue>}:job:<id i>
+-- ARGV[1]    mode                  "recoverable" | "reliable"
+-- ARGV[2]    protocol version      decimal integer
+-- ARGV[3..]  six arguments per job, in KEYS order:
+--            id, enc, payload, client ID to notify ("" for none; at most
+--            64 bytes: the outcome is announced on <prefix>:{<queue>}:reply:<client ID>),
+--            lease ms ("0": the worker's default), max attempts (>= 1)
+--
+-- Reply:   length of the pending list after the push.
+-- Errors:  JQ_QUEUE_UNKNOWN <meta key>
+--          JQ_MODE_MISMATCH <queue mode> <requested mode>
+--          JQ_PROTOCOL_MISMATCH <queue protocol> <requested protocol>
+--          JQ_DUPLICATE <id>     a job with this ID exists
+--          JQ_BAD_ARGS <detail>
+-- Checks every job before writing anything; writes nothing when it refuses.
+
+local meta = redis.call('HMGET', KEYS[1], 'mode', 'protocol')
+if not meta[1] then
+  return redis.error_reply('JQ_QUEUE_UNKNOWN ' .. KEYS[1])
+end
+if meta[1] ~= ARGV[1] then
+  return redis.error_reply('JQ_MODE_MISMATCH ' .. meta[1] .. ' ' .. ARGV[1])
+end
+if meta[2] ~= ARGV[2] then
+  return redis.error_reply('JQ_PROTOCOL_MISMATCH ' .. tostring(meta[2]) .. ' ' .. ARGV[2])
+end
+if ARGV[1] ~= 'recoverable' and ARGV[1] ~= 'reliable' then
+  return redis.error_reply('JQ_BAD_ARGS job_submit is for recoverable and reliable modes')
+end
+local n = #KEYS - 3
+if n < 1 or #ARGV ~= 2 + 6 * n then
+  return redis.error_reply('JQ_BAD_ARGS expected six arguments per job key')
+end
+local base = string.sub(KEYS[1], 1, -6) -- strip ":meta"
+for i = 1, n do
+  local a = 2 + 6 * (i - 1)
+  local id = ARGV[a + 1]
+  if id == '' or #id > 256 or KEYS[3 + i] ~= base .. ':job:' .. id then
+    return redis.error_reply('JQ_BAD_ARGS job key ' .. KEYS[3 + i] .. ' does not match id ' .. id)
+  end
+  if #ARGV[a + 4] > 64 then
+    return redis.error_reply('JQ_BAD_ARGS client ID longer than 64 bytes')
+  end
+  if not tonumber(ARGV[a + 5]) or (tonumber(ARGV[a + 6]) or 0) < 1 then
+    return redis.error_reply('JQ_BAD_ARGS lease ms and max attempts must be numbers, max attempts >= 1')
+  end
+  if redis.call('EXISTS', KEYS[3 + i]) == 1 then
+    return redis.error_reply('JQ_DUPLICATE ' .. id)
+  end
+end
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local len = 0
+for i = 1, n do
+  local a = 2 + 6 * (i - 1)
+  redis.call('HSET', KEYS[3 + i],
+    'state', 'queued', 'enc', ARGV[a + 2], 'payload', ARGV[a + 3],
+    'client', ARGV[a + 4], 'lease_ms', ARGV[a + 5], 'max_attempts', ARGV[a + 6],
+    'submitted_ms', now_ms, 'attempt', 0, 'stalls', 0, 'token', 0)
+  len = redis.call('LPUSH', KEYS[2], ARGV[a + 1])
+end
+if ARGV[1] == 'recoverable' then
+  for i = 1, n do
+    redis.call('LPUSH', KEYS[3], '1')
+  end
+end
+return len

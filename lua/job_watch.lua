@@ -1,0 +1,37 @@
+#!lua
+-- name: job_watch
+-- version: 1
+-- Recoverable mode: a client's look at a job it awaits. When the job has an
+-- outcome, returns it. Otherwise makes the caller the client whose reply
+-- channel will announce the outcome (the latest watcher gets the doorbell;
+-- every watcher also re-reads on its own schedule), and returns the state.
+-- Call it after subscribing to the channel, so that no outcome can slip
+-- between the read and the subscription.
+--
+-- KEYS[1]  job hash        <prefix>:{<queue>}:job:<id>
+-- ARGV[1]  client ID       at most 64 bytes, or "" to only read
+--
+-- Reply:   {"missing"}                          no such job (expired or never existed)
+--          {state}                              "queued" or "active"
+--          {"completed", enc, result}
+--          {"failed" | "dead", error kind, error message}
+-- Errors:  JQ_BAD_ARGS <detail>
+
+if #ARGV ~= 1 or #ARGV[1] > 64 then
+  return redis.error_reply('JQ_BAD_ARGS expected a client ID of at most 64 bytes, or ""')
+end
+local job = redis.call('HMGET', KEYS[1], 'state', 'enc', 'result', 'error_kind', 'error')
+local state = job[1]
+if not state then
+  return {'missing'}
+end
+if state == 'completed' then
+  return {state, job[2] or '', job[3] or ''}
+end
+if state == 'failed' or state == 'dead' then
+  return {state, job[4] or '', job[5] or ''}
+end
+if ARGV[1] ~= '' then
+  redis.call('HSET', KEYS[1], 'client', ARGV[1])
+end
+return {state}

@@ -1,0 +1,115 @@
+//! [`JobStatus`]: a job's state as stored in its hash.
+
+use redis::aio::ConnectionManager;
+
+use crate::error::Error;
+use crate::failure::FailureKind;
+use crate::keys::QueueKeys;
+
+/// The state of a job in recoverable mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JobState {
+    /// `queued`: waiting for a worker (also after a retry).
+    Queued,
+    /// `active`: a worker started it and holds its lease.
+    Active,
+    /// `completed`: the handler succeeded; the result is stored.
+    Completed,
+    /// `failed`: the handler failed with no attempts left, or the job could
+    /// not run (undecodable payload).
+    Failed,
+    /// `dead`: it stalled (its worker died or hung) more often than allowed.
+    Dead,
+    /// Any other value, written by a newer version or another program.
+    Other(String),
+}
+
+impl JobState {
+    fn parse(s: &str) -> Self {
+        match s {
+            "queued" => JobState::Queued,
+            "active" => JobState::Active,
+            "completed" => JobState::Completed,
+            "failed" => JobState::Failed,
+            "dead" => JobState::Dead,
+            other => JobState::Other(other.to_owned()),
+        }
+    }
+
+    /// True for `completed`, `failed` and `dead`.
+    pub fn is_finished(&self) -> bool {
+        matches!(
+            self,
+            JobState::Completed | JobState::Failed | JobState::Dead
+        )
+    }
+}
+
+/// A job's state, counters, timestamps (milliseconds since the Unix epoch,
+/// server time) and last error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JobStatus {
+    /// Current state.
+    pub state: JobState,
+    /// How many times a worker started it.
+    pub attempt: u32,
+    /// How many attempts it may have when its handler fails.
+    pub max_attempts: u32,
+    /// How many times its worker died or hung while running it.
+    pub stalls: u32,
+    /// When it was submitted.
+    pub submitted_ms: Option<u64>,
+    /// When its latest attempt started.
+    pub started_ms: Option<u64>,
+    /// When it finished.
+    pub finished_ms: Option<u64>,
+    /// ID of the worker of its latest attempt.
+    pub worker: Option<String>,
+    /// Its latest error: kind and message.
+    pub error: Option<(FailureKind, String)>,
+}
+
+const FIELDS: [&str; 10] = [
+    "state",
+    "attempt",
+    "max_attempts",
+    "stalls",
+    "submitted_ms",
+    "started_ms",
+    "finished_ms",
+    "worker",
+    "error_kind",
+    "error",
+];
+
+impl JobStatus {
+    pub(crate) async fn read(
+        con: &ConnectionManager,
+        keys: &QueueKeys,
+        id: &str,
+    ) -> Result<Option<Self>, Error> {
+        let values: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(keys.job(id))
+            .arg(&FIELDS[..])
+            .query_async(&mut con.clone())
+            .await?;
+        let get = |i: usize| values.get(i).cloned().flatten().filter(|v| !v.is_empty());
+        let number = |i: usize| get(i).and_then(|v| v.parse::<u64>().ok());
+        let Some(state) = get(0) else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            state: JobState::parse(&state),
+            attempt: number(1).unwrap_or(0) as u32,
+            max_attempts: number(2).unwrap_or(1) as u32,
+            stalls: number(3).unwrap_or(0) as u32,
+            submitted_ms: number(4),
+            started_ms: number(5),
+            finished_ms: number(6),
+            worker: get(7),
+            error: get(8).map(|kind| (FailureKind::parse(&kind), get(9).unwrap_or_default())),
+        }))
+    }
+}

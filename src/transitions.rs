@@ -1,0 +1,341 @@
+//! One Rust function per Lua script, in the order of `lua/`'s contracts:
+//! each builds the script's KEYS and ARGV from a [`QueueKeys`] and parses its
+//! reply. Nothing else in the crate calls a script directly.
+
+use std::time::Duration;
+
+use redis::Value;
+use redis::aio::ConnectionManager;
+
+use crate::error::{Error, from_script};
+use crate::keys::QueueKeys;
+use crate::mode::{Mode, PROTOCOL_VERSION};
+use crate::scripts::{self, Call, Name};
+
+fn ms(d: Duration) -> String {
+    d.as_millis().max(1).to_string()
+}
+
+/// Runs `call`, mapping refusals to typed errors.
+pub(crate) async fn run<T: redis::FromRedisValue>(
+    con: &ConnectionManager,
+    call: &Call,
+    keys: &QueueKeys,
+    job_id: Option<&str>,
+) -> Result<T, Error> {
+    call.invoke(&mut con.clone())
+        .await
+        .map_err(|e| from_script(e, call.script().name_static(), keys.queue(), job_id))
+}
+
+/// `queue_register`: records or checks the queue's mode and protocol version.
+/// Returns true when this call created the record.
+pub(crate) async fn queue_register(
+    con: &ConnectionManager,
+    keys: &QueueKeys,
+    mode: Mode,
+) -> Result<bool, Error> {
+    let call = scripts::get(Name::QueueRegister)
+        .call()
+        .key(keys.meta())
+        .arg(mode.as_str())
+        .arg(PROTOCOL_VERSION.to_string());
+    Ok(run::<i64>(con, &call, keys, None).await? == 1)
+}
+
+/// `simple_submit`: pushes job envelopes.
+pub(crate) fn simple_submit(keys: &QueueKeys, envelopes: &[Vec<u8>]) -> Call {
+    let mut call = scripts::get(Name::SimpleSubmit)
+        .call()
+        .key(keys.meta())
+        .key(keys.pending())
+        .arg(Mode::Simple.as_str())
+        .arg(PROTOCOL_VERSION.to_string());
+    for e in envelopes {
+        call = call.arg(e);
+    }
+    call
+}
+
+/// `simple_reply`: publishes an outcome message.
+pub(crate) fn simple_reply(keys: &QueueKeys, channel: &str, message: &[u8]) -> Call {
+    scripts::get(Name::SimpleReply)
+        .call()
+        .key(keys.meta())
+        .arg(channel)
+        .arg(message)
+}
+
+/// `simple_requeue`: gives popped, unstarted envelopes back.
+pub(crate) fn simple_requeue(keys: &QueueKeys, envelopes: &[Vec<u8>]) -> Call {
+    let mut call = scripts::get(Name::SimpleRequeue).call().key(keys.pending());
+    for e in envelopes {
+        call = call.arg(e);
+    }
+    call
+}
+
+/// `simple_dead`: keeps an entry that is not a job.
+pub(crate) fn simple_dead(keys: &QueueKeys, record: &[u8], max: usize) -> Call {
+    scripts::get(Name::SimpleDead)
+        .call()
+        .key(keys.dead())
+        .arg(record)
+        .arg(max.to_string())
+}
+
+/// A job to store with `job_submit`.
+pub(crate) struct NewJob {
+    pub id: String,
+    pub enc: &'static str,
+    pub payload: Vec<u8>,
+    /// The client to notify ("" for none).
+    pub client: String,
+    pub lease: Option<Duration>,
+    pub max_attempts: u32,
+}
+
+/// `job_submit`: stores jobs and queues their IDs.
+pub(crate) fn job_submit(keys: &QueueKeys, mode: Mode, jobs: &[NewJob]) -> Call {
+    let mut call = scripts::get(Name::JobSubmit)
+        .call()
+        .key(keys.meta())
+        .key(keys.pending())
+        .key(keys.tickets())
+        .arg(mode.as_str())
+        .arg(PROTOCOL_VERSION.to_string());
+    for job in jobs {
+        call = call.key(keys.job(&job.id));
+    }
+    for job in jobs {
+        call = call
+            .arg(&job.id)
+            .arg(job.enc)
+            .arg(&job.payload)
+            .arg(&job.client)
+            .arg(job.lease.map_or_else(|| "0".to_owned(), ms))
+            .arg(job.max_attempts.max(1).to_string());
+    }
+    call
+}
+
+/// `job_claim`: takes up to `count` IDs with provisional leases. Returns
+/// (id, fencing token) pairs.
+pub(crate) async fn job_claim(
+    con: &ConnectionManager,
+    keys: &QueueKeys,
+    count: usize,
+    lease: Duration,
+    tickets_taken: usize,
+) -> Result<Vec<(String, String)>, Error> {
+    let call = scripts::get(Name::JobClaim)
+        .call()
+        .key(keys.pending())
+        .key(keys.tickets())
+        .key(keys.leases())
+        .key(keys.fence())
+        .arg(count.to_string())
+        .arg(ms(lease))
+        .arg(tickets_taken.to_string());
+    let flat: Vec<String> = run(con, &call, keys, None).await?;
+    Ok(flat
+        .chunks_exact(2)
+        .map(|p| (p[0].clone(), p[1].clone()))
+        .collect())
+}
+
+/// Settings `job_start` needs from the worker.
+pub(crate) struct StartSettings<'a> {
+    pub lease: Duration,
+    pub max_stalls: u32,
+    pub worker_id: &'a str,
+    pub result_ttl: Duration,
+    pub dead_max: usize,
+}
+
+/// What `job_start` decided.
+pub(crate) enum Start {
+    /// Run it.
+    Run {
+        enc: String,
+        payload: Vec<u8>,
+        attempt: u32,
+    },
+    /// It stalled too often and is now dead.
+    Dead,
+    /// Finished, missing, or owned by a newer claim: do not run.
+    Skip(String),
+}
+
+/// `job_start`: marks a claimed job active, or says why not to run it.
+pub(crate) async fn job_start(
+    con: &ConnectionManager,
+    keys: &QueueKeys,
+    id: &str,
+    token: &str,
+    settings: &StartSettings<'_>,
+) -> Result<Start, Error> {
+    let call = scripts::get(Name::JobStart)
+        .call()
+        .key(keys.job(id))
+        .key(keys.leases())
+        .key(keys.dead_jobs())
+        .arg(id)
+        .arg(token)
+        .arg(ms(settings.lease))
+        .arg(settings.max_stalls.to_string())
+        .arg(settings.worker_id)
+        .arg(ms(settings.result_ttl))
+        .arg(settings.dead_max.to_string());
+    let reply: Vec<Vec<u8>> = run(con, &call, keys, Some(id)).await?;
+    let text = |i: usize| {
+        String::from_utf8_lossy(reply.get(i).map_or(&[][..], |v| v.as_slice())).into_owned()
+    };
+    let number = |i: usize| text(i).parse::<u64>().unwrap_or(0);
+    Ok(match text(0).as_str() {
+        "run" => Start::Run {
+            enc: text(1),
+            payload: reply.get(2).cloned().unwrap_or_default(),
+            attempt: number(3) as u32,
+        },
+        "dead" => Start::Dead,
+        "lost" => Start::Skip("a newer claim owns it".into()),
+        _ => Start::Skip(format!("it is {}", text(1))),
+    })
+}
+
+/// How a job ended, for `job_finish`.
+pub(crate) enum Finish<'a> {
+    Completed(&'a [u8]),
+    Failed {
+        kind: &'a str,
+        message: &'a str,
+        retry: bool,
+    },
+}
+
+/// `job_finish`: records an outcome under the job's fencing token.
+pub(crate) fn job_finish(
+    keys: &QueueKeys,
+    id: &str,
+    token: &str,
+    finish: &Finish<'_>,
+    result_ttl: Duration,
+) -> Call {
+    let call = scripts::get(Name::JobFinish)
+        .call()
+        .key(keys.job(id))
+        .key(keys.leases())
+        .key(keys.pending())
+        .key(keys.tickets())
+        .arg(id)
+        .arg(token);
+    let call = match finish {
+        Finish::Completed(result) => call.arg("completed").arg(result).arg("").arg("0"),
+        Finish::Failed {
+            kind,
+            message,
+            retry,
+        } => call
+            .arg("failed")
+            .arg(kind)
+            .arg(message)
+            .arg(if *retry { "1" } else { "0" }),
+    };
+    call.arg(ms(result_ttl))
+}
+
+/// `job_release`: gives a running job back to its queue unfinished.
+pub(crate) fn job_release(keys: &QueueKeys, id: &str, token: &str) -> Call {
+    scripts::get(Name::JobRelease)
+        .call()
+        .key(keys.job(id))
+        .key(keys.leases())
+        .key(keys.pending())
+        .key(keys.tickets())
+        .arg(id)
+        .arg(token)
+}
+
+/// `job_extend`: renews the leases of running jobs. Returns the IDs that
+/// were lost.
+pub(crate) async fn job_extend(
+    con: &ConnectionManager,
+    keys: &QueueKeys,
+    lease: Duration,
+    jobs: &[(String, String)],
+) -> Result<Vec<String>, Error> {
+    let mut call = scripts::get(Name::JobExtend)
+        .call()
+        .key(keys.leases())
+        .arg(ms(lease));
+    for (id, token) in jobs {
+        call = call.key(keys.job(id)).arg(id).arg(token);
+    }
+    run(con, &call, keys, None).await
+}
+
+/// `job_requeue_stale`: requeues jobs whose leases ran out. Returns how many,
+/// or `None` when another worker holds the sweep guard.
+pub(crate) async fn job_requeue_stale(
+    con: &ConnectionManager,
+    keys: &QueueKeys,
+    guard: Duration,
+    limit: usize,
+) -> Result<Option<u64>, Error> {
+    let call = scripts::get(Name::JobRequeueStale)
+        .call()
+        .key(keys.leases())
+        .key(keys.pending())
+        .key(keys.tickets())
+        .key(keys.sweep())
+        .arg(ms(guard))
+        .arg(limit.to_string());
+    let n: i64 = run(con, &call, keys, None).await?;
+    Ok(u64::try_from(n).ok())
+}
+
+/// What `job_watch` saw.
+pub(crate) enum Watch {
+    /// No such job.
+    Missing,
+    /// Not finished; the state.
+    Waiting,
+    /// Completed: encoding and result bytes.
+    Completed { enc: String, result: Vec<u8> },
+    /// Failed or dead: state, error kind and message.
+    Failed { kind: String, message: String },
+}
+
+/// `job_watch`: reads a job's outcome, or points its doorbell at `channel`.
+pub(crate) async fn job_watch(
+    con: &ConnectionManager,
+    keys: &QueueKeys,
+    id: &str,
+    channel: &str,
+) -> Result<Watch, Error> {
+    let call = scripts::get(Name::JobWatch)
+        .call()
+        .key(keys.job(id))
+        .arg(channel);
+    let reply: Vec<Value> = run(con, &call, keys, Some(id)).await?;
+    let text = |i: usize| match reply.get(i) {
+        Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        _ => String::new(),
+    };
+    Ok(match text(0).as_str() {
+        "missing" => Watch::Missing,
+        "completed" => Watch::Completed {
+            enc: text(1),
+            result: match reply.get(2) {
+                Some(Value::BulkString(b)) => b.clone(),
+                _ => Vec::new(),
+            },
+        },
+        "failed" | "dead" => Watch::Failed {
+            kind: text(1),
+            message: text(2),
+        },
+        _ => Watch::Waiting,
+    })
+}

@@ -1,0 +1,118 @@
+//! Running the user's handler: decoding the payload, catching errors and
+//! panics, encoding the result. Erased to one function type so that the
+//! mode-specific code is not generic.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::FutureExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use crate::encoding::Encoding;
+use crate::failure::FailureKind;
+use crate::job::Job;
+
+/// A job as the worker read it, before decoding.
+pub(crate) struct Input {
+    pub id: String,
+    pub queue: String,
+    /// The encoding name found on the wire.
+    pub enc: String,
+    pub payload: Vec<u8>,
+    pub attempt: u32,
+}
+
+/// What became of one job.
+pub(crate) enum Outcome {
+    Completed(Vec<u8>),
+    Failed(FailureKind, String),
+}
+
+impl Outcome {
+    /// Failures worth another attempt: the handler's own.
+    pub(crate) fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Failed(FailureKind::Handler | FailureKind::Panic, _)
+        )
+    }
+}
+
+type BoxFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// The handler, erased.
+pub(crate) type Erased = Arc<dyn Fn(Input) -> BoxFuture + Send + Sync>;
+
+/// Wraps a typed handler: decode `P`, run, catch panics, encode `R`, check
+/// its size against `max_result`.
+pub(crate) fn erase<P, R, E, F, Fut>(handler: F, max_result: usize) -> Erased
+where
+    P: DeserializeOwned + Send + 'static,
+    R: Serialize + Send + 'static,
+    E: Display + Send + 'static,
+    F: Fn(Job<P>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<R, E>> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    Arc::new(move |input: Input| {
+        let handler = handler.clone();
+        Box::pin(async move {
+            let Some(enc) = Encoding::parse(&input.enc) else {
+                return Outcome::Failed(
+                    FailureKind::Decode,
+                    format!("unknown encoding {:?}", input.enc),
+                );
+            };
+            let payload = match enc.decode::<P>(&input.payload, "payload") {
+                Ok(p) => p,
+                Err(e) => return Outcome::Failed(FailureKind::Decode, e.to_string()),
+            };
+            let job = Job {
+                id: input.id,
+                queue: input.queue,
+                payload,
+                encoding: enc,
+                attempt: input.attempt,
+            };
+            match AssertUnwindSafe(handler(job)).catch_unwind().await {
+                Ok(Ok(value)) => match enc.encode(&value, "result") {
+                    Ok(bytes) if bytes.len() > max_result => Outcome::Failed(
+                        FailureKind::TooLarge,
+                        format!(
+                            "result of {} bytes exceeds the maximum of {max_result} bytes",
+                            bytes.len()
+                        ),
+                    ),
+                    Ok(bytes) => Outcome::Completed(bytes),
+                    Err(e) => Outcome::Failed(FailureKind::Encode, e.to_string()),
+                },
+                Ok(Err(e)) => Outcome::Failed(FailureKind::Handler, e.to_string()),
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "handler panicked".into());
+                    Outcome::Failed(FailureKind::Panic, message)
+                }
+            }
+        })
+    })
+}
+
+/// Runs the handler unless `hard_stop` fires first (`None`: abandoned).
+pub(crate) async fn run(
+    handler: &Erased,
+    input: Input,
+    hard_stop: &CancellationToken,
+) -> Option<Outcome> {
+    tokio::select! {
+        outcome = handler(input) => Some(outcome),
+        _ = hard_stop.cancelled() => None,
+    }
+}

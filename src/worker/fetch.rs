@@ -1,0 +1,111 @@
+//! The worker's blocking pop (BLMPOP) on its own connection.
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use tokio_util::sync::CancellationToken;
+
+use super::{Backoff, Shared};
+use crate::connection;
+use crate::error::{Error, is_transient};
+
+/// Entries popped from one list: the list's key and the entries.
+pub(crate) type Popped = (String, Vec<Vec<u8>>);
+
+/// Owns the worker's blocking connection, reconnecting when it drops.
+#[derive(Default)]
+pub(crate) struct Fetcher {
+    blocking: Option<(MultiplexedConnection, i64)>,
+    backoff: Backoff,
+}
+
+impl Fetcher {
+    /// One BLMPOP of up to `count` entries from the first non-empty list of
+    /// `keys` (in that order), blocking up to the configured block timeout.
+    /// Returns `Ok(None)` on timeout, after a dropped connection (it
+    /// reconnects on the next call, after a backoff), and when woken for
+    /// shutdown with nothing popped.
+    ///
+    /// When shutdown is requested meanwhile, the pop is woken with CLIENT
+    /// UNBLOCK and still awaited: dropping it could lose entries the server
+    /// already popped. Callers must handle entries returned after shutdown.
+    pub(crate) async fn pop(
+        &mut self,
+        shared: &Shared,
+        keys: &[String],
+        count: usize,
+    ) -> Result<Option<Popped>, Error> {
+        if self.blocking.is_none() {
+            match open(shared).await {
+                Ok(b) => self.blocking = Some(b),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(worker = %shared.id, error = %e, "cannot open the fetch connection; retrying");
+                    pause(&shared.shutdown, self.backoff.next()).await;
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let result = {
+            let (con, client_id) = self.blocking.as_mut().expect("opened above");
+            let mut cmd = redis::cmd("BLMPOP");
+            cmd.arg(shared.config.block_timeout.as_secs_f64())
+                .arg(keys.len())
+                .arg(keys)
+                .arg("RIGHT")
+                .arg("COUNT")
+                .arg(count);
+            let pop = cmd.query_async::<Option<Popped>>(con);
+            tokio::pin!(pop);
+            tokio::select! {
+                result = &mut pop => result,
+                _ = shared.shutdown.cancelled() => {
+                    // The pop may not be blocking yet when the first UNBLOCK
+                    // arrives (UNBLOCK then answers 0): repeat until it returns.
+                    loop {
+                        let unblock: redis::RedisResult<i64> = redis::cmd("CLIENT")
+                            .arg("UNBLOCK")
+                            .arg(*client_id)
+                            .query_async(&mut shared.con.clone())
+                            .await;
+                        if let Err(e) = unblock {
+                            tracing::debug!(error = %e, "CLIENT UNBLOCK failed; waiting for the block to time out");
+                            break pop.await;
+                        }
+                        tokio::select! {
+                            result = &mut pop => break result,
+                            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                        }
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(popped) => {
+                self.backoff.reset();
+                Ok(popped)
+            }
+            Err(e) if is_transient(&e) => {
+                tracing::warn!(worker = %shared.id, error = %e, "fetch connection failed; reconnecting");
+                self.blocking = None;
+                pause(&shared.shutdown, self.backoff.next()).await;
+                Ok(None)
+            }
+            Err(e) => Err(Error::Redis(e)),
+        }
+    }
+}
+
+async fn open(shared: &Shared) -> Result<(MultiplexedConnection, i64), Error> {
+    let mut con = connection::blocking(&shared.client, &shared.config).await?;
+    let id: i64 = redis::cmd("CLIENT").arg("ID").query_async(&mut con).await?;
+    Ok((con, id))
+}
+
+/// Sleeps for `delay`, or less when shutdown is requested.
+pub(crate) async fn pause(shutdown: &CancellationToken, delay: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = shutdown.cancelled() => {}
+    }
+}

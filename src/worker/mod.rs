@@ -1,0 +1,399 @@
+//! [`Worker`]: claims jobs, runs a handler on them, and records or sends
+//! their outcomes.
+//!
+//! A worker opens two connections: one multiplexed connection for script
+//! calls (and its heartbeat and sweeps), and one blocking connection for its
+//! fetch loop. The mode-specific parts live in `simple` and `recoverable`.
+
+mod execute;
+mod fetch;
+mod recoverable;
+mod simple;
+
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::connection;
+use crate::error::Error;
+use crate::job::Job;
+use crate::keys::QueueKeys;
+use crate::mode::Mode;
+use crate::scripts::Call;
+use crate::transitions;
+
+pub(crate) use execute::Erased;
+
+/// How long a worker keeps retrying a script call while Redis is
+/// unreachable before it gives up (and logs what was lost).
+const PERSIST_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Builds a [`Worker`].
+#[derive(Debug, Clone)]
+pub struct WorkerBuilder {
+    config: Config,
+    mode: Mode,
+    queues: Vec<String>,
+    settings: Settings,
+}
+
+/// Worker settings, with their defaults in [`Worker::builder`].
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub concurrency: usize,
+    pub grace_period: Duration,
+    pub dead_letter_max: usize,
+    pub lease: Duration,
+    pub max_stalls: u32,
+    pub result_ttl: Duration,
+    pub sweep_interval: Option<Duration>,
+}
+
+impl WorkerBuilder {
+    /// Sets the mode (default [`Mode::Simple`]).
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Adds a queue. Queues are served in the order they were added: a job
+    /// is taken from a later queue only when every earlier one is empty.
+    pub fn queue(mut self, name: impl Into<String>) -> Self {
+        self.queues.push(name.into());
+        self
+    }
+
+    /// How many jobs run at once (default 10).
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.settings.concurrency = concurrency;
+        self
+    }
+
+    /// How long, after shutdown was requested, running jobs may take to
+    /// finish (default 30 s). Then, in simple mode, they fail with kind
+    /// `shutdown`; in recoverable mode they go back to their queue at once.
+    pub fn grace_period(mut self, grace: Duration) -> Self {
+        self.settings.grace_period = grace;
+        self
+    }
+
+    /// Most entries kept in each queue's dead-letter list or set (default
+    /// 10,000).
+    pub fn dead_letter_max(mut self, max: usize) -> Self {
+        self.settings.dead_letter_max = max;
+        self
+    }
+
+    /// Recoverable mode: how long a claim lasts without renewal (default
+    /// 30 s). The worker renews the leases of its running jobs every third
+    /// of it; a job whose lease runs out (its worker died or hung) is put
+    /// back on its queue. A job may set its own ([`crate::JobOptions::lease`]).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.settings.lease = lease;
+        self
+    }
+
+    /// Recoverable mode: how many times a job may stall (its worker died or
+    /// hung while running it) before it goes to the dead-letter set instead
+    /// of running again (default 3).
+    pub fn max_stalls(mut self, max: u32) -> Self {
+        self.settings.max_stalls = max;
+        self
+    }
+
+    /// Recoverable mode: how long a finished job's hash (its result or
+    /// error) is kept (default 24 hours).
+    pub fn result_ttl(mut self, ttl: Duration) -> Self {
+        self.settings.result_ttl = ttl;
+        self
+    }
+
+    /// Recoverable mode: how often the queues are swept for jobs whose lease
+    /// ran out (default: half the lease). One worker per interval does it.
+    pub fn sweep_interval(mut self, interval: Duration) -> Self {
+        self.settings.sweep_interval = Some(interval);
+        self
+    }
+
+    /// Connects, loads the scripts and registers every queue.
+    ///
+    /// # Errors
+    /// [`Error::Config`] without queues or with a zero setting;
+    /// [`Error::ModeMismatch`] or [`Error::ProtocolMismatch`] when a queue
+    /// was registered differently (nothing is written); [`Error::Redis`] when
+    /// Redis cannot be reached.
+    pub async fn build(self) -> Result<Worker, Error> {
+        let s = &self.settings;
+        if self.queues.is_empty() {
+            return Err(Error::Config("a worker needs at least one queue".into()));
+        }
+        if s.concurrency == 0 || s.dead_letter_max == 0 {
+            return Err(Error::Config(
+                "concurrency and dead_letter_max must be positive".into(),
+            ));
+        }
+        if s.lease < Duration::from_millis(30) || s.result_ttl < Duration::from_millis(1) {
+            return Err(Error::Config(
+                "lease must be at least 30 ms and result_ttl positive".into(),
+            ));
+        }
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| QueueKeys::new(&self.config.prefix, q).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let client = connection::client(&self.config)?;
+        let con = connection::manager(&client, &self.config).await?;
+        for keys in &queues {
+            transitions::queue_register(&con, keys, self.mode).await?;
+        }
+        Ok(Worker {
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            config: self.config,
+            mode: self.mode,
+            queues,
+            settings: self.settings,
+            client,
+            con,
+            shutdown: CancellationToken::new(),
+        })
+    }
+}
+
+/// Requests a worker's graceful shutdown. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ShutdownHandle(CancellationToken);
+
+impl ShutdownHandle {
+    /// Stops claiming jobs; [`Worker::run`] returns once running jobs have
+    /// finished or the grace period has run out.
+    pub fn shutdown(&self) {
+        self.0.cancel();
+    }
+}
+
+/// What a worker did, returned by [`Worker::run`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerStats {
+    /// Jobs whose handler succeeded.
+    pub completed: u64,
+    /// Jobs that failed for good (handler error or panic with no attempts
+    /// left, undecodable payload, result too large, abandoned at shutdown
+    /// in simple mode).
+    pub failed: u64,
+    /// Recoverable mode: failures put back for another attempt.
+    pub retried: u64,
+    /// Entries moved to a dead-letter list because they were not valid jobs
+    /// (simple mode), or jobs that stalled too often (recoverable mode).
+    pub dead_lettered: u64,
+    /// Jobs given back to their queue unfinished at shutdown.
+    pub returned: u64,
+    /// Recoverable mode: outcomes refused because a newer attempt owned the
+    /// job (this worker had stalled past its lease).
+    pub lease_lost: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    completed: AtomicU64,
+    failed: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    returned: AtomicU64,
+    lease_lost: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> WorkerStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        WorkerStats {
+            completed: get(&self.completed),
+            failed: get(&self.failed),
+            retried: get(&self.retried),
+            dead_lettered: get(&self.dead_lettered),
+            returned: get(&self.returned),
+            lease_lost: get(&self.lease_lost),
+        }
+    }
+}
+
+/// Runs a handler on jobs from one or more queues.
+pub struct Worker {
+    id: String,
+    config: Config,
+    mode: Mode,
+    queues: Vec<Arc<QueueKeys>>,
+    settings: Settings,
+    client: redis::Client,
+    con: ConnectionManager,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("id", &self.id)
+            .field("mode", &self.mode)
+            .field("queues", &self.queues)
+            .field("concurrency", &self.settings.concurrency)
+            .finish()
+    }
+}
+
+/// What every part of a running worker shares.
+pub(crate) struct Shared {
+    pub id: String,
+    pub config: Config,
+    pub settings: Settings,
+    pub queues: Vec<Arc<QueueKeys>>,
+    pub client: redis::Client,
+    pub con: ConnectionManager,
+    pub handler: Erased,
+    /// Cancelled when shutdown is requested: stop claiming.
+    pub shutdown: CancellationToken,
+    /// Cancelled when the grace period has run out: abandon running jobs.
+    pub hard_stop: CancellationToken,
+    /// Cancelled when every job task has ended: stop heartbeats and sweeps.
+    pub finished: CancellationToken,
+    pub counters: Counters,
+    /// Recoverable mode: the jobs this worker is running.
+    pub active: recoverable::Active,
+}
+
+impl Worker {
+    /// Starts building a worker.
+    pub fn builder(config: Config) -> WorkerBuilder {
+        WorkerBuilder {
+            config,
+            mode: Mode::Simple,
+            queues: Vec::new(),
+            settings: Settings {
+                concurrency: 10,
+                grace_period: Duration::from_secs(30),
+                dead_letter_max: 10_000,
+                lease: Duration::from_secs(30),
+                max_stalls: 3,
+                result_ttl: Duration::from_secs(24 * 3600),
+                sweep_interval: None,
+            },
+        }
+    }
+
+    /// This worker's ID, unique per process start.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// A handle that stops this worker gracefully.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shutdown.clone())
+    }
+
+    /// Runs `handler` on jobs until shutdown is requested through a
+    /// [`ShutdownHandle`], then finishes running jobs within the grace period.
+    ///
+    /// A handler error or panic fails the job, and the client's
+    /// [`crate::JobHandle::result`] returns it as [`Error::JobFailed`]
+    /// (in recoverable mode after the job's attempts are used up). A payload
+    /// that does not decode as `P` fails the job the same way, without
+    /// calling the handler. The worker carries on in every case.
+    ///
+    /// # Errors
+    /// [`Error::Redis`] when Redis refuses the worker's calls for a reason
+    /// that retrying cannot fix (for example an ACL that forbids them).
+    /// Dropped connections are retried, never returned.
+    pub async fn run<P, R, E, F, Fut>(self, handler: F) -> Result<WorkerStats, Error>
+    where
+        P: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        E: Display + Send + 'static,
+        F: Fn(Job<P>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, E>> + Send + 'static,
+    {
+        let shared = Arc::new(Shared {
+            handler: execute::erase(handler, self.config.max_payload_bytes),
+            id: self.id,
+            config: self.config,
+            settings: self.settings,
+            queues: self.queues,
+            client: self.client,
+            con: self.con,
+            shutdown: self.shutdown,
+            hard_stop: CancellationToken::new(),
+            finished: CancellationToken::new(),
+            counters: Counters::default(),
+            active: recoverable::Active::default(),
+        });
+        // Dropped at the end of this function, or with its future.
+        let _background = match self.mode {
+            Mode::Simple => Vec::new(),
+            Mode::Recoverable => recoverable::background(&shared),
+        };
+        let mut tasks = JoinSet::new();
+        let fetched = match self.mode {
+            Mode::Simple => simple::fetch_loop(&shared, &mut tasks).await,
+            Mode::Recoverable => recoverable::fetch_loop(&shared, &mut tasks).await,
+        };
+        let drain = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(shared.settings.grace_period, drain)
+            .await
+            .is_err()
+        {
+            tracing::warn!(worker = %shared.id, "grace period over: abandoning running jobs");
+            shared.hard_stop.cancel();
+            while tasks.join_next().await.is_some() {}
+        }
+        shared.finished.cancel();
+        fetched?;
+        Ok(shared.counters.snapshot())
+    }
+}
+
+/// Exponential backoff from 50 ms to 2 s.
+#[derive(Default)]
+pub(crate) struct Backoff(u32);
+
+impl Backoff {
+    pub(crate) fn next(&mut self) -> Duration {
+        let d = Duration::from_millis(50 * 2u64.pow(self.0.min(6))).min(Duration::from_secs(2));
+        self.0 += 1;
+        d
+    }
+    pub(crate) fn reset(&mut self) {
+        self.0 = 0;
+    }
+}
+
+/// Runs a script call, retrying transient failures (dropped connection,
+/// failover, NOSCRIPT storms) for up to [`PERSIST_PATIENCE`].
+pub(crate) async fn persist<T: redis::FromRedisValue>(
+    con: &ConnectionManager,
+    call: &Call,
+    keys: &QueueKeys,
+    job_id: Option<&str>,
+) -> Result<T, Error> {
+    let started = Instant::now();
+    let mut backoff = Backoff::default();
+    loop {
+        match transitions::run(con, call, keys, job_id).await {
+            Err(e) if e.is_transient() && started.elapsed() < PERSIST_PATIENCE => {
+                tokio::time::sleep(backoff.next()).await;
+            }
+            other => return other,
+        }
+    }
+}

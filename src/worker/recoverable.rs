@@ -1,0 +1,311 @@
+//! Recoverable mode: claim job IDs under leases and fencing tokens, run
+//! them, record outcomes in the job hashes; renew leases (heartbeat) and
+//! requeue jobs whose leases ran out (sweep).
+//!
+//! The fetch loop first claims without blocking, queue by queue in priority
+//! order (`job_claim`). When every queue is empty it blocks on the queues'
+//! ticket lists (BLMPOP), never on the job IDs: a worker that dies right
+//! after a pop loses a ticket (other workers find the job on their next
+//! pass, at most one block timeout later), never a job.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::execute::{self, Input, Outcome};
+use super::fetch::{Fetcher, pause};
+use super::simple::{queue_of, take_slots};
+use super::{Backoff, Counters, Shared, persist};
+use crate::error::Error;
+use crate::keys::QueueKeys;
+use crate::transitions::{self, Finish, Start, StartSettings};
+
+/// Most jobs one sweep call requeues.
+const SWEEP_LIMIT: usize = 1000;
+
+/// The running jobs of this worker, for the heartbeat: queue name -> job ID
+/// -> fencing token.
+#[derive(Default)]
+pub(crate) struct Active(Mutex<HashMap<String, HashMap<String, String>>>);
+
+impl Active {
+    fn insert(&self, queue: &str, id: &str, token: &str) {
+        let mut map = self.0.lock().expect("active jobs lock");
+        map.entry(queue.to_owned())
+            .or_default()
+            .insert(id.to_owned(), token.to_owned());
+    }
+    fn remove(&self, queue: &str, id: &str) {
+        let mut map = self.0.lock().expect("active jobs lock");
+        if let Some(jobs) = map.get_mut(queue) {
+            jobs.remove(id);
+        }
+    }
+    fn of(&self, queue: &str) -> Vec<(String, String)> {
+        let map = self.0.lock().expect("active jobs lock");
+        map.get(queue)
+            .map(|jobs| jobs.iter().map(|(i, t)| (i.clone(), t.clone())).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Starts the heartbeat and the sweeper. They run until the worker has
+/// finished, or until the returned handles are dropped (the worker's future
+/// was dropped: as if its process died).
+pub(crate) fn background(shared: &Arc<Shared>) -> Vec<AbortOnDropHandle<()>> {
+    vec![
+        AbortOnDropHandle::new(tokio::spawn(heartbeat(shared.clone()))),
+        AbortOnDropHandle::new(tokio::spawn(sweeper(shared.clone()))),
+    ]
+}
+
+/// Claims and runs jobs while there are free slots, until shutdown.
+pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) -> Result<(), Error> {
+    let slots = Arc::new(Semaphore::new(shared.settings.concurrency));
+    let tickets: Vec<String> = shared.queues.iter().map(|q| q.tickets()).collect();
+    let mut fetcher = Fetcher::default();
+    let mut backoff = Backoff::default();
+    // After a claim round that drained every queue, the next round waits for
+    // a ticket at once instead of asking the empty queues again.
+    let mut drained = false;
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let Some(mut permits) = take_slots(shared, &slots).await else {
+            return Ok(());
+        };
+        let claimed_now = if drained {
+            Ok(Vec::new())
+        } else {
+            claim_in_order(shared, permits.len()).await
+        };
+        let mut claimed = match claimed_now {
+            Ok(c) => c,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(worker = %shared.id, error = %e, "claim failed; retrying");
+                pause(&shared.shutdown, backoff.next()).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        backoff.reset();
+        drained = claimed.len() < permits.len();
+        if claimed.is_empty() {
+            // Every queue is empty: wait for a ticket. After a timeout, ask
+            // the queues again (a ticket can be lost with a worker that died
+            // right after popping it).
+            let Some((key, popped)) = fetcher.pop(shared, &tickets, 1).await? else {
+                drained = false;
+                continue;
+            };
+            let keys = queue_of(shared, &key, |q| q.tickets());
+            if shared.shutdown.is_cancelled() {
+                let _: redis::RedisResult<()> = redis::cmd("LPUSH")
+                    .arg(&key)
+                    .arg(&popped)
+                    .query_async(&mut shared.con.clone())
+                    .await;
+                return Ok(());
+            }
+            let lease = shared.settings.lease;
+            match transitions::job_claim(&shared.con, &keys, permits.len(), lease, 1).await {
+                Ok(jobs) => {
+                    claimed = jobs
+                        .into_iter()
+                        .map(|(id, token)| (keys.clone(), id, token))
+                        .collect()
+                }
+                Err(e) if e.is_transient() => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        for (keys, id, token) in claimed {
+            let permit = permits
+                .pop()
+                .expect("never claims more than the free slots");
+            tasks.spawn(run_job(shared.clone(), keys, id, token, permit));
+        }
+    }
+}
+
+/// Claims up to `count` jobs, queue by queue in priority order.
+async fn claim_in_order(
+    shared: &Shared,
+    count: usize,
+) -> Result<Vec<(Arc<QueueKeys>, String, String)>, Error> {
+    let mut claimed = Vec::new();
+    for keys in &shared.queues {
+        let want = count - claimed.len();
+        if want == 0 {
+            break;
+        }
+        let jobs =
+            transitions::job_claim(&shared.con, keys, want, shared.settings.lease, 0).await?;
+        claimed.extend(
+            jobs.into_iter()
+                .map(|(id, token)| (keys.clone(), id, token)),
+        );
+    }
+    Ok(claimed)
+}
+
+async fn run_job(
+    shared: Arc<Shared>,
+    keys: Arc<QueueKeys>,
+    id: String,
+    token: String,
+    _permit: OwnedSemaphorePermit,
+) {
+    let settings = StartSettings {
+        lease: shared.settings.lease,
+        max_stalls: shared.settings.max_stalls,
+        worker_id: &shared.id,
+        result_ttl: shared.settings.result_ttl,
+        dead_max: shared.settings.dead_letter_max,
+    };
+    // If this call fails, the claim's lease runs out and the sweep requeues
+    // the job: nothing is lost.
+    let start = match transitions::job_start(&shared.con, &keys, &id, &token, &settings).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(job = %id, error = %e, "could not start a claimed job; its lease will run out");
+            return;
+        }
+    };
+    let (enc, payload, attempt) = match start {
+        Start::Run {
+            enc,
+            payload,
+            attempt,
+            ..
+        } => (enc, payload, attempt),
+        Start::Dead => {
+            tracing::warn!(job = %id, queue = keys.queue(), "job stalled too often: dead-lettered");
+            Counters::add(&shared.counters.dead_lettered, 1);
+            return;
+        }
+        Start::Skip(why) => {
+            tracing::debug!(job = %id, why, "claimed job not run");
+            return;
+        }
+    };
+    shared.active.insert(keys.queue(), &id, &token);
+    let input = Input {
+        id: id.clone(),
+        queue: keys.queue().to_owned(),
+        enc,
+        payload,
+        attempt,
+    };
+    let outcome = execute::run(&shared.handler, input, &shared.hard_stop).await;
+    finish(&shared, &keys, &id, &token, outcome).await;
+    shared.active.remove(keys.queue(), &id);
+}
+
+/// Records the outcome; an abandoned job (grace period over) goes back to
+/// its queue at once.
+async fn finish(
+    shared: &Shared,
+    keys: &QueueKeys,
+    id: &str,
+    token: &str,
+    outcome: Option<Outcome>,
+) {
+    let c = &shared.counters;
+    let ttl = shared.settings.result_ttl;
+    let (call, kind) = match &outcome {
+        None => (transitions::job_release(keys, id, token), "release"),
+        Some(Outcome::Completed(result)) => (
+            transitions::job_finish(keys, id, token, &Finish::Completed(result), ttl),
+            "complete",
+        ),
+        Some(o @ Outcome::Failed(failure, message)) => {
+            tracing::info!(job = %id, queue = keys.queue(), %failure, message, "job failed");
+            let finish = Finish::Failed {
+                kind: failure.as_str(),
+                message,
+                retry: o.retryable(),
+            };
+            (
+                transitions::job_finish(keys, id, token, &finish, ttl),
+                "fail",
+            )
+        }
+    };
+    match persist::<redis::Value>(&shared.con, &call, keys, Some(id)).await {
+        Ok(redis::Value::BulkString(state)) if state == b"queued" => Counters::add(&c.retried, 1),
+        Ok(_) => match kind {
+            "release" => Counters::add(&c.returned, 1),
+            "complete" => Counters::add(&c.completed, 1),
+            _ => Counters::add(&c.failed, 1),
+        },
+        Err(e @ Error::LeaseLost { .. }) => {
+            tracing::warn!(job = %id, error = %e, "outcome refused: a newer attempt owns the job");
+            Counters::add(&c.lease_lost, 1);
+        }
+        Err(Error::NotActive { state, .. }) => {
+            // A retried call whose first try had already landed.
+            tracing::debug!(job = %id, state, "outcome already recorded");
+        }
+        Err(e) => {
+            tracing::error!(job = %id, error = %e, "could not record the outcome; the lease will run out")
+        }
+    }
+}
+
+/// Renews the leases of this worker's running jobs every third of the lease,
+/// one call per queue, until the worker has finished.
+async fn heartbeat(shared: Arc<Shared>) {
+    let every = shared.settings.lease / 3;
+    loop {
+        tokio::select! {
+            _ = shared.finished.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        for keys in &shared.queues {
+            let jobs = shared.active.of(keys.queue());
+            if jobs.is_empty() {
+                continue;
+            }
+            match transitions::job_extend(&shared.con, keys, shared.settings.lease, &jobs).await {
+                Ok(lost) if lost.is_empty() => {}
+                Ok(lost) => tracing::warn!(
+                    queue = keys.queue(),
+                    ?lost,
+                    "leases lost: these jobs were requeued"
+                ),
+                Err(e) => tracing::warn!(queue = keys.queue(), error = %e, "heartbeat failed"),
+            }
+        }
+    }
+}
+
+/// Requeues jobs whose leases ran out: once at start-up, then every sweep
+/// interval; the sweep guard lets one worker per interval do it.
+async fn sweeper(shared: Arc<Shared>) {
+    let every = shared
+        .settings
+        .sweep_interval
+        .unwrap_or(shared.settings.lease / 2)
+        .max(Duration::from_millis(10));
+    loop {
+        for keys in &shared.queues {
+            match transitions::job_requeue_stale(&shared.con, keys, every, SWEEP_LIMIT).await {
+                Ok(Some(n)) if n > 0 => tracing::warn!(
+                    queue = keys.queue(),
+                    requeued = n,
+                    "requeued jobs whose lease ran out"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(queue = keys.queue(), error = %e, "sweep failed"),
+            }
+        }
+        tokio::select! {
+            _ = shared.finished.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Simple mode: pop whole envelopes, run them, publish outcomes.
+
+use std::sync::Arc;
+
+use serde_bytes::ByteBuf;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use super::execute::{self, Input, Outcome};
+use super::fetch::Fetcher;
+use super::{Counters, Shared, persist};
+use crate::error::Error;
+use crate::failure::FailureKind;
+use crate::keys::QueueKeys;
+use crate::transitions;
+use crate::wire::{
+    COMPLETED, DeadRecord, Envelope, FAILED, Reply, WireError, now_ms, pack, unpack,
+};
+
+/// Pops envelopes while there are free slots, until shutdown.
+pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) -> Result<(), Error> {
+    let slots = Arc::new(Semaphore::new(shared.settings.concurrency));
+    let pending: Vec<String> = shared.queues.iter().map(|q| q.pending()).collect();
+    let mut fetcher = Fetcher::default();
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let Some(mut permits) = take_slots(shared, &slots).await else {
+            return Ok(());
+        };
+        let Some((key, entries)) = fetcher.pop(shared, &pending, permits.len()).await? else {
+            continue;
+        };
+        let keys = queue_of(shared, &key, |q| q.pending());
+        if shared.shutdown.is_cancelled() {
+            give_back(shared, &keys, entries).await;
+            return Ok(());
+        }
+        for entry in entries {
+            let permit = permits.pop().expect("never pops more than the free slots");
+            tasks.spawn(run_job(shared.clone(), keys.clone(), entry, permit));
+        }
+    }
+}
+
+/// Waits for at least one free slot and takes every free one; `None` at
+/// shutdown.
+pub(crate) async fn take_slots(
+    shared: &Shared,
+    slots: &Arc<Semaphore>,
+) -> Option<Vec<OwnedSemaphorePermit>> {
+    if shared.shutdown.is_cancelled() {
+        return None;
+    }
+    let first = tokio::select! {
+        biased;
+        _ = shared.shutdown.cancelled() => return None,
+        permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
+    };
+    let mut permits = vec![first];
+    while let Ok(p) = slots.clone().try_acquire_owned() {
+        permits.push(p);
+    }
+    Some(permits)
+}
+
+/// The queue whose `key_of` key is `key`.
+pub(crate) fn queue_of(
+    shared: &Shared,
+    key: &str,
+    key_of: impl Fn(&QueueKeys) -> String,
+) -> Arc<QueueKeys> {
+    shared
+        .queues
+        .iter()
+        .find(|q| key_of(q) == key)
+        .cloned()
+        .expect("BLMPOP returns one of the keys it was given")
+}
+
+/// Gives entries popped after shutdown was requested back to the queue.
+async fn give_back(shared: &Shared, keys: &QueueKeys, entries: Vec<Vec<u8>>) {
+    let call = transitions::simple_requeue(keys, &entries);
+    match persist::<i64>(&shared.con, &call, keys, None).await {
+        Ok(_) => Counters::add(&shared.counters.returned, entries.len() as u64),
+        Err(e) => {
+            tracing::error!(queue = keys.queue(), error = %e, lost = entries.len(), "could not give popped jobs back")
+        }
+    }
+}
+
+async fn run_job(
+    shared: Arc<Shared>,
+    keys: Arc<QueueKeys>,
+    entry: Vec<u8>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let envelope = match unpack::<Envelope>(&entry, "job envelope") {
+        Ok(env)
+            if env
+                .reply
+                .as_deref()
+                .is_none_or(|c| keys.owns_reply_channel(c)) =>
+        {
+            env
+        }
+        Ok(env) => {
+            let reason = format!(
+                "reply channel {:?} is not a reply channel of this queue",
+                env.reply
+            );
+            return dead_letter(&shared, &keys, entry, reason).await;
+        }
+        Err(e) => return dead_letter(&shared, &keys, entry, e.to_string()).await,
+    };
+    let input = Input {
+        id: envelope.id.clone(),
+        queue: keys.queue().to_owned(),
+        enc: envelope.enc.clone(),
+        payload: envelope.payload.into_vec(),
+        attempt: 1,
+    };
+    let outcome = execute::run(&shared.handler, input, &shared.hard_stop)
+        .await
+        .unwrap_or_else(|| {
+            Outcome::Failed(
+                FailureKind::Shutdown,
+                "worker shut down before the job finished".into(),
+            )
+        });
+    let reply = match outcome {
+        Outcome::Completed(bytes) => {
+            Counters::add(&shared.counters.completed, 1);
+            Reply {
+                id: envelope.id.clone(),
+                status: COMPLETED.into(),
+                enc: Some(envelope.enc),
+                result: Some(ByteBuf::from(bytes)),
+                error: None,
+            }
+        }
+        Outcome::Failed(kind, message) => {
+            tracing::info!(job = %envelope.id, queue = keys.queue(), %kind, message, "job failed");
+            Counters::add(&shared.counters.failed, 1);
+            Reply {
+                id: envelope.id.clone(),
+                status: FAILED.into(),
+                enc: None,
+                result: None,
+                error: Some(WireError {
+                    kind: kind.as_str().into(),
+                    message,
+                }),
+            }
+        }
+    };
+    let Some(channel) = &envelope.reply else {
+        return;
+    };
+    let Ok(message) = pack(&reply, "reply message") else {
+        return;
+    };
+    let call = transitions::simple_reply(&keys, channel, &message);
+    if let Err(e) = persist::<i64>(&shared.con, &call, &keys, Some(&envelope.id)).await {
+        tracing::error!(job = %envelope.id, error = %e, "could not deliver the outcome");
+    }
+}
+
+/// Keeps an entry that is not a valid job in the queue's dead-letter list.
+async fn dead_letter(shared: &Shared, keys: &QueueKeys, entry: Vec<u8>, reason: String) {
+    tracing::warn!(queue = keys.queue(), %reason, "moving an invalid entry to the dead-letter list");
+    let record = DeadRecord {
+        reason,
+        entry: ByteBuf::from(entry),
+        at_ms: now_ms(),
+    };
+    let Ok(record) = pack(&record, "dead-letter record") else {
+        return;
+    };
+    let call = transitions::simple_dead(keys, &record, shared.settings.dead_letter_max);
+    match persist::<i64>(&shared.con, &call, keys, None).await {
+        Ok(_) => Counters::add(&shared.counters.dead_lettered, 1),
+        Err(e) => {
+            tracing::error!(queue = keys.queue(), error = %e, "could not keep an invalid entry")
+        }
+    }
+}
