@@ -11,9 +11,9 @@ fn protocol_md() -> String {
 fn the_script_table_matches_the_embedded_scripts() {
     let doc = protocol_md();
     let section = doc
-        .split("## 9. Script versions and SHA1")
+        .split(". Script versions and SHA1\n")
         .nth(1)
-        .expect("protocol.md has section 9")
+        .expect("protocol.md has a section 'Script versions and SHA1'")
         .split("\n## ")
         .next()
         .unwrap();
@@ -34,7 +34,10 @@ fn the_script_table_matches_the_embedded_scripts() {
         .iter()
         .map(|s| (s.name().to_owned(), (s.version(), s.sha1().to_owned())))
         .collect();
-    assert_eq!(documented, actual, "update section 9 of protocol.md");
+    assert_eq!(
+        documented, actual,
+        "update protocol.md's table of script versions"
+    );
 }
 
 #[test]
@@ -55,7 +58,7 @@ fn every_script_has_a_section() {
 fn the_acl_list_matches_acl_rules() {
     let doc = protocol_md();
     let section = doc
-        .split("## 11. Least privilege")
+        .split(". Least privilege\n")
         .nth(1)
         .unwrap()
         .split("\n## ")
@@ -66,6 +69,24 @@ fn the_acl_list_matches_acl_rules() {
         assert!(
             section.contains(rule),
             "protocol.md section 11 lacks {rule}"
+        );
+    }
+}
+
+#[test]
+fn every_sha1_quoted_in_protocol_md_is_a_current_script() {
+    let doc = protocol_md();
+    let current: Vec<&str> = job_async_redis::scripts::all()
+        .iter()
+        .map(|s| s.sha1())
+        .collect();
+    let quoted = doc
+        .split(|c: char| !c.is_ascii_hexdigit())
+        .filter(|w| w.len() == 40);
+    for sha in quoted {
+        assert!(
+            current.contains(&sha),
+            "protocol.md quotes {sha}, which is no current script's SHA1"
         );
     }
 }

@@ -545,3 +545,79 @@ async fn duplicate_ids_and_wrong_modes_are_refused_without_writing() {
     assert!(matches!(err, Error::ModeMismatch { .. }), "{err}");
     assert!(matches!(queue.status("nope").await, Ok(None)));
 }
+
+#[tokio::test]
+async fn a_late_completion_is_accepted_when_nobody_else_took_the_job() {
+    let server = RedisServer::start();
+    let q = queue_name("late");
+    // A worker that stalls (its whole runtime blocked) past its lease.
+    let builder = recoverable(config(&server), &q)
+        .lease(Duration::from_millis(200))
+        .sweep_interval(Duration::from_secs(3600)); // it will not sweep by itself after start-up
+    let (stats_tx, stats_rx) = std::sync::mpsc::channel();
+    let (shutdown_tx, shutdown_rx) = std::sync::mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let worker = builder.build().await.unwrap();
+            shutdown_tx.send(worker.shutdown_handle()).unwrap();
+            let stats = worker
+                .run(|job: Job<String>| async move {
+                    std::thread::sleep(Duration::from_millis(800));
+                    Ok::<_, String>(format!("late attempt {}", job.attempt))
+                })
+                .await
+                .unwrap();
+            stats_tx.send(stats).unwrap();
+        });
+    });
+    let shutdown = shutdown_rx.recv().unwrap();
+    let client = Client::connect(config(&server)).await.unwrap();
+    let queue = client.queue(&q, Mode::Recoverable).await.unwrap();
+    let handle = queue.submit("x").await.unwrap();
+    let id = handle.id().to_owned();
+    let mut con = server.connection();
+    let leases = format!("jq:{{{q}}}:leases");
+    eventually("the job was claimed", || {
+        con.zcard::<_, usize>(&leases).unwrap() == 1
+    })
+    .await;
+    // While the worker is stalled, its lease runs out and a sweep (another
+    // program) puts the job back; nobody takes it before the worker wakes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sweep = job_async_redis::scripts::all()
+        .iter()
+        .find(|s| s.name() == "job_requeue_stale")
+        .unwrap();
+    let requeued: i64 = redis::Script::new(sweep.source())
+        .key(&leases)
+        .key(format!("jq:{{{q}}}:pending"))
+        .key(format!("jq:{{{q}}}:tickets"))
+        .key(format!("jq:{{{q}}}:sweep-by-test"))
+        .arg(1000)
+        .arg(100)
+        .invoke(&mut con)
+        .unwrap();
+    assert_eq!(requeued, 1);
+    assert_eq!(
+        handle.result_timeout::<String>(WAIT).await.unwrap(),
+        "late attempt 1"
+    );
+    let status = queue.status(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (status.state, status.attempt, status.stalls),
+        (JobState::Completed, 1, 0)
+    );
+    // The requeued ID is skipped when claimed again: the job does not rerun.
+    eventually("the stale ID was consumed", || {
+        con.llen::<_, usize>(format!("jq:{{{q}}}:pending")).unwrap() == 0
+    })
+    .await;
+    shutdown.shutdown();
+    let stats = stats_rx.recv_timeout(WAIT).unwrap();
+    worker.join().unwrap();
+    assert_eq!((stats.completed, stats.lease_lost), (1, 0), "{stats:?}");
+}
