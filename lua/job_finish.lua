@@ -1,17 +1,20 @@
 #!lua
 -- name: job_finish
--- version: 1
--- Recoverable mode: records a job's outcome under its fencing token, drops
--- its lease and rings the submitting client's doorbell. A failure with
+-- version: 2
+-- Recoverable and reliable modes: records a job's outcome under its fencing
+-- token, drops its claim (lease or in-flight entry) and rings the client's
+-- doorbell. A failure with
 -- attempts left (and RETRY = 1) goes to the back of its queue instead.
 -- A completed job's payload is dropped; a failed job keeps it.
 -- A completion from a worker whose job was taken over by a newer attempt is
 -- refused; a late completion when nobody else started the job is accepted.
 --
 -- KEYS[1]  job hash        <prefix>:{<queue>}:job:<id>
--- KEYS[2]  lease set       <prefix>:{<queue>}:leases
+-- KEYS[2]  claim           recoverable: lease set <prefix>:{<queue>}:leases
+--                          reliable: the worker's in-flight list
+--                          <prefix>:{<queue>}:inflight:<worker>
 -- KEYS[3]  pending list    <prefix>:{<queue>}:pending
--- KEYS[4]  tickets list    <prefix>:{<queue>}:tickets
+-- KEYS[4]  tickets list    <prefix>:{<queue>}:tickets  (recoverable only)
 -- ARGV[1]  id
 -- ARGV[2]  token           the token job_start accepted
 -- ARGV[3]  status          "completed" | "failed"
@@ -19,6 +22,7 @@
 -- ARGV[5]  failed: error message ("" when completed)
 -- ARGV[6]  retry           "1" when a failure may be retried, else "0"
 -- ARGV[7]  result ttl ms   how long the finished job's hash is kept
+-- ARGV[8]  mode            "recoverable" | "reliable"
 --
 -- Reply:   the job's new state: "completed", "failed" or "queued" (retried).
 -- Errors:  JQ_NO_JOB <id>              no such job (expired or never existed)
@@ -28,9 +32,10 @@
 --          JQ_BAD_ARGS <detail>
 
 local id, token, status = ARGV[1], ARGV[2], ARGV[3]
-local ttl = tonumber(ARGV[7])
-if (status ~= 'completed' and status ~= 'failed') or not ttl then
-  return redis.error_reply('JQ_BAD_ARGS expected status completed or failed and a ttl')
+local ttl, mode = tonumber(ARGV[7]), ARGV[8]
+if (status ~= 'completed' and status ~= 'failed') or not ttl
+    or (mode ~= 'recoverable' and mode ~= 'reliable') then
+  return redis.error_reply('JQ_BAD_ARGS expected status completed or failed, a ttl and a mode')
 end
 local job = redis.call('HMGET', KEYS[1], 'state', 'token', 'client', 'attempt', 'max_attempts')
 local state = job[1]
@@ -45,11 +50,17 @@ if state ~= 'active' then
 end
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
-redis.call('ZREM', KEYS[2], id)
+if mode == 'reliable' then
+  redis.call('LREM', KEYS[2], 1, id)
+else
+  redis.call('ZREM', KEYS[2], id)
+end
 if status == 'failed' and ARGV[6] == '1' and (tonumber(job[4]) or 0) < (tonumber(job[5]) or 1) then
   redis.call('HSET', KEYS[1], 'state', 'queued', 'error_kind', ARGV[4], 'error', ARGV[5])
   redis.call('LPUSH', KEYS[3], id)
-  redis.call('LPUSH', KEYS[4], '1')
+  if mode == 'recoverable' then
+    redis.call('LPUSH', KEYS[4], '1')
+  end
   return 'queued'
 end
 if status == 'completed' then

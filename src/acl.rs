@@ -17,8 +17,11 @@ pub fn acl_rules(prefix: &str) -> String {
         // Scripts: loading and calling.
         "+script|load",
         "+evalsha",
-        // Worker: blocking pop, and waking it at shutdown.
+        // Worker: blocking pop or move, and waking it at shutdown.
         "+blmpop",
+        "+blmove",
+        // Reliable-mode worker: finding IDs whose move reply was lost.
+        "+lrange",
         "+client|unblock",
         // Client: outcomes.
         "+subscribe",
@@ -47,6 +50,8 @@ pub fn acl_rules(prefix: &str) -> String {
         "+zscore",
         "+zrangebyscore",
         "+zremrangebyrank",
+        "+lmove",
+        "+lrem",
     ];
     format!(
         "resetkeys ~{prefix}:* resetchannels &{prefix}:* -@all {}",

@@ -86,7 +86,18 @@ impl QueueKeys {
         format!("{}:dead_jobs", self.base)
     }
 
-    /// Guard that lets one worker at a time sweep stale leases.
+    /// Reliable mode: sorted set of workers -> heartbeat deadline (ms).
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.base)
+    }
+
+    /// Reliable mode: the job IDs a worker has taken and not finished.
+    pub fn inflight(&self, worker_id: &str) -> String {
+        format!("{}:inflight:{worker_id}", self.base)
+    }
+
+    /// Guard that lets one worker at a time sweep stale leases (recoverable
+    /// mode) or recover dead workers (reliable mode).
     pub fn sweep(&self) -> String {
         format!("{}:sweep", self.base)
     }
@@ -135,6 +146,8 @@ mod tests {
             k.fence(),
             k.dead_jobs(),
             k.sweep(),
+            k.workers(),
+            k.inflight("w1"),
             k.reply_channel("c1"),
         ] {
             assert!(key.starts_with("jq:{emails}:"), "{key}");

@@ -21,6 +21,12 @@ pub enum Mode {
     /// worker died is put back when its lease runs out; outcomes wait in
     /// Redis for a client that was away (until the result TTL).
     Recoverable,
+    /// `reliable`: like recoverable, but each worker atomically moves the job
+    /// IDs it takes into its own in-flight list (BLMOVE), and its heartbeat
+    /// is the lease of all of them. When a worker dies, recovery puts its
+    /// whole in-flight list back on the queue, including IDs it took but
+    /// never started. One queue per worker (BLMOVE has one source).
+    Reliable,
 }
 
 impl Mode {
@@ -29,6 +35,7 @@ impl Mode {
         match self {
             Mode::Simple => "simple",
             Mode::Recoverable => "recoverable",
+            Mode::Reliable => "reliable",
         }
     }
 }

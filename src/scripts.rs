@@ -95,11 +95,16 @@ pub(crate) enum Name {
     JobRequeueStale,
     JobWatch,
     JobRelease,
+    ReliableTake,
+    ReliableStart,
+    ReliableHeartbeat,
+    ReliableFindDead,
+    ReliableRequeueWorker,
 }
 
 impl Name {
     #[cfg(test)]
-    const ALL: [Name; 13] = [
+    const ALL: [Name; 18] = [
         Name::QueueRegister,
         Name::SimpleSubmit,
         Name::SimpleReply,
@@ -113,6 +118,11 @@ impl Name {
         Name::JobRequeueStale,
         Name::JobWatch,
         Name::JobRelease,
+        Name::ReliableTake,
+        Name::ReliableStart,
+        Name::ReliableHeartbeat,
+        Name::ReliableFindDead,
+        Name::ReliableRequeueWorker,
     ];
 
     fn file_stem(self) -> &'static str {
@@ -127,6 +137,11 @@ impl Name {
             Name::JobRequeueStale => "job_requeue_stale",
             Name::JobWatch => "job_watch",
             Name::JobRelease => "job_release",
+            Name::ReliableTake => "reliable_take",
+            Name::ReliableStart => "reliable_start",
+            Name::ReliableHeartbeat => "reliable_heartbeat",
+            Name::ReliableFindDead => "reliable_find_dead",
+            Name::ReliableRequeueWorker => "reliable_requeue_worker",
             Name::SimpleReply => "simple_reply",
             Name::SimpleRequeue => "simple_requeue",
             Name::SimpleDead => "simple_dead",
@@ -301,13 +316,18 @@ mod tests {
     const LOCK: &[(&str, u32, &str)] = &[
         ("job_claim", 1, "2241f971bf68d8dd6a78a1374922dcbadf611f76"),
         ("job_extend", 1, "db82ab5ed1a6fbb32b5edfa00951586441173ee2"),
-        ("job_finish", 1, "c8e67da6afed07dc580156a1870e0c32c1d61397"),
-        ("job_release", 1, "e8b4bc99a8b4d27348b0b939d729c1aacdc28659"),
+        ("job_finish", 2, "0dccc8153e23e545f9fba7be686f32ffe50f34f9"),
+        ("job_release", 2, "a8bdf1e310ed14f5078839b8b6751b1bf1c2409a"),
         ("job_requeue_stale", 1, "428e9aee6bc089ec43b669493619d01e1197ca23"),
         ("job_start", 1, "53046bc53398d40329257c5488d756669a5ae33b"),
         ("job_submit", 1, "ffd9069e246ca2c6f943417e6f6c35457d649d07"),
         ("job_watch", 1, "c00635b83b883b3f1246135986fdfae1a18c285f"),
         ("queue_register", 1, "aa74a74df04db0536b0cfb3a4761413dcb759208"),
+        ("reliable_find_dead", 1, "d27a14eabb1c3d8aad1491ec3d630cb2e439944d"),
+        ("reliable_heartbeat", 1, "a3b4bda2afcc28c4878090463c06d0db01a234e2"),
+        ("reliable_requeue_worker", 1, "4a4660792f7ebe9e52fe0cd85ae72fbb7e1426d0"),
+        ("reliable_start", 1, "a315e58b16c1391b4141821c5ac8448bfc8899b8"),
+        ("reliable_take", 1, "16e9ecc62df060980de68c01f13e86cfb32b32a7"),
         ("simple_dead", 1, "463e756357db9b3a9c6f3a46ff7941bc2186c0d9"),
         ("simple_reply", 1, "fab24024516ed1a95e8cc9fec35e70d8b6d915e6"),
         ("simple_requeue", 1, "1feac4b22e851b1c566a812d385be245c959dc33"),

@@ -188,11 +188,16 @@ pub(crate) async fn job_start(
         .arg(ms(settings.result_ttl))
         .arg(settings.dead_max.to_string());
     let reply: Vec<Vec<u8>> = run(con, &call, keys, Some(id)).await?;
+    Ok(parse_start(&reply))
+}
+
+/// Parses the reply of `job_start` or `reliable_start`.
+fn parse_start(reply: &[Vec<u8>]) -> Start {
     let text = |i: usize| {
         String::from_utf8_lossy(reply.get(i).map_or(&[][..], |v| v.as_slice())).into_owned()
     };
     let number = |i: usize| text(i).parse::<u64>().unwrap_or(0);
-    Ok(match text(0).as_str() {
+    match text(0).as_str() {
         "run" => Start::Run {
             enc: text(1),
             payload: reply.get(2).cloned().unwrap_or_default(),
@@ -201,7 +206,7 @@ pub(crate) async fn job_start(
         "dead" => Start::Dead,
         "lost" => Start::Skip("a newer claim owns it".into()),
         _ => Start::Skip(format!("it is {}", text(1))),
-    })
+    }
 }
 
 /// How a job ended, for `job_finish`.
@@ -214,18 +219,28 @@ pub(crate) enum Finish<'a> {
     },
 }
 
+/// Where a running job's claim is recorded: the queue's lease set
+/// (recoverable mode) or the worker's in-flight list (reliable mode).
+pub(crate) fn claim_key(keys: &QueueKeys, mode: Mode, worker_id: &str) -> String {
+    match mode {
+        Mode::Reliable => keys.inflight(worker_id),
+        _ => keys.leases(),
+    }
+}
+
 /// `job_finish`: records an outcome under the job's fencing token.
 pub(crate) fn job_finish(
     keys: &QueueKeys,
-    id: &str,
-    token: &str,
+    mode: Mode,
+    claim: &str,
+    (id, token): (&str, &str),
     finish: &Finish<'_>,
     result_ttl: Duration,
 ) -> Call {
     let call = scripts::get(Name::JobFinish)
         .call()
         .key(keys.job(id))
-        .key(keys.leases())
+        .key(claim)
         .key(keys.pending())
         .key(keys.tickets())
         .arg(id)
@@ -242,19 +257,26 @@ pub(crate) fn job_finish(
             .arg(message)
             .arg(if *retry { "1" } else { "0" }),
     };
-    call.arg(ms(result_ttl))
+    call.arg(ms(result_ttl)).arg(mode.as_str())
 }
 
 /// `job_release`: gives a running job back to its queue unfinished.
-pub(crate) fn job_release(keys: &QueueKeys, id: &str, token: &str) -> Call {
+pub(crate) fn job_release(
+    keys: &QueueKeys,
+    mode: Mode,
+    claim: &str,
+    id: &str,
+    token: &str,
+) -> Call {
     scripts::get(Name::JobRelease)
         .call()
         .key(keys.job(id))
-        .key(keys.leases())
+        .key(claim)
         .key(keys.pending())
         .key(keys.tickets())
         .arg(id)
         .arg(token)
+        .arg(mode.as_str())
 }
 
 /// `job_extend`: renews the leases of running jobs. Returns the IDs that
@@ -338,4 +360,104 @@ pub(crate) async fn job_watch(
         },
         _ => Watch::Waiting,
     })
+}
+
+/// `reliable_take`: moves up to `count` IDs into the worker's in-flight list.
+pub(crate) async fn reliable_take(
+    con: &ConnectionManager,
+    keys: &QueueKeys,
+    worker_id: &str,
+    count: usize,
+) -> Result<Vec<String>, Error> {
+    let call = scripts::get(Name::ReliableTake)
+        .call()
+        .key(keys.pending())
+        .key(keys.inflight(worker_id))
+        .arg(count.to_string());
+    run(con, &call, keys, None).await
+}
+
+/// `reliable_start`: issues a token and marks a taken job active.
+pub(crate) async fn reliable_start(
+    con: &ConnectionManager,
+    keys: &QueueKeys,
+    id: &str,
+    settings: &StartSettings<'_>,
+) -> Result<(Start, String), Error> {
+    let call = scripts::get(Name::ReliableStart)
+        .call()
+        .key(keys.job(id))
+        .key(keys.inflight(settings.worker_id))
+        .key(keys.dead_jobs())
+        .key(keys.fence())
+        .arg(id)
+        .arg(settings.max_stalls.to_string())
+        .arg(settings.worker_id)
+        .arg(ms(settings.result_ttl))
+        .arg(settings.dead_max.to_string());
+    let reply: Vec<Vec<u8>> = run(con, &call, keys, Some(id)).await?;
+    let token = reply
+        .get(5)
+        .map(|t| String::from_utf8_lossy(t).into_owned())
+        .unwrap_or_default();
+    Ok((parse_start(&reply), token))
+}
+
+/// `reliable_heartbeat`: keeps the worker (and so its jobs) alive for `ttl`.
+/// Returns false when the worker was not registered as alive.
+pub(crate) async fn reliable_heartbeat(
+    con: &ConnectionManager,
+    keys: &QueueKeys,
+    worker_id: &str,
+    ttl: Duration,
+) -> Result<bool, Error> {
+    let call = scripts::get(Name::ReliableHeartbeat)
+        .call()
+        .key(keys.workers())
+        .arg(worker_id)
+        .arg(ms(ttl));
+    Ok(run::<i64>(con, &call, keys, None).await? == 1)
+}
+
+/// `reliable_find_dead`: workers whose heartbeat expired, or `None` when
+/// another worker holds the recovery guard.
+pub(crate) async fn reliable_find_dead(
+    con: &ConnectionManager,
+    keys: &QueueKeys,
+    guard: Duration,
+    limit: usize,
+) -> Result<Option<Vec<String>>, Error> {
+    let call = scripts::get(Name::ReliableFindDead)
+        .call()
+        .key(keys.workers())
+        .key(keys.sweep())
+        .arg(ms(guard))
+        .arg(limit.to_string());
+    match run::<Value>(con, &call, keys, None).await? {
+        Value::Int(_) => Ok(None),
+        other => Ok(Some(
+            redis::from_redis_value(other).map_err(|e| Error::Redis(e.into()))?,
+        )),
+    }
+}
+
+/// `reliable_requeue_worker`: moves a worker's in-flight IDs back to the
+/// queue. `only_if_dead`: refuse (`None`) when its heartbeat is alive.
+pub(crate) async fn reliable_requeue_worker(
+    con: &ConnectionManager,
+    keys: &QueueKeys,
+    worker_id: &str,
+    only_if_dead: bool,
+    retention: Duration,
+) -> Result<Option<u64>, Error> {
+    let call = scripts::get(Name::ReliableRequeueWorker)
+        .call()
+        .key(keys.workers())
+        .key(keys.inflight(worker_id))
+        .key(keys.pending())
+        .arg(worker_id)
+        .arg(if only_if_dead { "1" } else { "0" })
+        .arg(ms(retention));
+    let n: i64 = run(con, &call, keys, None).await?;
+    Ok(u64::try_from(n).ok())
 }

@@ -1,13 +1,16 @@
-//! What one job costs Redis in simple mode, counted with INFO commandstats.
-//! Run with `--nocapture` to see the breakdown.
+//! What one job costs Redis in each mode, counted with INFO commandstats,
+//! and what a queued job costs in memory. Run with `--nocapture` to see the
+//! figures.
 
 mod support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use job_async_redis::{Client, Mode};
-use support::{RedisServer, config, queue_name, recoverable, reverse, spawn_built, spawn_worker};
+use job_async_redis::{Client, Mode, Worker, WorkerBuilder};
+use support::{RedisServer, config, queue_name, recoverable, reliable, reverse, spawn_built};
+
+const JOBS: u64 = 200;
 
 /// Calls per command since the last CONFIG RESETSTAT.
 fn commandstats(con: &mut redis::Connection) -> BTreeMap<String, u64> {
@@ -27,14 +30,20 @@ fn commandstats(con: &mut redis::Connection) -> BTreeMap<String, u64> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_simple_mode_job_costs_two_script_calls_and_at_most_one_pop() {
-    const JOBS: u64 = 200;
-    let server = RedisServer::start();
-    let q = queue_name("cost");
-    let worker = spawn_worker(config(&server), &[&q], 1, reverse).await;
-    let client = Client::connect(config(&server)).await.unwrap();
-    let queue = client.queue(&q, Mode::Simple).await.unwrap();
+/// Runs `JOBS` jobs submitted and awaited one at a time through a worker of
+/// `builder` (after one warm-up job). Returns the commands Redis served
+/// meanwhile, per job: (script calls, blocking calls of `blocking`, commands
+/// run inside scripts), and prints them.
+async fn one_by_one(
+    server: &RedisServer,
+    q: &str,
+    mode: Mode,
+    builder: WorkerBuilder,
+    blocking: &str,
+) -> (f64, f64, f64) {
+    let worker = spawn_built(builder, reverse).await;
+    let client = Client::connect(config(server)).await.unwrap();
+    let queue = client.queue(q, mode).await.unwrap();
     queue
         .submit("warm up")
         .await
@@ -42,7 +51,6 @@ async fn a_simple_mode_job_costs_two_script_calls_and_at_most_one_pop() {
         .result::<String>()
         .await
         .unwrap();
-
     let mut admin = server.connection();
     let _: () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
@@ -56,120 +64,97 @@ async fn a_simple_mode_job_costs_two_script_calls_and_at_most_one_pop() {
     }
     worker.stop().await;
     let stats = commandstats(&mut admin);
-    let get = |name: &str| stats.get(name).copied().unwrap_or(0);
-    println!("commands for {JOBS} jobs submitted and awaited one by one: {stats:?}");
-    // Submit and reply are one script call each.
-    assert_eq!(get("evalsha"), 2 * JOBS);
-    // Inside them: HMGET + LPUSH (submit), PUBLISH (reply).
-    assert_eq!(get("hmget"), JOBS);
-    assert_eq!(get("lpush"), JOBS);
-    assert_eq!(get("publish"), JOBS);
-    // One pop per job, plus a few that timed out empty or were woken at shutdown.
-    let pops = get("blmpop");
-    assert!((JOBS..JOBS + 10).contains(&pops), "blmpop {pops}");
-    // Nothing else on the hot path (INFO and CONFIG are this test's, CLIENT
-    // UNBLOCK the worker's shutdown).
-    let others: u64 = stats
+    let get = |name: &str| stats.get(name).copied().unwrap_or(0) as f64 / JOBS as f64;
+    // INFO and CONFIG are this test's, CLIENT UNBLOCK the worker's shutdown.
+    let outside = [
+        "evalsha",
+        blocking,
+        "info",
+        "config|resetstat",
+        "client|unblock",
+    ];
+    let inside: u64 = stats
         .iter()
-        .filter(|(k, _)| {
-            ![
-                "evalsha",
-                "hmget",
-                "lpush",
-                "publish",
-                "blmpop",
-                "info",
-                "config|resetstat",
-                "client|unblock",
-            ]
-            .contains(&k.as_str())
-        })
+        .filter(|(k, _)| !outside.contains(&k.as_str()))
         .map(|(_, v)| v)
         .sum();
-    assert_eq!(others, 0, "{stats:?}");
+    let per_job = (get("evalsha"), get(blocking), inside as f64 / JOBS as f64);
+    println!(
+        "{mode} mode, {JOBS} jobs one by one, per job: {:.2} script calls, {:.2} {blocking}, {:.2} commands inside scripts; {stats:?}",
+        per_job.0, per_job.1, per_job.2
+    );
+    per_job
 }
 
-fn used_memory(con: &mut redis::Connection) -> i64 {
-    let info: String = redis::cmd("INFO").arg("memory").query(con).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory_dataset:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+#[tokio::test]
+async fn a_simple_mode_job_costs_two_script_calls_and_one_pop() {
+    let server = RedisServer::start();
+    let q = queue_name("cost");
+    let builder = Worker::builder(config(&server)).queue(&q).concurrency(1);
+    let (scripts, pops, inside) = one_by_one(&server, &q, Mode::Simple, builder, "blmpop").await;
+    // Submit and reply; inside them HMGET + LPUSH (submit) and PUBLISH.
+    assert_eq!(scripts, 2.0);
+    assert_eq!(inside, 3.0);
+    // One pop per job, plus a few that timed out empty.
+    assert!((1.0..1.05).contains(&pops), "{pops} pops per job");
 }
 
 #[tokio::test]
 async fn a_recoverable_mode_job_costs_five_script_calls_and_one_pop() {
-    const JOBS: u64 = 200;
     let server = RedisServer::start();
     let q = queue_name("cost-rec");
+    let builder = recoverable(config(&server), &q).concurrency(1);
+    let (scripts, pops, _) = one_by_one(&server, &q, Mode::Recoverable, builder, "blmpop").await;
+    // submit, claim (after a ticket), start, finish, watch; plus the sweeps,
+    // a few per second for all jobs together.
+    assert!(
+        (5.0..=5.5).contains(&scripts),
+        "{scripts} script calls per job"
+    );
+    assert!((1.0..1.05).contains(&pops), "{pops} pops per job");
+}
+
+#[tokio::test]
+async fn a_reliable_mode_job_costs_five_script_calls_and_one_move() {
+    let server = RedisServer::start();
+    let q = queue_name("cost-rel");
+    let builder = reliable(config(&server), &q).concurrency(1);
+    let (scripts, moves, _) = one_by_one(&server, &q, Mode::Reliable, builder, "blmove").await;
+    // submit, take (finds the queue empty), start, finish, watch; plus the
+    // heartbeats and recovery sweeps.
+    assert!(
+        (5.0..=5.6).contains(&scripts),
+        "{scripts} script calls per job"
+    );
+    assert!((1.0..1.05).contains(&moves), "{moves} moves per job");
+}
+
+#[tokio::test]
+async fn a_queued_job_costs_under_600_bytes_of_redis_memory() {
+    let server = RedisServer::start();
+    let q = queue_name("memory");
     let client = Client::connect(config(&server)).await.unwrap();
     let queue = client.queue(&q, Mode::Recoverable).await.unwrap();
-
-    // Memory per queued job: 10,000 jobs with a 20-byte payload, counted as
-    // the growth of the dataset (keys and values, without client buffers).
+    // The growth of the dataset (keys and values, without client buffers)
+    // for 10,000 jobs with a 20-byte payload.
     let mut admin = server.connection();
-    let before = used_memory(&mut admin);
+    let dataset = |con: &mut redis::Connection| -> i64 {
+        let info: String = redis::cmd("INFO").arg("memory").query(con).unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory_dataset:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = dataset(&mut admin);
     let payloads: Vec<String> = (0..10_000)
         .map(|i| format!("payload number {i:05}"))
         .collect();
-    let handles = queue.submit_many(&payloads).await.unwrap();
-    let per_job = (used_memory(&mut admin) - before) / 10_000;
-    println!("redis memory per queued job (20-byte payload): {per_job} bytes");
-    assert!(per_job < 600, "{per_job} bytes per queued job");
-    drop(handles);
-    let _: () = redis::cmd("FLUSHALL").query(&mut admin).unwrap();
-
-    let worker = spawn_built(recoverable(config(&server), &q).concurrency(1), reverse).await;
-    let queue = client.queue(&q, Mode::Recoverable).await.unwrap();
-    queue
-        .submit("warm up")
-        .await
-        .unwrap()
-        .result::<String>()
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query(&mut admin)
-        .unwrap();
-    for i in 0..JOBS {
-        let h = queue.submit(&format!("job {i}")).await.unwrap();
-        h.result_timeout::<String>(Duration::from_secs(10))
-            .await
-            .unwrap();
-    }
-    worker.stop().await;
-    let stats = commandstats(&mut admin);
-    let get = |name: &str| stats.get(name).copied().unwrap_or(0);
-    let inner: u64 = stats
-        .iter()
-        .filter(|(k, _)| {
-            ![
-                "evalsha",
-                "blmpop",
-                "info",
-                "config|resetstat",
-                "client|unblock",
-            ]
-            .contains(&k.as_str())
-        })
-        .map(|(_, v)| v)
-        .sum();
+    let _handles = queue.submit_many(&payloads).await.unwrap();
+    let per_job = (dataset(&mut admin) - before) / 10_000;
     println!(
-        "recoverable mode, {JOBS} jobs one by one: {:.2} script calls, {:.2} blocking pops, {:.2} commands inside scripts per job; {stats:?}",
-        get("evalsha") as f64 / JOBS as f64,
-        get("blmpop") as f64 / JOBS as f64,
-        inner as f64 / JOBS as f64,
+        "redis memory per queued job (20-byte payload, recoverable/reliable): {per_job} bytes"
     );
-    // submit, claim (after a ticket), start, finish, watch: five script
-    // calls (plus the sweeps, a few per second for all jobs together).
-    let per_job = get("evalsha") as f64 / JOBS as f64;
-    assert!(
-        (5.0..=5.5).contains(&per_job),
-        "{per_job} script calls per job"
-    );
-    let pops = get("blmpop");
-    assert!((JOBS..JOBS + 10).contains(&pops), "blmpop {pops}");
+    assert!(per_job < 600, "{per_job} bytes per queued job");
 }

@@ -143,6 +143,19 @@ async fn a_least_privilege_acl_user_can_run_everything() {
     let stats = worker.stop().await;
     assert_eq!((stats.completed, stats.retried), (1, 1));
 
+    // Reliable mode: take, move, start, finish, heartbeat, recovery, leave.
+    let lq = queue_name("acl-rel");
+    let worker = support::spawn_built(
+        support::reliable(config.clone(), &lq),
+        |job: Job<u32>| async move { Ok::<_, String>(job.payload * 3) },
+    )
+    .await;
+    let lqueue = client.queue(&lq, Mode::Reliable).await.unwrap();
+    for h in lqueue.submit_many(&[1u32, 2, 3]).await.unwrap() {
+        assert!(h.result_timeout::<u32>(wait).await.unwrap() % 3 == 0);
+    }
+    assert_eq!(worker.stop().await.completed, 3);
+
     // Outside its prefix, the same user is refused with a clear error.
     let other = Config::new(&url).prefix("other");
     let client = Client::connect(other).await.unwrap();

@@ -11,7 +11,9 @@ use job_async_redis::{
     Client, Encoding, Error, FailureKind, Job, JobOptions, JobState, Mode, Worker,
 };
 use redis::Commands;
-use support::{RedisServer, config, eventually, queue_name, recoverable, reverse, spawn_built};
+use support::{
+    RedisServer, StallingWorker, config, eventually, queue_name, recoverable, reverse, spawn_built,
+};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -159,135 +161,25 @@ async fn a_worker_killed_mid_job_has_its_job_completed_by_another_after_the_leas
 async fn a_zombie_completion_is_refused_and_the_new_attempt_stands() {
     let server = RedisServer::start();
     let q = queue_name("zombie");
-    let settings = |c| recoverable(c, &q).lease(Duration::from_millis(300));
-    // The zombie: a worker whose whole runtime (heartbeat included) stalls,
-    // as in a long GC pause or CPU starvation, while running attempt 1.
-    let zombie_config = config(&server);
-    let zombie_builder = settings(zombie_config);
-    let (stats_tx, stats_rx) = std::sync::mpsc::channel();
-    let (shutdown_tx, shutdown_rx) = std::sync::mpsc::channel();
-    let zombie = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let worker = zombie_builder.build().await.unwrap();
-            shutdown_tx.send(worker.shutdown_handle()).unwrap();
-            let stats = worker
-                .run(|job: Job<String>| async move {
-                    if job.attempt == 1 {
-                        std::thread::sleep(Duration::from_millis(1500)); // blocks the runtime
-                    }
-                    Ok::<_, String>(format!("attempt {}", job.attempt))
-                })
-                .await
-                .unwrap();
-            stats_tx.send(stats).unwrap();
-        });
-    });
-    let zombie_shutdown = shutdown_rx.recv().unwrap();
-    let client = Client::connect(config(&server)).await.unwrap();
-    let queue = client.queue(&q, Mode::Recoverable).await.unwrap();
-    let handle = queue.submit("x").await.unwrap();
-    let id = handle.id().to_owned();
-    // Let the zombie claim it first, then start the healthy worker.
-    eventually("the zombie started the job", || {
-        let state: Option<String> = server
-            .connection()
-            .hget(format!("jq:{{{q}}}:job:{id}"), "state")
-            .unwrap();
-        state.as_deref() == Some("active")
+    support::zombie_is_refused(&server, &q, Mode::Recoverable, |c| {
+        recoverable(c, &q).lease(Duration::from_millis(300))
     })
     .await;
-    let healthy = spawn_built(settings(config(&server)), |job: Job<String>| async move {
-        Ok::<_, String>(format!("attempt {}", job.attempt))
-    })
-    .await;
-    assert_eq!(
-        handle.result_timeout::<String>(WAIT).await.unwrap(),
-        "attempt 2"
-    );
-    zombie_shutdown.shutdown();
-    let zombie_stats = stats_rx.recv_timeout(WAIT).unwrap();
-    zombie.join().unwrap();
-    assert_eq!(
-        (zombie_stats.completed, zombie_stats.lease_lost),
-        (0, 1),
-        "{zombie_stats:?}"
-    );
-    // The new attempt's result stands.
-    let again: String = queue
-        .job(&id)
-        .await
-        .unwrap()
-        .result_timeout(WAIT)
-        .await
-        .unwrap();
-    assert_eq!(again, "attempt 2");
-    assert_eq!(healthy.stop().await.completed, 1);
 }
 
 #[tokio::test]
 async fn a_job_that_stalls_past_the_limit_is_dead_lettered_and_its_client_told() {
     let server = RedisServer::start();
     let q = queue_name("poison");
-    let started = Arc::new(AtomicUsize::new(0));
-    let client = Client::connect(config(&server)).await.unwrap();
-    let queue = client.queue(&q, Mode::Recoverable).await.unwrap();
-    let handle = queue.submit("poison").await.unwrap();
-    let id = handle.id().to_owned();
-    let always_hang = |c: Arc<AtomicUsize>| {
-        move |_job: Job<String>| {
-            c.fetch_add(1, Ordering::SeqCst);
-            async move {
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-                Ok::<_, String>(String::new())
-            }
-        }
-    };
     // Two workers die while running it; the limit is one stall.
-    for attempt in 1..=2 {
-        let w = spawn_built(
-            recoverable(config(&server), &q).max_stalls(1),
-            always_hang(started.clone()),
-        )
-        .await;
-        eventually("the attempt started", || {
-            started.load(Ordering::SeqCst) == attempt
-        })
-        .await;
-        w.task.abort();
-    }
-    let last = spawn_built(
-        recoverable(config(&server), &q).max_stalls(1),
-        always_hang(started.clone()),
+    support::poison_pill_is_dead_lettered(
+        &server,
+        &q,
+        Mode::Recoverable,
+        |c| recoverable(c, &q).max_stalls(1),
+        1,
     )
     .await;
-    let err = handle.result_timeout::<String>(WAIT).await.unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            Error::JobFailed {
-                kind: FailureKind::Stalled,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert_eq!(
-        started.load(Ordering::SeqCst),
-        2,
-        "the third attempt never ran"
-    );
-    let dead: Vec<String> = server
-        .connection()
-        .zrange(format!("jq:{{{q}}}:dead_jobs"), 0, -1)
-        .unwrap();
-    assert_eq!(dead, vec![id.clone()]);
-    let status = queue.status(&id).await.unwrap().unwrap();
-    assert_eq!((status.state, status.stalls), (JobState::Dead, 2));
-    assert_eq!(last.stop().await.dead_lettered, 1);
 }
 
 #[tokio::test]
@@ -550,31 +442,12 @@ async fn duplicate_ids_and_wrong_modes_are_refused_without_writing() {
 async fn a_late_completion_is_accepted_when_nobody_else_took_the_job() {
     let server = RedisServer::start();
     let q = queue_name("late");
-    // A worker that stalls (its whole runtime blocked) past its lease.
+    // A worker that stalls past its lease; it will not sweep by itself
+    // after start-up.
     let builder = recoverable(config(&server), &q)
         .lease(Duration::from_millis(200))
-        .sweep_interval(Duration::from_secs(3600)); // it will not sweep by itself after start-up
-    let (stats_tx, stats_rx) = std::sync::mpsc::channel();
-    let (shutdown_tx, shutdown_rx) = std::sync::mpsc::channel();
-    let worker = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let worker = builder.build().await.unwrap();
-            shutdown_tx.send(worker.shutdown_handle()).unwrap();
-            let stats = worker
-                .run(|job: Job<String>| async move {
-                    std::thread::sleep(Duration::from_millis(800));
-                    Ok::<_, String>(format!("late attempt {}", job.attempt))
-                })
-                .await
-                .unwrap();
-            stats_tx.send(stats).unwrap();
-        });
-    });
-    let shutdown = shutdown_rx.recv().unwrap();
+        .sweep_interval(Duration::from_secs(3600));
+    let worker = StallingWorker::spawn(builder, Duration::from_millis(800));
     let client = Client::connect(config(&server)).await.unwrap();
     let queue = client.queue(&q, Mode::Recoverable).await.unwrap();
     let handle = queue.submit("x").await.unwrap();
@@ -604,7 +477,7 @@ async fn a_late_completion_is_accepted_when_nobody_else_took_the_job() {
     assert_eq!(requeued, 1);
     assert_eq!(
         handle.result_timeout::<String>(WAIT).await.unwrap(),
-        "late attempt 1"
+        "attempt 1"
     );
     let status = queue.status(&id).await.unwrap().unwrap();
     assert_eq!(
@@ -616,8 +489,6 @@ async fn a_late_completion_is_accepted_when_nobody_else_took_the_job() {
         con.llen::<_, usize>(format!("jq:{{{q}}}:pending")).unwrap() == 0
     })
     .await;
-    shutdown.shutdown();
-    let stats = stats_rx.recv_timeout(WAIT).unwrap();
-    worker.join().unwrap();
+    let stats = worker.stop();
     assert_eq!((stats.completed, stats.lease_lost), (1, 0), "{stats:?}");
 }

@@ -17,27 +17,71 @@ pub(crate) type Popped = (String, Vec<Vec<u8>>);
 pub(crate) struct Fetcher {
     blocking: Option<(MultiplexedConnection, i64)>,
     backoff: Backoff,
+    reconnected: bool,
 }
 
 impl Fetcher {
     /// One BLMPOP of up to `count` entries from the first non-empty list of
     /// `keys` (in that order), blocking up to the configured block timeout.
-    /// Returns `Ok(None)` on timeout, after a dropped connection (it
-    /// reconnects on the next call, after a backoff), and when woken for
-    /// shutdown with nothing popped.
-    ///
-    /// When shutdown is requested meanwhile, the pop is woken with CLIENT
-    /// UNBLOCK and still awaited: dropping it could lose entries the server
-    /// already popped. Callers must handle entries returned after shutdown.
+    /// See [`Fetcher::block`] for what `Ok(None)` means.
     pub(crate) async fn pop(
         &mut self,
         shared: &Shared,
         keys: &[String],
         count: usize,
     ) -> Result<Option<Popped>, Error> {
+        let mut cmd = redis::cmd("BLMPOP");
+        cmd.arg(shared.config.block_timeout.as_secs_f64())
+            .arg(keys.len())
+            .arg(keys)
+            .arg("RIGHT")
+            .arg("COUNT")
+            .arg(count);
+        Ok(self.block::<Option<Popped>>(shared, &cmd).await?.flatten())
+    }
+
+    /// One BLMOVE of the oldest entry of `from` to the head of `to`, blocking
+    /// up to the configured block timeout.
+    pub(crate) async fn moved(
+        &mut self,
+        shared: &Shared,
+        from: &str,
+        to: &str,
+    ) -> Result<Option<String>, Error> {
+        let mut cmd = redis::cmd("BLMOVE");
+        cmd.arg(from)
+            .arg(to)
+            .arg("RIGHT")
+            .arg("LEFT")
+            .arg(shared.config.block_timeout.as_secs_f64());
+        Ok(self.block::<Option<String>>(shared, &cmd).await?.flatten())
+    }
+
+    /// True once since the fetch connection was last replaced: a blocking
+    /// command's reply may have been lost with the old one.
+    pub(crate) fn take_reconnected(&mut self) -> bool {
+        std::mem::take(&mut self.reconnected)
+    }
+
+    /// Sends a blocking command on the fetch connection. Returns `Ok(None)`
+    /// after a dropped connection (it reconnects on the next call, after a
+    /// backoff); otherwise the command's reply.
+    ///
+    /// When shutdown is requested meanwhile, the command is woken with
+    /// CLIENT UNBLOCK and still awaited: dropping it could lose entries the
+    /// server already moved. Callers must handle entries returned after
+    /// shutdown.
+    async fn block<T: redis::FromRedisValue>(
+        &mut self,
+        shared: &Shared,
+        cmd: &redis::Cmd,
+    ) -> Result<Option<T>, Error> {
         if self.blocking.is_none() {
             match open(shared).await {
-                Ok(b) => self.blocking = Some(b),
+                Ok(b) => {
+                    self.blocking = Some(b);
+                    self.reconnected = true;
+                }
                 Err(e) if e.is_transient() => {
                     tracing::warn!(worker = %shared.id, error = %e, "cannot open the fetch connection; retrying");
                     pause(&shared.shutdown, self.backoff.next()).await;
@@ -48,20 +92,13 @@ impl Fetcher {
         }
         let result = {
             let (con, client_id) = self.blocking.as_mut().expect("opened above");
-            let mut cmd = redis::cmd("BLMPOP");
-            cmd.arg(shared.config.block_timeout.as_secs_f64())
-                .arg(keys.len())
-                .arg(keys)
-                .arg("RIGHT")
-                .arg("COUNT")
-                .arg(count);
-            let pop = cmd.query_async::<Option<Popped>>(con);
-            tokio::pin!(pop);
+            let call = cmd.query_async::<T>(con);
+            tokio::pin!(call);
             tokio::select! {
-                result = &mut pop => result,
+                result = &mut call => result,
                 _ = shared.shutdown.cancelled() => {
-                    // The pop may not be blocking yet when the first UNBLOCK
-                    // arrives (UNBLOCK then answers 0): repeat until it returns.
+                    // The command may not be blocking yet when the first
+                    // UNBLOCK arrives (UNBLOCK then answers 0): repeat.
                     loop {
                         let unblock: redis::RedisResult<i64> = redis::cmd("CLIENT")
                             .arg("UNBLOCK")
@@ -70,10 +107,10 @@ impl Fetcher {
                             .await;
                         if let Err(e) = unblock {
                             tracing::debug!(error = %e, "CLIENT UNBLOCK failed; waiting for the block to time out");
-                            break pop.await;
+                            break call.await;
                         }
                         tokio::select! {
-                            result = &mut pop => break result,
+                            result = &mut call => break result,
                             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
                         }
                     }
@@ -81,9 +118,9 @@ impl Fetcher {
             }
         };
         match result {
-            Ok(popped) => {
+            Ok(reply) => {
                 self.backoff.reset();
-                Ok(popped)
+                Ok(Some(reply))
             }
             Err(e) if is_transient(&e) => {
                 tracing::warn!(worker = %shared.id, error = %e, "fetch connection failed; reconnecting");

@@ -8,6 +8,7 @@
 mod execute;
 mod fetch;
 mod recoverable;
+mod reliable;
 mod simple;
 
 use std::fmt::Display;
@@ -56,6 +57,15 @@ pub(crate) struct Settings {
     pub max_stalls: u32,
     pub result_ttl: Duration,
     pub sweep_interval: Option<Duration>,
+}
+
+impl Settings {
+    /// How often to sweep stale leases or recover dead workers.
+    pub(crate) fn sweep_every(&self) -> Duration {
+        self.sweep_interval
+            .unwrap_or(self.lease / 2)
+            .max(Duration::from_millis(10))
+    }
 }
 
 impl WorkerBuilder {
@@ -135,6 +145,11 @@ impl WorkerBuilder {
         let s = &self.settings;
         if self.queues.is_empty() {
             return Err(Error::Config("a worker needs at least one queue".into()));
+        }
+        if self.mode == Mode::Reliable && self.queues.len() > 1 {
+            return Err(Error::Config(
+                "a reliable-mode worker serves one queue (BLMOVE has one source): run one worker per queue".into(),
+            ));
         }
         if s.concurrency == 0 || s.dead_letter_max == 0 {
             return Err(Error::Config(
@@ -270,8 +285,10 @@ pub(crate) struct Shared {
     /// Cancelled when every job task has ended: stop heartbeats and sweeps.
     pub finished: CancellationToken,
     pub counters: Counters,
-    /// Recoverable mode: the jobs this worker is running.
+    /// Recoverable and reliable modes: the jobs this worker is running.
     pub active: recoverable::Active,
+    /// Reliable mode: when the heartbeat last succeeded.
+    pub last_beat: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Worker {
@@ -337,16 +354,19 @@ impl Worker {
             finished: CancellationToken::new(),
             counters: Counters::default(),
             active: recoverable::Active::default(),
+            last_beat: std::sync::Mutex::new(None),
         });
         // Dropped at the end of this function, or with its future.
-        let _background = match self.mode {
+        let background = match self.mode {
             Mode::Simple => Vec::new(),
             Mode::Recoverable => recoverable::background(&shared),
+            Mode::Reliable => reliable::background(&shared),
         };
         let mut tasks = JoinSet::new();
         let fetched = match self.mode {
             Mode::Simple => simple::fetch_loop(&shared, &mut tasks).await,
             Mode::Recoverable => recoverable::fetch_loop(&shared, &mut tasks).await,
+            Mode::Reliable => reliable::fetch_loop(&shared, &mut tasks).await,
         };
         let drain = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(shared.settings.grace_period, drain)
@@ -358,6 +378,10 @@ impl Worker {
             while tasks.join_next().await.is_some() {}
         }
         shared.finished.cancel();
+        drop(background);
+        if self.mode == Mode::Reliable {
+            reliable::leave(&shared).await;
+        }
         fetched?;
         Ok(shared.counters.snapshot())
     }

@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -22,6 +21,7 @@ use super::simple::{queue_of, take_slots};
 use super::{Backoff, Counters, Shared, persist};
 use crate::error::Error;
 use crate::keys::QueueKeys;
+use crate::mode::Mode;
 use crate::transitions::{self, Finish, Start, StartSettings};
 
 /// Most jobs one sweep call requeues.
@@ -33,19 +33,19 @@ const SWEEP_LIMIT: usize = 1000;
 pub(crate) struct Active(Mutex<HashMap<String, HashMap<String, String>>>);
 
 impl Active {
-    fn insert(&self, queue: &str, id: &str, token: &str) {
+    pub(crate) fn insert(&self, queue: &str, id: &str, token: &str) {
         let mut map = self.0.lock().expect("active jobs lock");
         map.entry(queue.to_owned())
             .or_default()
             .insert(id.to_owned(), token.to_owned());
     }
-    fn remove(&self, queue: &str, id: &str) {
+    pub(crate) fn remove(&self, queue: &str, id: &str) {
         let mut map = self.0.lock().expect("active jobs lock");
         if let Some(jobs) = map.get_mut(queue) {
             jobs.remove(id);
         }
     }
-    fn of(&self, queue: &str) -> Vec<(String, String)> {
+    pub(crate) fn of(&self, queue: &str) -> Vec<(String, String)> {
         let map = self.0.lock().expect("active jobs lock");
         map.get(queue)
             .map(|jobs| jobs.iter().map(|(i, t)| (i.clone(), t.clone())).collect())
@@ -159,67 +159,88 @@ async fn run_job(
     token: String,
     _permit: OwnedSemaphorePermit,
 ) {
-    let settings = StartSettings {
+    // If this call fails, the claim's lease runs out and the sweep requeues
+    // the job: nothing is lost.
+    match transitions::job_start(&shared.con, &keys, &id, &token, &start_settings(&shared)).await {
+        Ok(start) => run_started(&shared, Mode::Recoverable, &keys, (&id, &token), start).await,
+        Err(e) => {
+            tracing::warn!(job = %id, error = %e, "could not start a claimed job; its lease will run out")
+        }
+    }
+    shared.active.remove(keys.queue(), &id);
+}
+
+/// The settings `job_start` and `reliable_start` need.
+pub(crate) fn start_settings(shared: &Shared) -> StartSettings<'_> {
+    StartSettings {
         lease: shared.settings.lease,
         max_stalls: shared.settings.max_stalls,
         worker_id: &shared.id,
         result_ttl: shared.settings.result_ttl,
         dead_max: shared.settings.dead_letter_max,
-    };
-    // If this call fails, the claim's lease runs out and the sweep requeues
-    // the job: nothing is lost.
-    let start = match transitions::job_start(&shared.con, &keys, &id, &token, &settings).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(job = %id, error = %e, "could not start a claimed job; its lease will run out");
-            return;
-        }
-    };
-    let (enc, payload, attempt) = match start {
+    }
+}
+
+/// Acts on a start decision: runs the job and records its outcome, or counts
+/// a dead-lettered job. Shared by recoverable and reliable modes.
+pub(crate) async fn run_started(
+    shared: &Shared,
+    mode: Mode,
+    keys: &QueueKeys,
+    (id, token): (&str, &str),
+    start: Start,
+) {
+    match start {
         Start::Run {
             enc,
             payload,
             attempt,
-            ..
-        } => (enc, payload, attempt),
+        } => {
+            shared.active.insert(keys.queue(), id, token);
+            let input = Input {
+                id: id.to_owned(),
+                queue: keys.queue().to_owned(),
+                enc,
+                payload,
+                attempt,
+            };
+            let outcome = execute::run(&shared.handler, input, &shared.hard_stop).await;
+            finish(shared, mode, keys, (id, token), outcome).await;
+        }
         Start::Dead => {
             tracing::warn!(job = %id, queue = keys.queue(), "job stalled too often: dead-lettered");
             Counters::add(&shared.counters.dead_lettered, 1);
-            return;
         }
-        Start::Skip(why) => {
-            tracing::debug!(job = %id, why, "claimed job not run");
-            return;
-        }
-    };
-    shared.active.insert(keys.queue(), &id, &token);
-    let input = Input {
-        id: id.clone(),
-        queue: keys.queue().to_owned(),
-        enc,
-        payload,
-        attempt,
-    };
-    let outcome = execute::run(&shared.handler, input, &shared.hard_stop).await;
-    finish(&shared, &keys, &id, &token, outcome).await;
-    shared.active.remove(keys.queue(), &id);
+        Start::Skip(why) => tracing::debug!(job = %id, why, "claimed job not run"),
+    }
 }
 
 /// Records the outcome; an abandoned job (grace period over) goes back to
-/// its queue at once.
-async fn finish(
+/// its queue at once. Shared by recoverable and reliable modes.
+pub(crate) async fn finish(
     shared: &Shared,
+    mode: Mode,
     keys: &QueueKeys,
-    id: &str,
-    token: &str,
+    (id, token): (&str, &str),
     outcome: Option<Outcome>,
 ) {
+    let claim = transitions::claim_key(keys, mode, &shared.id);
     let c = &shared.counters;
     let ttl = shared.settings.result_ttl;
     let (call, kind) = match &outcome {
-        None => (transitions::job_release(keys, id, token), "release"),
+        None => (
+            transitions::job_release(keys, mode, &claim, id, token),
+            "release",
+        ),
         Some(Outcome::Completed(result)) => (
-            transitions::job_finish(keys, id, token, &Finish::Completed(result), ttl),
+            transitions::job_finish(
+                keys,
+                mode,
+                &claim,
+                (id, token),
+                &Finish::Completed(result),
+                ttl,
+            ),
             "complete",
         ),
         Some(o @ Outcome::Failed(failure, message)) => {
@@ -230,7 +251,7 @@ async fn finish(
                 retry: o.retryable(),
             };
             (
-                transitions::job_finish(keys, id, token, &finish, ttl),
+                transitions::job_finish(keys, mode, &claim, (id, token), &finish, ttl),
                 "fail",
             )
         }
@@ -286,11 +307,7 @@ async fn heartbeat(shared: Arc<Shared>) {
 /// Requeues jobs whose leases ran out: once at start-up, then every sweep
 /// interval; the sweep guard lets one worker per interval do it.
 async fn sweeper(shared: Arc<Shared>) {
-    let every = shared
-        .settings
-        .sweep_interval
-        .unwrap_or(shared.settings.lease / 2)
-        .max(Duration::from_millis(10));
+    let every = shared.settings.sweep_every();
     loop {
         for keys in &shared.queues {
             match transitions::job_requeue_stale(&shared.con, keys, every, SWEEP_LIMIT).await {

@@ -1,0 +1,246 @@
+//! Reliable mode: move job IDs atomically into this worker's own in-flight
+//! list (BLMOVE, or `reliable_take` for several at once), run them under a
+//! fencing token, keep all of them alive with one heartbeat, and recover the
+//! in-flight lists of dead workers.
+//!
+//! Invariant: every job ID is in the queue's pending list, in exactly one
+//! worker's in-flight list, or its job has finished. A worker registers its
+//! heartbeat before it takes anything, and renews it before taking more when
+//! it has been paused, so an in-flight list is never invisible to recovery.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::fetch::{Fetcher, pause};
+use super::recoverable::{run_started, start_settings};
+use super::simple::take_slots;
+use super::{Backoff, Counters, Shared};
+use crate::error::Error;
+use crate::keys::QueueKeys;
+use crate::mode::Mode;
+use crate::transitions;
+
+/// Most dead workers one recovery pass handles.
+const RECOVERY_LIMIT: usize = 100;
+
+/// How long a dead worker stays in the worker set (so that IDs a paused
+/// "dead" worker takes later are still found): ten heartbeat TTLs, at least
+/// a minute.
+fn retention(shared: &Shared) -> Duration {
+    (shared.settings.lease * 10).max(Duration::from_secs(60))
+}
+
+/// Starts the heartbeat and the recovery sweeper (see `recoverable::background`).
+pub(crate) fn background(shared: &Arc<Shared>) -> Vec<AbortOnDropHandle<()>> {
+    vec![
+        AbortOnDropHandle::new(tokio::spawn(heartbeat(shared.clone()))),
+        AbortOnDropHandle::new(tokio::spawn(recovery(shared.clone()))),
+    ]
+}
+
+/// Renews this worker's heartbeat; records when it succeeded.
+async fn beat(shared: &Shared, keys: &QueueKeys) -> Result<(), Error> {
+    let alive =
+        transitions::reliable_heartbeat(&shared.con, keys, &shared.id, shared.settings.lease)
+            .await?;
+    let mut last = shared.last_beat.lock().expect("heartbeat lock");
+    if !alive && last.is_some() {
+        tracing::warn!(worker = %shared.id, "this worker was declared dead (paused past its heartbeat): its jobs were requeued");
+    }
+    *last = Some(Instant::now());
+    Ok(())
+}
+
+/// True when the last successful heartbeat is recent enough to take jobs.
+fn beat_is_fresh(shared: &Shared) -> bool {
+    let last = *shared.last_beat.lock().expect("heartbeat lock");
+    last.is_some_and(|t| t.elapsed() < shared.settings.lease / 2)
+}
+
+/// Takes and runs jobs while there are free slots, until shutdown.
+pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) -> Result<(), Error> {
+    let keys = shared.queues[0].clone();
+    let pending = keys.pending();
+    let inflight = keys.inflight(&shared.id);
+    let slots = Arc::new(Semaphore::new(shared.settings.concurrency));
+    let mut fetcher = Fetcher::default();
+    let mut backoff = Backoff::default();
+    // IDs found in our in-flight list that nobody runs (a BLMOVE reply lost
+    // with a dropped connection): run them first.
+    let mut orphans: VecDeque<String> = VecDeque::new();
+    let mut drained = false;
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let Some(mut permits) = take_slots(shared, &slots).await else {
+            return Ok(());
+        };
+        if !beat_is_fresh(shared)
+            && let Err(e) = beat(shared, &keys).await
+        {
+            if !e.is_transient() {
+                return Err(e);
+            }
+            tracing::warn!(worker = %shared.id, error = %e, "heartbeat failed; not taking jobs");
+            pause(&shared.shutdown, backoff.next()).await;
+            continue;
+        }
+        if fetcher.take_reconnected() {
+            orphans.extend(find_orphans(shared, &inflight).await?);
+        }
+        let mut ids: Vec<String> = Vec::new();
+        while ids.len() < permits.len() {
+            match orphans.pop_front() {
+                Some(id) => ids.push(id),
+                None => break,
+            }
+        }
+        if ids.len() < permits.len() && !drained {
+            let want = permits.len() - ids.len();
+            match transitions::reliable_take(&shared.con, &keys, &shared.id, want).await {
+                Ok(taken) => {
+                    drained = taken.len() < want;
+                    ids.extend(taken);
+                }
+                Err(e) if e.is_transient() => {
+                    pause(&shared.shutdown, backoff.next()).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        backoff.reset();
+        if ids.is_empty() {
+            // Nothing waiting: block until an ID arrives, moving it into our
+            // in-flight list atomically. An ID moved after shutdown began
+            // stays there and is requeued by `leave`.
+            drained = false;
+            match fetcher.moved(shared, &pending, &inflight).await? {
+                Some(id) if !shared.shutdown.is_cancelled() => ids.push(id),
+                _ => continue,
+            }
+        }
+        for id in ids {
+            let permit = permits.pop().expect("never takes more than the free slots");
+            shared.active.insert(keys.queue(), &id, "");
+            tasks.spawn(run_job(shared.clone(), keys.clone(), id, permit));
+        }
+    }
+}
+
+/// IDs in this worker's in-flight list that no task is running.
+async fn find_orphans(shared: &Shared, inflight: &str) -> Result<Vec<String>, Error> {
+    let listed: Vec<String> = redis::cmd("LRANGE")
+        .arg(inflight)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut shared.con.clone())
+        .await?;
+    let running = shared.active.of(shared.queues[0].queue());
+    let orphans: Vec<String> = listed
+        .into_iter()
+        .rev() // oldest first
+        .filter(|id| !running.iter().any(|(r, _)| r == id))
+        .collect();
+    if !orphans.is_empty() {
+        tracing::warn!(worker = %shared.id, count = orphans.len(), "running jobs whose move reply was lost");
+    }
+    Ok(orphans)
+}
+
+async fn run_job(
+    shared: Arc<Shared>,
+    keys: Arc<QueueKeys>,
+    id: String,
+    _permit: OwnedSemaphorePermit,
+) {
+    // If this call fails, the ID stays in our in-flight list: `leave` or
+    // recovery puts it back.
+    match transitions::reliable_start(&shared.con, &keys, &id, &start_settings(&shared)).await {
+        Ok((start, token)) => {
+            run_started(&shared, Mode::Reliable, &keys, (&id, &token), start).await
+        }
+        Err(e) => {
+            tracing::warn!(job = %id, error = %e, "could not start a taken job; it stays in flight")
+        }
+    }
+    shared.active.remove(keys.queue(), &id);
+}
+
+/// After the last job ended: puts whatever is left in this worker's
+/// in-flight list (IDs moved after shutdown began, or never started) back on
+/// the queue at once, and forgets the worker.
+pub(crate) async fn leave(shared: &Shared) {
+    let keys = &shared.queues[0];
+    match transitions::reliable_requeue_worker(
+        &shared.con,
+        keys,
+        &shared.id,
+        false,
+        retention(shared),
+    )
+    .await
+    {
+        Ok(Some(n)) => Counters::add(&shared.counters.returned, n),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(worker = %shared.id, error = %e, "could not requeue in-flight jobs; recovery will")
+        }
+    }
+}
+
+/// Renews the heartbeat every third of its TTL until the worker has finished.
+async fn heartbeat(shared: Arc<Shared>) {
+    let keys = shared.queues[0].clone();
+    loop {
+        if let Err(e) = beat(&shared, &keys).await {
+            tracing::warn!(worker = %shared.id, error = %e, "heartbeat failed");
+        }
+        tokio::select! {
+            _ = shared.finished.cancelled() => return,
+            _ = tokio::time::sleep(shared.settings.lease / 3) => {}
+        }
+    }
+}
+
+/// Recovers dead workers' in-flight lists: at start-up, then every sweep
+/// interval; the guard lets one worker per interval do it.
+async fn recovery(shared: Arc<Shared>) {
+    let keys = shared.queues[0].clone();
+    let every = shared.settings.sweep_every();
+    loop {
+        match transitions::reliable_find_dead(&shared.con, &keys, every, RECOVERY_LIMIT).await {
+            Ok(Some(dead)) => {
+                for worker in dead.iter().filter(|w| **w != shared.id) {
+                    match transitions::reliable_requeue_worker(
+                        &shared.con,
+                        &keys,
+                        worker,
+                        true,
+                        retention(&shared),
+                    )
+                    .await
+                    {
+                        Ok(Some(n)) if n > 0 => {
+                            tracing::warn!(queue = keys.queue(), dead_worker = %worker, requeued = n, "recovered a dead worker's jobs")
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(queue = keys.queue(), error = %e, "recovery failed")
+                        }
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(queue = keys.queue(), error = %e, "recovery failed"),
+        }
+        tokio::select! {
+            _ = shared.finished.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
