@@ -232,3 +232,51 @@ async fn reliable_mode_rust_client_python_worker() {
 async fn reliable_mode_python_client_rust_worker() {
     python_client_rust_worker(Mode::Reliable).await;
 }
+
+#[test]
+fn the_python_implementation_replays_the_conformance_suite_and_vectors() {
+    let server = RedisServer::start();
+    let suite = manifest_dir().join("tests/conformance/scenarios.json");
+    let status = jobqueue()
+        .args(["conformance", "--url", &server.url()])
+        .arg(suite)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "the Python implementation fails the conformance suite"
+    );
+    let vectors = manifest_dir().join("tests/conformance/vectors.json");
+    let status = jobqueue().arg("vectors").arg(vectors).status().unwrap();
+    assert!(
+        status.success(),
+        "the Python implementation disagrees with the golden vectors"
+    );
+}
+
+#[test]
+fn the_interop_payload_matches_its_golden_vector() {
+    let file: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(manifest_dir().join("tests/conformance/vectors.json")).unwrap(),
+    )
+    .unwrap();
+    let hex = file["vectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "interop payload (msgpack)")
+        .unwrap()["msgpack"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let packed = rmp_serde::to_vec_named(&Sample::new()).unwrap();
+    let golden: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    assert_eq!(packed, golden);
+    assert_eq!(
+        rmp_serde::from_slice::<Sample>(&golden).unwrap(),
+        Sample::new()
+    );
+}
