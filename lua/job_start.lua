@@ -1,6 +1,6 @@
 #!lua
 -- name: job_start
--- version: 1
+-- version: 2
 -- Recoverable mode, second half of a claim: marks the job active under the
 -- claim's fencing token, or tells the worker not to run it. An attempt that
 -- finds the job still "active" proves that the previous attempt's worker
@@ -22,6 +22,10 @@
 -- Reply:   {"run", enc, payload, attempt, stalls, lease ms}  run it
 --          {"dead"}           stalled too often: now dead, client told
 --          {"gone", state}    finished or missing: do not run
+--          {"gone", "failed"} the hash is not a valid job (no or unknown state):
+--                             now failed (kind "decode"), client told
+--          {"gone", "not a hash"}  the job key holds another Redis type: its ID
+--                             goes to the dead-letter set
 --          {"lost"}           a newer claim owns the job: do not run
 -- Errors:  JQ_BAD_ARGS <detail>
 
@@ -30,22 +34,37 @@ local max_stalls, ttl, dead_max = tonumber(ARGV[4]), tonumber(ARGV[6]), tonumber
 if not token or not tonumber(ARGV[3]) or not max_stalls or not ttl or not dead_max then
   return redis.error_reply('JQ_BAD_ARGS expected numeric token, lease, max stalls, ttl, dead max')
 end
-local job = redis.call('HMGET', KEYS[1], 'state', 'token', 'client', 'enc', 'payload',
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local job = redis.pcall('HMGET', KEYS[1], 'state', 'token', 'client', 'enc', 'payload',
   'lease_ms', 'attempt', 'stalls')
-local state = job[1]
-if not state then
+if job.err then
   redis.call('ZREM', KEYS[2], id)
-  return {'gone', 'missing'}
+  redis.call('ZADD', KEYS[3], now_ms, id)
+  return {'gone', 'not a hash'}
 end
+local state = job[1]
 if (tonumber(job[2]) or 0) > token then
   return {'lost'}
 end
-if state ~= 'queued' and state ~= 'active' then
+if state == 'completed' or state == 'failed' or state == 'dead' then
   redis.call('ZREM', KEYS[2], id)
   return {'gone', state}
 end
-local now = redis.call('TIME')
-local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+if state ~= 'queued' and state ~= 'active' then
+  redis.call('ZREM', KEYS[2], id)
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    return {'gone', 'missing'}
+  end
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_ms', now_ms, 'error_kind', 'decode',
+    'error', 'not a valid job: state ' .. (state and ('"' .. state .. '"') or 'missing'))
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  if job[3] and job[3] ~= '' then
+    redis.call('PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[3],
+      cmsgpack.pack({id = id, status = 'failed'}))
+  end
+  return {'gone', 'failed'}
+end
 local stalls = tonumber(job[8]) or 0
 if state == 'active' then
   stalls = stalls + 1

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_watch
--- version: 1
+-- version: 2
 -- Recoverable mode: a client's look at a job it awaits. When the job has an
 -- outcome, returns it. Otherwise makes the caller the client whose reply
 -- channel will announce the outcome (the latest watcher gets the doorbell;
@@ -15,12 +15,16 @@
 --          {state}                              "queued" or "active"
 --          {"completed", enc, result}
 --          {"failed" | "dead", error kind, error message}
+--          {"failed", "decode", message}   the job key holds another Redis type
 -- Errors:  JQ_BAD_ARGS <detail>
 
 if #ARGV ~= 1 or #ARGV[1] > 64 then
   return redis.error_reply('JQ_BAD_ARGS expected a client ID of at most 64 bytes, or ""')
 end
-local job = redis.call('HMGET', KEYS[1], 'state', 'enc', 'result', 'error_kind', 'error')
+local job = redis.pcall('HMGET', KEYS[1], 'state', 'enc', 'result', 'error_kind', 'error')
+if job.err then
+  return {'failed', 'decode', 'the job key is not a hash: ' .. job.err}
+end
 local state = job[1]
 if not state then
   return {'missing'}

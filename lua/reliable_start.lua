@@ -1,6 +1,6 @@
 #!lua
 -- name: reliable_start
--- version: 1
+-- version: 2
 -- Reliable mode: starts a job whose ID the worker moved into its in-flight
 -- list (BLMOVE or reliable_take): issues the attempt's fencing token and
 -- marks the job active, or tells the worker not to run it. An attempt that
@@ -23,6 +23,10 @@
 -- Reply:   {"run", enc, payload, attempt, stalls, token}  run it
 --          {"dead"}          stalled too often: now dead, client told
 --          {"gone", state}   finished or missing: dropped from the in-flight list
+--          {"gone", "failed"} the hash is not a valid job (no or unknown state):
+--                            now failed (kind "decode"), client told
+--          {"gone", "not a hash"}  the job key holds another Redis type: its ID
+--                            goes to the dead-letter set
 -- Errors:  JQ_BAD_ARGS <detail>
 
 local id = ARGV[1]
@@ -30,18 +34,33 @@ local max_stalls, ttl, dead_max = tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber
 if not max_stalls or not ttl or not dead_max then
   return redis.error_reply('JQ_BAD_ARGS expected numeric max stalls, ttl, dead max')
 end
-local job = redis.call('HMGET', KEYS[1], 'state', 'client', 'enc', 'payload', 'attempt', 'stalls')
-local state = job[1]
-if not state then
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local job = redis.pcall('HMGET', KEYS[1], 'state', 'client', 'enc', 'payload', 'attempt', 'stalls')
+if job.err then
   redis.call('LREM', KEYS[2], 1, id)
-  return {'gone', 'missing'}
+  redis.call('ZADD', KEYS[3], now_ms, id)
+  return {'gone', 'not a hash'}
 end
-if state ~= 'queued' and state ~= 'active' then
+local state = job[1]
+if state == 'completed' or state == 'failed' or state == 'dead' then
   redis.call('LREM', KEYS[2], 1, id)
   return {'gone', state}
 end
-local now = redis.call('TIME')
-local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+if state ~= 'queued' and state ~= 'active' then
+  redis.call('LREM', KEYS[2], 1, id)
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    return {'gone', 'missing'}
+  end
+  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_ms', now_ms, 'error_kind', 'decode',
+    'error', 'not a valid job: state ' .. (state and ('"' .. state .. '"') or 'missing'))
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  if job[2] and job[2] ~= '' then
+    redis.call('PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[2],
+      cmsgpack.pack({id = id, status = 'failed'}))
+  end
+  return {'gone', 'failed'}
+end
 local stalls = tonumber(job[6]) or 0
 if state == 'active' then
   stalls = stalls + 1

@@ -110,7 +110,22 @@ async fn run_job(
             );
             return dead_letter(&shared, &keys, entry, reason).await;
         }
-        Err(e) => return dead_letter(&shared, &keys, entry, e.to_string()).await,
+        Err(e) => {
+            // Not a valid envelope. If its ID and reply channel can still be
+            // read, its client is told; the entry is kept either way.
+            let reason = e.to_string();
+            if let Ok(partial) = unpack::<PartialEnvelope>(&entry, "job envelope")
+                && let Some(channel) = partial.reply.filter(|c| keys.owns_reply_channel(c))
+            {
+                let failure = Outcome::Failed(
+                    FailureKind::Decode,
+                    format!("invalid job envelope: {reason}"),
+                );
+                Counters::add(&shared.counters.failed, 1);
+                send_reply(&shared, &keys, &partial.id, &channel, None, failure).await;
+            }
+            return dead_letter(&shared, &keys, entry, reason).await;
+        }
     };
     let input = Input {
         id: envelope.id.clone(),
@@ -127,41 +142,68 @@ async fn run_job(
                 "worker shut down before the job finished".into(),
             )
         });
-    let reply = match outcome {
-        Outcome::Completed(bytes) => {
-            Counters::add(&shared.counters.completed, 1);
-            Reply {
-                id: envelope.id.clone(),
-                status: COMPLETED.into(),
-                enc: Some(envelope.enc),
-                result: Some(ByteBuf::from(bytes)),
-                error: None,
-            }
-        }
+    match &outcome {
+        Outcome::Completed(_) => Counters::add(&shared.counters.completed, 1),
         Outcome::Failed(kind, message) => {
             tracing::info!(job = %envelope.id, queue = keys.queue(), %kind, message, "job failed");
             Counters::add(&shared.counters.failed, 1);
-            Reply {
-                id: envelope.id.clone(),
-                status: FAILED.into(),
-                enc: None,
-                result: None,
-                error: Some(WireError {
-                    kind: kind.as_str().into(),
-                    message,
-                }),
-            }
         }
-    };
-    let Some(channel) = &envelope.reply else {
-        return;
+    }
+    if let Some(channel) = &envelope.reply {
+        send_reply(
+            &shared,
+            &keys,
+            &envelope.id,
+            channel,
+            Some(envelope.enc),
+            outcome,
+        )
+        .await;
+    }
+}
+
+/// The fields of an envelope needed to tell its client that it is invalid.
+#[derive(serde::Deserialize)]
+struct PartialEnvelope {
+    id: String,
+    #[serde(default)]
+    reply: Option<String>,
+}
+
+/// Publishes a job's outcome on its client's reply channel.
+async fn send_reply(
+    shared: &Shared,
+    keys: &QueueKeys,
+    id: &str,
+    channel: &str,
+    enc: Option<String>,
+    outcome: Outcome,
+) {
+    let reply = match outcome {
+        Outcome::Completed(bytes) => Reply {
+            id: id.to_owned(),
+            status: COMPLETED.into(),
+            enc,
+            result: Some(ByteBuf::from(bytes)),
+            error: None,
+        },
+        Outcome::Failed(kind, message) => Reply {
+            id: id.to_owned(),
+            status: FAILED.into(),
+            enc: None,
+            result: None,
+            error: Some(WireError {
+                kind: kind.as_str().into(),
+                message,
+            }),
+        },
     };
     let Ok(message) = pack(&reply, "reply message") else {
         return;
     };
-    let call = transitions::simple_reply(&keys, channel, &message);
-    if let Err(e) = persist::<i64>(&shared.con, &call, &keys, Some(&envelope.id)).await {
-        tracing::error!(job = %envelope.id, error = %e, "could not deliver the outcome");
+    let call = transitions::simple_reply(keys, channel, &message);
+    if let Err(e) = persist::<i64>(&shared.con, &call, keys, Some(id)).await {
+        tracing::error!(job = %id, error = %e, "could not deliver the outcome");
     }
 }
 
