@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish
--- version: 2
+-- version: 3
 -- Recoverable and reliable modes: records a job's outcome under its fencing
 -- token, drops its claim (lease or in-flight entry) and rings the client's
 -- doorbell. A failure with
@@ -23,6 +23,8 @@
 -- ARGV[6]  retry           "1" when a failure may be retried, else "0"
 -- ARGV[7]  result ttl ms   how long the finished job's hash is kept
 -- ARGV[8]  mode            "recoverable" | "reliable"
+-- ARGV[9]  notify          "publish" (default) or "spublish" (sharded pub/sub,
+--                          used on Redis Cluster) for the client's doorbell
 --
 -- Reply:   the job's new state: "completed", "failed" or "queued" (retried).
 -- Errors:  JQ_NO_JOB <id>              no such job (expired or never existed)
@@ -72,6 +74,6 @@ else
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
 if job[3] and job[3] ~= '' then
-  redis.call('PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[3], cmsgpack.pack({id = id, status = status}))
+  redis.call(ARGV[9] == 'spublish' and 'SPUBLISH' or 'PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[3], cmsgpack.pack({id = id, status = status}))
 end
 return status

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_start
--- version: 2
+-- version: 3
 -- Recoverable mode, second half of a claim: marks the job active under the
 -- claim's fencing token, or tells the worker not to run it. An attempt that
 -- finds the job still "active" proves that the previous attempt's worker
@@ -18,6 +18,8 @@
 -- ARGV[5]  worker id
 -- ARGV[6]  result ttl ms   how long a dead job's hash is kept
 -- ARGV[7]  dead max        most entries kept in the dead-letter set
+-- ARGV[8]  notify          "publish" (default) or "spublish" (sharded pub/sub,
+--                          used on Redis Cluster) for the client's doorbell
 --
 -- Reply:   {"run", enc, payload, attempt, stalls, lease ms}  run it
 --          {"dead"}           stalled too often: now dead, client told
@@ -60,7 +62,7 @@ if state ~= 'queued' and state ~= 'active' then
     'error', 'not a valid job: state ' .. (state and ('"' .. state .. '"') or 'missing'))
   redis.call('PEXPIRE', KEYS[1], ttl)
   if job[3] and job[3] ~= '' then
-    redis.call('PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[3],
+    redis.call(ARGV[8] == 'spublish' and 'SPUBLISH' or 'PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[3],
       cmsgpack.pack({id = id, status = 'failed'}))
   end
   return {'gone', 'failed'}
@@ -77,7 +79,7 @@ if state == 'active' then
     redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -dead_max - 1)
     redis.call('PEXPIRE', KEYS[1], ttl)
     if job[3] and job[3] ~= '' then
-      redis.call('PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[3], cmsgpack.pack({id = id, status = 'dead'}))
+      redis.call(ARGV[8] == 'spublish' and 'SPUBLISH' or 'PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[3], cmsgpack.pack({id = id, status = 'dead'}))
     end
     return {'dead'}
   end

@@ -1,6 +1,6 @@
 #!lua
 -- name: reliable_start
--- version: 2
+-- version: 3
 -- Reliable mode: starts a job whose ID the worker moved into its in-flight
 -- list (BLMOVE or reliable_take): issues the attempt's fencing token and
 -- marks the job active, or tells the worker not to run it. An attempt that
@@ -19,6 +19,8 @@
 -- ARGV[3]  worker id
 -- ARGV[4]  result ttl ms    how long a dead job's hash is kept
 -- ARGV[5]  dead max         most entries kept in the dead-letter set
+-- ARGV[6]  notify          "publish" (default) or "spublish" (sharded pub/sub,
+--                          used on Redis Cluster) for the client's doorbell
 --
 -- Reply:   {"run", enc, payload, attempt, stalls, token}  run it
 --          {"dead"}          stalled too often: now dead, client told
@@ -56,7 +58,7 @@ if state ~= 'queued' and state ~= 'active' then
     'error', 'not a valid job: state ' .. (state and ('"' .. state .. '"') or 'missing'))
   redis.call('PEXPIRE', KEYS[1], ttl)
   if job[2] and job[2] ~= '' then
-    redis.call('PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[2],
+    redis.call(ARGV[6] == 'spublish' and 'SPUBLISH' or 'PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[2],
       cmsgpack.pack({id = id, status = 'failed'}))
   end
   return {'gone', 'failed'}
@@ -73,7 +75,7 @@ if state == 'active' then
     redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -dead_max - 1)
     redis.call('PEXPIRE', KEYS[1], ttl)
     if job[2] and job[2] ~= '' then
-      redis.call('PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[2],
+      redis.call(ARGV[6] == 'spublish' and 'SPUBLISH' or 'PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[2],
         cmsgpack.pack({id = id, status = 'dead'}))
     end
     return {'dead'}

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 use serde::Serialize;
 use serde_bytes::ByteBuf;
 
@@ -37,7 +37,7 @@ pub struct Client {
 struct Inner {
     id: String,
     config: Config,
-    con: ConnectionManager,
+    con: Conn,
     replies: Replies,
 }
 
@@ -57,9 +57,9 @@ impl Client {
     /// credentials; [`Error::Config`] or [`Error::InvalidName`] for bad
     /// settings.
     pub async fn connect(config: Config) -> Result<Self, Error> {
-        let client = connection::client(&config)?;
-        let con = connection::manager(&client, &config).await?;
-        let replies = Replies::start(client, config.connect_timeout + config.command_timeout);
+        let backend = connection::backend(&config)?;
+        let con = connection::shared(&backend, &config).await?;
+        let replies = Replies::start(backend, &config);
         Ok(Self {
             inner: Arc::new(Inner {
                 id: uuid::Uuid::new_v4().simple().to_string(),
@@ -359,6 +359,19 @@ impl Queue {
             }
         }
         results.into_iter().collect::<Result<Vec<()>, Error>>()?;
+        if let Some((replicas, timeout)) = self.client.inner.config.wait_for_replicas {
+            let acked: i64 = redis::cmd("WAIT")
+                .arg(replicas)
+                .arg(timeout.as_millis() as u64)
+                .query_async(&mut self.client.inner.con.clone())
+                .await?;
+            if acked < i64::from(replicas) {
+                return Err(Error::NotReplicated {
+                    acked,
+                    wanted: i64::from(replicas),
+                });
+            }
+        }
         Ok(())
     }
 

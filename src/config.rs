@@ -35,6 +35,11 @@ pub struct Config {
     /// connection's response timeout is this plus `command_timeout`.
     /// Default 5 s.
     pub block_timeout: Duration,
+    /// After each submit, wait until this many replicas have the write
+    /// (`WAIT`), for up to the given time; `None` (the default) does not
+    /// wait. See protocol.md section 2.1 for what this does and does not
+    /// guarantee.
+    pub wait_for_replicas: Option<(u32, Duration)>,
     /// Recoverable mode: how often a client awaiting a job re-reads its state
     /// even without a doorbell (which can be missed while a connection is
     /// down, or taken by another watcher). Default 5 s.
@@ -58,6 +63,7 @@ impl Config {
             connect_timeout: Duration::from_secs(5),
             block_timeout: Duration::from_secs(5),
             result_poll_interval: Duration::from_secs(5),
+            wait_for_replicas: None,
             #[cfg(feature = "tls")]
             tls_ca_pem: None,
         }
@@ -93,6 +99,12 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::wait_for_replicas`].
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait_for_replicas = Some((replicas, timeout));
+        self
+    }
+
     /// Sets [`Config::result_poll_interval`].
     pub fn result_poll_interval(mut self, interval: Duration) -> Self {
         self.result_poll_interval = interval;
@@ -110,6 +122,14 @@ impl Config {
         validate_prefix(&self.prefix)?;
         if self.block_timeout < Duration::from_millis(10) {
             return Err(Error::Config("block_timeout must be at least 10 ms".into()));
+        }
+        if self
+            .wait_for_replicas
+            .is_some_and(|(_, t)| t >= self.command_timeout)
+        {
+            return Err(Error::Config(
+                "wait_for_replicas' timeout must be shorter than command_timeout".into(),
+            ));
         }
         if self.max_payload_bytes == 0 {
             return Err(Error::Config("max_payload_bytes must be positive".into()));

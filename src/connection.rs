@@ -1,25 +1,120 @@
-//! Opening connections.
+//! Opening connections, to one server or to a Redis Cluster.
 //!
 //! - Non-blocking calls (scripts) share one auto-reconnecting multiplexed
-//!   [`ConnectionManager`]; concurrent calls are pipelined on it.
-//! - Each blocking wait (BLMPOP) has a connection of its own, whose response
-//!   timeout is the block time plus the command timeout: the redis crate's
-//!   default of 500 ms would cut every longer block short.
+//!   connection ([`Conn`]); concurrent calls are pipelined on it. On a
+//!   cluster it is the redis crate's cluster connection, which routes each
+//!   call by its first key (every key of a queue is in one slot), loads
+//!   scripts on every primary, and follows MOVED after a failover.
+//! - Each blocking wait (BLMPOP, BLMOVE) has a connection of its own, whose
+//!   response timeout is the block time plus the command timeout: the redis
+//!   crate's default of 500 ms would cut every longer block short.
 //! - Pub/sub has a dedicated connection (see `replies`).
+//!
+//! A cluster is given as `redis+cluster://host1:port1,host2:port2` (or
+//! `rediss+cluster://` with the `tls` feature): any reachable nodes, from
+//! which the others are discovered. User and password go before the first
+//! host and apply to all nodes.
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, IntoConnectionInfo, ProtocolVersion};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, RedisFuture,
+    Value,
+};
 
 use crate::config::Config;
 use crate::error::Error;
 
-/// Opens the Redis client for `config.url`. It speaks RESP3 (Redis >= 6),
-/// so that the shared connection notices a disconnection at once and
-/// reconnects before the next call, rather than failing that call.
-pub(crate) fn client(config: &Config) -> Result<Client, Error> {
+/// Where Redis is: one server, or a cluster.
+#[derive(Clone)]
+// Made once per client or worker: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Backend {
+    Single(Client),
+    Cluster(ClusterClient),
+}
+
+/// A connection for non-blocking calls (or, opened with [`blocking`], for
+/// one blocking wait), to one server or to a cluster.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(ConnectionManager),
+    Blocking(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Blocking(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Blocking(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Blocking(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+impl Conn {
+    /// True on a cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+}
+
+/// The node URLs of a `redis+cluster://` URL, or `None` for a single server.
+pub(crate) fn cluster_nodes(url: &str) -> Option<Vec<String>> {
+    let (scheme, rest) = url.split_once("://")?;
+    let scheme = scheme.strip_suffix("+cluster")?;
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let hosts = hosts.trim_end_matches('/');
+    Some(
+        hosts
+            .split(',')
+            .map(|h| format!("{scheme}://{auth}{h}"))
+            .collect(),
+    )
+}
+
+/// Opens the client for `config.url`. It speaks RESP3 (Redis >= 6), so that
+/// the shared connection notices a disconnection at once and reconnects
+/// before the next call, rather than failing that call.
+pub(crate) fn backend(config: &Config) -> Result<Backend, Error> {
     config.validate()?;
+    if cluster_nodes(&config.url).is_some() {
+        return Ok(Backend::Cluster(cluster_client(
+            config,
+            config.command_timeout,
+            None,
+        )?));
+    }
     let info = config.url.as_str().into_connection_info()?;
     let settings = info
         .redis_settings()
@@ -32,35 +127,96 @@ pub(crate) fn client(config: &Config) -> Result<Client, Error> {
             client_tls: None,
             root_cert: Some(ca.clone()),
         };
-        return Ok(Client::build_with_tls(info, certs)?);
+        return Ok(Backend::Single(Client::build_with_tls(info, certs)?));
     }
-    Ok(Client::open(info)?)
+    Ok(Backend::Single(Client::open(info)?))
 }
 
-/// Opens the shared connection for non-blocking calls and loads the scripts.
-pub(crate) async fn manager(client: &Client, config: &Config) -> Result<ConnectionManager, Error> {
-    let manager_config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(config.command_timeout))
-        .set_connection_timeout(Some(config.connect_timeout))
-        .set_min_delay(Duration::from_millis(20))
-        .set_max_delay(Duration::from_secs(1))
-        .set_number_of_retries(6);
-    let mut con = client
-        .get_connection_manager_with_config(manager_config)
-        .await?;
+/// Opens the shared connection for non-blocking calls and loads the scripts
+/// (on every primary of a cluster).
+pub(crate) async fn shared(backend: &Backend, config: &Config) -> Result<Conn, Error> {
+    let mut con = match backend {
+        Backend::Single(client) => {
+            let manager_config = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(config.command_timeout))
+                .set_connection_timeout(Some(config.connect_timeout))
+                .set_min_delay(Duration::from_millis(20))
+                .set_max_delay(Duration::from_secs(1))
+                .set_number_of_retries(6);
+            Conn::Single(
+                client
+                    .get_connection_manager_with_config(manager_config)
+                    .await?,
+            )
+        }
+        Backend::Cluster(client) => Conn::Cluster(client.get_async_connection().await?),
+    };
     crate::scripts::load_all(&mut con).await?;
     Ok(con)
 }
 
 /// Opens a connection for blocking calls that block up to `config.block_timeout`.
-pub(crate) async fn blocking(
-    client: &Client,
+pub(crate) async fn blocking(backend: &Backend, config: &Config) -> Result<Conn, Error> {
+    let timeout = config.block_timeout + config.command_timeout;
+    match backend {
+        Backend::Single(client) => {
+            let con_config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.connect_timeout))
+                .set_response_timeout(Some(timeout));
+            Ok(Conn::Blocking(
+                client
+                    .get_multiplexed_async_connection_with_config(&con_config)
+                    .await?,
+            ))
+        }
+        Backend::Cluster(_) => Ok(Conn::Cluster(
+            cluster_client(config, timeout, None)?
+                .get_async_connection()
+                .await?,
+        )),
+    }
+}
+
+/// A cluster client for `config.url` whose calls time out after
+/// `response_timeout`; with `push`, it delivers pub/sub messages there.
+pub(crate) fn cluster_client(
     config: &Config,
-) -> Result<MultiplexedConnection, Error> {
-    let con_config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(config.connect_timeout))
-        .set_response_timeout(Some(config.block_timeout + config.command_timeout));
-    Ok(client
-        .get_multiplexed_async_connection_with_config(&con_config)
-        .await?)
+    response_timeout: Duration,
+    push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+) -> Result<ClusterClient, Error> {
+    let nodes = cluster_nodes(&config.url)
+        .ok_or_else(|| Error::Config("not a redis+cluster:// URL".into()))?;
+    let mut builder = ClusterClient::builder(nodes)
+        .use_protocol(ProtocolVersion::RESP3)
+        .connection_timeout(config.connect_timeout)
+        .response_timeout(response_timeout);
+    if let Some(push) = push {
+        builder = builder.push_sender(push);
+    }
+    #[cfg(feature = "tls")]
+    if let Some(ca) = &config.tls_ca_pem {
+        builder = builder.certs(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.clone()),
+        });
+    }
+    Ok(builder.build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_urls_list_their_nodes() {
+        assert_eq!(cluster_nodes("redis://127.0.0.1:6379"), None);
+        assert_eq!(
+            cluster_nodes("redis+cluster://u:p@10.0.0.1:7000,10.0.0.2:7001/").unwrap(),
+            vec!["redis://u:p@10.0.0.1:7000", "redis://u:p@10.0.0.2:7001"]
+        );
+        assert_eq!(
+            cluster_nodes("rediss+cluster://h:1").unwrap(),
+            vec!["rediss://h:1"]
+        );
+    }
 }

@@ -161,6 +161,16 @@ pub enum Error {
         state: String,
     },
 
+    /// [`crate::Config::wait_for_replicas`]: the job was queued, but fewer
+    /// replicas than asked acknowledged it within the timeout.
+    #[error("queued, but only {acked} of {wanted} replicas acknowledged the submit in time")]
+    NotReplicated {
+        /// Replicas that acknowledged.
+        acked: i64,
+        /// Replicas asked for.
+        wanted: i64,
+    },
+
     /// The queue has no metadata (it was deleted, or Redis lost its data).
     /// Clients and workers register the queue again and retry once.
     #[error("queue {queue:?} is not registered")]
@@ -186,6 +196,7 @@ impl Error {
 pub(crate) fn is_transient(e: &RedisError) -> bool {
     e.is_io_error()
         || e.is_timeout()
+        || e.is_cluster_error()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || matches!(

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
@@ -29,7 +29,7 @@ pub struct JobHandle {
 /// What a handle needs to read a stored outcome (recoverable mode).
 #[derive(Clone)]
 pub(crate) struct Stored {
-    pub con: ConnectionManager,
+    pub con: Conn,
     pub keys: QueueKeys,
     pub client_id: String,
     pub poll: Duration,

@@ -15,6 +15,10 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use redis::Value;
+
+use crate::config::Config;
+use crate::connection::{self, Backend};
 use crate::error::Error;
 use crate::wire::{Reply, unpack};
 
@@ -58,13 +62,21 @@ impl Drop for Waiter {
 }
 
 impl Replies {
-    /// Starts the reply task for `client`. `timeout` bounds how long
-    /// [`Replies::subscribe`] waits for a connection.
-    pub(crate) fn start(client: redis::Client, timeout: Duration) -> Self {
+    /// Starts the reply task for `backend`. [`Replies::subscribe`] waits up
+    /// to the connect plus command timeouts for a connection.
+    pub(crate) fn start(backend: Backend, config: &Config) -> Self {
+        let timeout = config.connect_timeout + config.command_timeout;
         let (commands, rx) = mpsc::unbounded_channel();
         let waiters = WaiterMap::default();
         let (generation, reconnects) = watch::channel(0);
-        tokio::spawn(run(client, rx, waiters.clone(), generation));
+        match backend {
+            Backend::Single(client) => {
+                tokio::spawn(run(client, rx, waiters.clone(), generation));
+            }
+            Backend::Cluster(_) => {
+                tokio::spawn(run_cluster(config.clone(), rx, waiters.clone(), generation));
+            }
+        }
         Self {
             commands,
             waiters,
@@ -184,6 +196,91 @@ async fn run(
         }
     }
     // The client is gone: wake every waiter with "closed".
+    if let Ok(mut map) = waiters.lock() {
+        map.clear();
+    }
+}
+
+/// On a cluster: sharded pub/sub (SSUBSCRIBE), on the node that owns each
+/// channel's slot, through the cluster connection's RESP3 push messages. The
+/// cluster connection resubscribes after topology changes; a waiter in
+/// recoverable or reliable mode also re-reads its job's state regularly.
+async fn run_cluster(
+    config: Config,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    waiters: WaiterMap,
+    generation: watch::Sender<u64>,
+) {
+    let (push_tx, mut pushes) = mpsc::unbounded_channel::<redis::PushInfo>();
+    let mut backoff = Duration::from_millis(20);
+    let mut con = loop {
+        let opened = match connection::cluster_client(
+            &config,
+            config.command_timeout,
+            Some(push_tx.clone()),
+        ) {
+            Ok(client) => client.get_async_connection().await.map_err(Error::Redis),
+            Err(e) => Err(e),
+        };
+        match opened {
+            Ok(con) => break con,
+            Err(e) => {
+                tracing::warn!(error = %e, "reply subscription: cannot connect to the cluster; retrying");
+                if commands.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    };
+    let mut channels: Vec<String> = Vec::new();
+    loop {
+        tokio::select! {
+            push = pushes.recv() => match push {
+                Some(push) => match push.kind {
+                    redis::PushKind::SMessage | redis::PushKind::Message => {
+                        if let Some(Value::BulkString(payload)) = push.data.get(1) {
+                            dispatch(&waiters, payload);
+                        }
+                    }
+                    redis::PushKind::Disconnection => {
+                        generation.send_modify(|g| *g += 1);
+                    }
+                    redis::PushKind::SUnsubscribe => {
+                        // The slot moved (failover, resharding): subscribe
+                        // again, at the new owner, and have waiters re-read.
+                        if let Some(Value::BulkString(channel)) = push.data.first() {
+                            let channel = String::from_utf8_lossy(channel).into_owned();
+                            if channels.contains(&channel) {
+                                tracing::info!(%channel, "sharded subscription moved; subscribing again");
+                                if let Err(e) = con.ssubscribe(&channel).await {
+                                    tracing::warn!(%channel, error = %e, "could not subscribe again");
+                                }
+                            }
+                        }
+                        generation.send_modify(|g| *g += 1);
+                    }
+                    _ => {}
+                },
+                None => break,
+            },
+            command = commands.recv() => match command {
+                None => break,
+                Some(Command::Subscribe { channel, done }) => {
+                    if channels.contains(&channel) {
+                        let _ = done.send(Ok(()));
+                        continue;
+                    }
+                    let result = con.ssubscribe(&channel).await;
+                    if result.is_ok() {
+                        channels.push(channel);
+                    }
+                    let _ = done.send(result);
+                }
+            },
+        }
+    }
     if let Ok(mut map) = waiters.lock() {
         map.clear();
     }

@@ -1,6 +1,6 @@
 //! [`JobStatus`]: a job's state as stored in its hash.
 
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 
 use crate::error::Error;
 use crate::failure::FailureKind;
@@ -86,7 +86,7 @@ const FIELDS: [&str; 10] = [
 
 impl JobStatus {
     pub(crate) async fn read(
-        con: &ConnectionManager,
+        con: &Conn,
         keys: &QueueKeys,
         id: &str,
     ) -> Result<Option<Self>, Error> {

@@ -4,13 +4,18 @@
 
 use std::time::Duration;
 
+use crate::connection::Conn;
 use redis::Value;
-use redis::aio::ConnectionManager;
 
 use crate::error::{Error, from_script};
 use crate::keys::QueueKeys;
 use crate::mode::{Mode, PROTOCOL_VERSION};
 use crate::scripts::{self, Call, Name};
+
+/// How a doorbell or reply is published: sharded pub/sub on a cluster.
+fn notify(sharded: bool) -> &'static str {
+    if sharded { "spublish" } else { "publish" }
+}
 
 fn ms(d: Duration) -> String {
     d.as_millis().max(1).to_string()
@@ -18,7 +23,7 @@ fn ms(d: Duration) -> String {
 
 /// Runs `call`, mapping refusals to typed errors.
 pub(crate) async fn run<T: redis::FromRedisValue>(
-    con: &ConnectionManager,
+    con: &Conn,
     call: &Call,
     keys: &QueueKeys,
     job_id: Option<&str>,
@@ -31,7 +36,7 @@ pub(crate) async fn run<T: redis::FromRedisValue>(
 /// `queue_register`: records or checks the queue's mode and protocol version.
 /// Returns true when this call created the record.
 pub(crate) async fn queue_register(
-    con: &ConnectionManager,
+    con: &Conn,
     keys: &QueueKeys,
     mode: Mode,
 ) -> Result<bool, Error> {
@@ -57,13 +62,14 @@ pub(crate) fn simple_submit(keys: &QueueKeys, envelopes: &[Vec<u8>]) -> Call {
     call
 }
 
-/// `simple_reply`: publishes an outcome message.
-pub(crate) fn simple_reply(keys: &QueueKeys, channel: &str, message: &[u8]) -> Call {
+/// `simple_reply`: publishes an outcome message (sharded on a cluster).
+pub(crate) fn simple_reply(keys: &QueueKeys, channel: &str, message: &[u8], sharded: bool) -> Call {
     scripts::get(Name::SimpleReply)
         .call()
         .key(keys.meta())
         .arg(channel)
         .arg(message)
+        .arg(notify(sharded))
 }
 
 /// `simple_requeue`: gives popped, unstarted envelopes back.
@@ -122,7 +128,7 @@ pub(crate) fn job_submit(keys: &QueueKeys, mode: Mode, jobs: &[NewJob]) -> Call 
 /// `job_claim`: takes up to `count` IDs with provisional leases. Returns
 /// (id, fencing token) pairs.
 pub(crate) async fn job_claim(
-    con: &ConnectionManager,
+    con: &Conn,
     keys: &QueueKeys,
     count: usize,
     lease: Duration,
@@ -151,6 +157,8 @@ pub(crate) struct StartSettings<'a> {
     pub worker_id: &'a str,
     pub result_ttl: Duration,
     pub dead_max: usize,
+    /// Publish doorbells with sharded pub/sub (on a cluster).
+    pub sharded: bool,
 }
 
 /// What `job_start` decided.
@@ -169,7 +177,7 @@ pub(crate) enum Start {
 
 /// `job_start`: marks a claimed job active, or says why not to run it.
 pub(crate) async fn job_start(
-    con: &ConnectionManager,
+    con: &Conn,
     keys: &QueueKeys,
     id: &str,
     token: &str,
@@ -186,7 +194,8 @@ pub(crate) async fn job_start(
         .arg(settings.max_stalls.to_string())
         .arg(settings.worker_id)
         .arg(ms(settings.result_ttl))
-        .arg(settings.dead_max.to_string());
+        .arg(settings.dead_max.to_string())
+        .arg(notify(settings.sharded));
     let reply: Vec<Vec<u8>> = run(con, &call, keys, Some(id)).await?;
     Ok(parse_start(&reply))
 }
@@ -236,6 +245,7 @@ pub(crate) fn job_finish(
     (id, token): (&str, &str),
     finish: &Finish<'_>,
     result_ttl: Duration,
+    sharded: bool,
 ) -> Call {
     let call = scripts::get(Name::JobFinish)
         .call()
@@ -257,7 +267,9 @@ pub(crate) fn job_finish(
             .arg(message)
             .arg(if *retry { "1" } else { "0" }),
     };
-    call.arg(ms(result_ttl)).arg(mode.as_str())
+    call.arg(ms(result_ttl))
+        .arg(mode.as_str())
+        .arg(notify(sharded))
 }
 
 /// `job_release`: gives a running job back to its queue unfinished.
@@ -282,7 +294,7 @@ pub(crate) fn job_release(
 /// `job_extend`: renews the leases of running jobs. Returns the IDs that
 /// were lost.
 pub(crate) async fn job_extend(
-    con: &ConnectionManager,
+    con: &Conn,
     keys: &QueueKeys,
     lease: Duration,
     jobs: &[(String, String)],
@@ -300,7 +312,7 @@ pub(crate) async fn job_extend(
 /// `job_requeue_stale`: requeues jobs whose leases ran out. Returns how many,
 /// or `None` when another worker holds the sweep guard.
 pub(crate) async fn job_requeue_stale(
-    con: &ConnectionManager,
+    con: &Conn,
     keys: &QueueKeys,
     guard: Duration,
     limit: usize,
@@ -331,7 +343,7 @@ pub(crate) enum Watch {
 
 /// `job_watch`: reads a job's outcome, or points its doorbell at `channel`.
 pub(crate) async fn job_watch(
-    con: &ConnectionManager,
+    con: &Conn,
     keys: &QueueKeys,
     id: &str,
     channel: &str,
@@ -364,7 +376,7 @@ pub(crate) async fn job_watch(
 
 /// `reliable_take`: moves up to `count` IDs into the worker's in-flight list.
 pub(crate) async fn reliable_take(
-    con: &ConnectionManager,
+    con: &Conn,
     keys: &QueueKeys,
     worker_id: &str,
     count: usize,
@@ -379,7 +391,7 @@ pub(crate) async fn reliable_take(
 
 /// `reliable_start`: issues a token and marks a taken job active.
 pub(crate) async fn reliable_start(
-    con: &ConnectionManager,
+    con: &Conn,
     keys: &QueueKeys,
     id: &str,
     settings: &StartSettings<'_>,
@@ -394,7 +406,8 @@ pub(crate) async fn reliable_start(
         .arg(settings.max_stalls.to_string())
         .arg(settings.worker_id)
         .arg(ms(settings.result_ttl))
-        .arg(settings.dead_max.to_string());
+        .arg(settings.dead_max.to_string())
+        .arg(notify(settings.sharded));
     let reply: Vec<Vec<u8>> = run(con, &call, keys, Some(id)).await?;
     let token = reply
         .get(5)
@@ -406,7 +419,7 @@ pub(crate) async fn reliable_start(
 /// `reliable_heartbeat`: keeps the worker (and so its jobs) alive for `ttl`.
 /// Returns false when the worker was not registered as alive.
 pub(crate) async fn reliable_heartbeat(
-    con: &ConnectionManager,
+    con: &Conn,
     keys: &QueueKeys,
     worker_id: &str,
     ttl: Duration,
@@ -422,7 +435,7 @@ pub(crate) async fn reliable_heartbeat(
 /// `reliable_find_dead`: workers whose heartbeat expired, or `None` when
 /// another worker holds the recovery guard.
 pub(crate) async fn reliable_find_dead(
-    con: &ConnectionManager,
+    con: &Conn,
     keys: &QueueKeys,
     guard: Duration,
     limit: usize,
@@ -444,7 +457,7 @@ pub(crate) async fn reliable_find_dead(
 /// `reliable_requeue_worker`: moves a worker's in-flight IDs back to the
 /// queue. `only_if_dead`: refuse (`None`) when its heartbeat is alive.
 pub(crate) async fn reliable_requeue_worker(
-    con: &ConnectionManager,
+    con: &Conn,
     keys: &QueueKeys,
     worker_id: &str,
     only_if_dead: bool,

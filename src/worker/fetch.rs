@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use crate::connection::Conn;
 use tokio_util::sync::CancellationToken;
 
 use super::{Backoff, Shared};
@@ -15,10 +15,19 @@ pub(crate) type Popped = (String, Vec<Vec<u8>>);
 /// Owns the worker's blocking connection, reconnecting when it drops.
 #[derive(Default)]
 pub(crate) struct Fetcher {
-    blocking: Option<(MultiplexedConnection, i64)>,
+    /// The blocking connection, and its CLIENT ID on a single server (used
+    /// to wake it at shutdown; on a cluster the block runs out instead).
+    blocking: Option<(Conn, Option<i64>)>,
     backoff: Backoff,
     reconnected: bool,
+    /// On a cluster, the keys of one blocking call must share a slot: with
+    /// several queues, each call blocks briefly on one queue, in turn.
+    rotation: usize,
 }
+
+/// How long each turn blocks on one queue when a cluster worker serves
+/// several queues.
+const CLUSTER_TURN: Duration = Duration::from_millis(100);
 
 impl Fetcher {
     /// One BLMPOP of up to `count` entries from the first non-empty list of
@@ -30,8 +39,15 @@ impl Fetcher {
         keys: &[String],
         count: usize,
     ) -> Result<Option<Popped>, Error> {
+        let (keys, timeout) = if shared.con.is_cluster() && keys.len() > 1 {
+            self.rotation = (self.rotation + 1) % keys.len();
+            let turn = shared.config.block_timeout.min(CLUSTER_TURN);
+            (&keys[self.rotation..=self.rotation], turn)
+        } else {
+            (keys, shared.config.block_timeout)
+        };
         let mut cmd = redis::cmd("BLMPOP");
-        cmd.arg(shared.config.block_timeout.as_secs_f64())
+        cmd.arg(timeout.as_secs_f64())
             .arg(keys.len())
             .arg(keys)
             .arg("RIGHT")
@@ -92,17 +108,19 @@ impl Fetcher {
         }
         let result = {
             let (con, client_id) = self.blocking.as_mut().expect("opened above");
+            let client_id = *client_id;
             let call = cmd.query_async::<T>(con);
             tokio::pin!(call);
             tokio::select! {
                 result = &mut call => result,
-                _ = shared.shutdown.cancelled() => {
+                _ = shared.shutdown.cancelled(), if client_id.is_none() => call.await,
+                _ = shared.shutdown.cancelled(), if client_id.is_some() => {
                     // The command may not be blocking yet when the first
                     // UNBLOCK arrives (UNBLOCK then answers 0): repeat.
                     loop {
                         let unblock: redis::RedisResult<i64> = redis::cmd("CLIENT")
                             .arg("UNBLOCK")
-                            .arg(*client_id)
+                            .arg(client_id.expect("checked above"))
                             .query_async(&mut shared.con.clone())
                             .await;
                         if let Err(e) = unblock {
@@ -133,10 +151,13 @@ impl Fetcher {
     }
 }
 
-async fn open(shared: &Shared) -> Result<(MultiplexedConnection, i64), Error> {
+async fn open(shared: &Shared) -> Result<(Conn, Option<i64>), Error> {
     let mut con = connection::blocking(&shared.client, &shared.config).await?;
+    if con.is_cluster() {
+        return Ok((con, None));
+    }
     let id: i64 = redis::cmd("CLIENT").arg("ID").query_async(&mut con).await?;
-    Ok((con, id))
+    Ok((con, Some(id)))
 }
 
 /// Sleeps for `delay`, or less when shutdown is requested.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
@@ -166,8 +166,8 @@ impl WorkerBuilder {
             .iter()
             .map(|q| QueueKeys::new(&self.config.prefix, q).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let client = connection::client(&self.config)?;
-        let con = connection::manager(&client, &self.config).await?;
+        let client = connection::backend(&self.config)?;
+        let con = connection::shared(&client, &self.config).await?;
         for keys in &queues {
             transitions::queue_register(&con, keys, self.mode).await?;
         }
@@ -253,8 +253,8 @@ pub struct Worker {
     mode: Mode,
     queues: Vec<Arc<QueueKeys>>,
     settings: Settings,
-    client: redis::Client,
-    con: ConnectionManager,
+    client: connection::Backend,
+    con: Conn,
     shutdown: CancellationToken,
 }
 
@@ -275,8 +275,8 @@ pub(crate) struct Shared {
     pub config: Config,
     pub settings: Settings,
     pub queues: Vec<Arc<QueueKeys>>,
-    pub client: redis::Client,
-    pub con: ConnectionManager,
+    pub client: connection::Backend,
+    pub con: Conn,
     pub handler: Erased,
     /// Cancelled when shutdown is requested: stop claiming.
     pub shutdown: CancellationToken,
@@ -405,7 +405,7 @@ impl Backoff {
 /// Runs a script call, retrying transient failures (dropped connection,
 /// failover, NOSCRIPT storms) for up to [`PERSIST_PATIENCE`].
 pub(crate) async fn persist<T: redis::FromRedisValue>(
-    con: &ConnectionManager,
+    con: &Conn,
     call: &Call,
     keys: &QueueKeys,
     job_id: Option<&str>,

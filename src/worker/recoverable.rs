@@ -178,6 +178,7 @@ pub(crate) fn start_settings(shared: &Shared) -> StartSettings<'_> {
         worker_id: &shared.id,
         result_ttl: shared.settings.result_ttl,
         dead_max: shared.settings.dead_letter_max,
+        sharded: shared.con.is_cluster(),
     }
 }
 
@@ -240,6 +241,7 @@ pub(crate) async fn finish(
                 (id, token),
                 &Finish::Completed(result),
                 ttl,
+                shared.con.is_cluster(),
             ),
             "complete",
         ),
@@ -251,7 +253,15 @@ pub(crate) async fn finish(
                 retry: o.retryable(),
             };
             (
-                transitions::job_finish(keys, mode, &claim, (id, token), &finish, ttl),
+                transitions::job_finish(
+                    keys,
+                    mode,
+                    &claim,
+                    (id, token),
+                    &finish,
+                    ttl,
+                    shared.con.is_cluster(),
+                ),
                 "fail",
             )
         }

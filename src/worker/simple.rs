@@ -201,7 +201,7 @@ async fn send_reply(
     let Ok(message) = pack(&reply, "reply message") else {
         return;
     };
-    let call = transitions::simple_reply(keys, channel, &message);
+    let call = transitions::simple_reply(keys, channel, &message, shared.con.is_cluster());
     if let Err(e) = persist::<i64>(&shared.con, &call, keys, Some(id)).await {
         tracing::error!(job = %id, error = %e, "could not deliver the outcome");
     }

@@ -1,12 +1,15 @@
 //! Shared test helpers.
 #![allow(dead_code)]
 
+pub mod redis_cluster;
 pub mod redis_server;
 
 use std::future::Future;
 use std::time::Duration;
 
 use job_async_redis::{Config, Job, Mode, ShutdownHandle, Worker, WorkerBuilder, WorkerStats};
+#[allow(unused_imports)]
+pub use redis_cluster::RedisCluster;
 pub use redis_server::RedisServer;
 use tokio::task::JoinHandle;
 

@@ -40,6 +40,18 @@ impl RedisServer {
         panic!("could not start redis-server on a free port after 10 attempts");
     }
 
+    /// Starts a server on `port` (which must be free).
+    pub fn start_on(port: u16, args: &[&str]) -> Self {
+        let mut server = Self {
+            child: None,
+            port,
+            dir: tempfile::tempdir().expect("temporary directory"),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        };
+        assert!(server.spawn(), "redis-server did not start on port {port}");
+        server
+    }
+
     fn spawn(&mut self) -> bool {
         let mut cmd = Command::new("redis-server");
         cmd.arg("--port")

@@ -1,0 +1,197 @@
+//! Redis Cluster: every mode on a real local cluster (3 primaries, 3
+//! replicas) with the same test bodies as on a single server, many queues
+//! spread over all primaries, sharded notifications, and a failover while
+//! reliable-mode workers run.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use job_async_redis::{Client, Config, Encoding, Error, Job, Mode, Worker};
+use support::{RedisCluster, RedisServer, eventually, queue_name, reverse, spawn_built};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn tuned(config: Config) -> Config {
+    config.block_timeout(Duration::from_millis(500))
+}
+
+/// One test body, two backends: every mode, both encodings, a batch each.
+async fn every_mode_round_trips(config: Config) {
+    let client = Client::connect(config.clone()).await.unwrap();
+    for mode in [Mode::Simple, Mode::Recoverable, Mode::Reliable] {
+        let q = queue_name(mode.as_str());
+        let builder = Worker::builder(config.clone())
+            .mode(mode)
+            .queue(&q)
+            .concurrency(4);
+        let worker = spawn_built(builder, reverse).await;
+        for enc in [Encoding::MessagePack, Encoding::Json] {
+            let queue = client.queue(&q, mode).await.unwrap().with_encoding(enc);
+            let texts: Vec<String> = (0..50).map(|i| format!("{mode} {enc:?} {i}")).collect();
+            for (t, h) in texts.iter().zip(queue.submit_many(&texts).await.unwrap()) {
+                let out: String = h.result_timeout(WAIT).await.unwrap();
+                assert_eq!(out, t.chars().rev().collect::<String>(), "{mode} {enc:?}");
+            }
+        }
+        assert_eq!(worker.stop().await.completed, 100, "{mode}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mode_on_a_single_server() {
+    let server = RedisServer::start();
+    every_mode_round_trips(tuned(Config::new(server.url()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_mode_on_a_cluster() {
+    let cluster = RedisCluster::start();
+    every_mode_round_trips(tuned(Config::new(cluster.url()))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_queues_spread_over_all_primaries() {
+    let cluster = RedisCluster::start();
+    let config = tuned(Config::new(cluster.url()));
+    let queues: Vec<String> = (0..12).map(|i| queue_name(&format!("spread{i}"))).collect();
+    let metas: Vec<String> = queues.iter().map(|q| format!("jq:{{{q}}}:meta")).collect();
+    assert_eq!(
+        cluster.primaries_serving(&metas),
+        3,
+        "the queues land on every primary"
+    );
+    // One recoverable worker serving all of them (it blocks on each in turn),
+    // and one simple worker serving all of them.
+    let mut rec = Worker::builder(config.clone())
+        .mode(Mode::Recoverable)
+        .concurrency(8);
+    for q in &queues {
+        rec = rec.queue(q.as_str());
+    }
+    let rec_worker = spawn_built(rec, reverse).await;
+    let client = Client::connect(config.clone()).await.unwrap();
+    let mut handles = Vec::new();
+    for q in &queues {
+        let queue = client.queue(q, Mode::Recoverable).await.unwrap();
+        for i in 0..20 {
+            handles.push((
+                format!("{q}/{i}"),
+                queue.submit(&format!("{q}/{i}")).await.unwrap(),
+            ));
+        }
+    }
+    for (text, h) in handles {
+        assert_eq!(
+            h.result_timeout::<String>(WAIT).await.unwrap(),
+            text.chars().rev().collect::<String>()
+        );
+    }
+    assert_eq!(rec_worker.stop().await.completed, 240);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_under_reliable_workers_loses_nothing() {
+    const JOBS: usize = 1500;
+    let cluster = RedisCluster::start();
+    let config = tuned(Config::new(cluster.url()));
+    let q = queue_name("failover");
+    let ran = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let ran = ran.clone();
+        move |job: Job<u64>| {
+            ran.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                Ok::<_, String>(job.payload * 2)
+            }
+        }
+    };
+    let builder = || {
+        Worker::builder(config.clone())
+            .mode(Mode::Reliable)
+            .queue(&q)
+            .concurrency(8)
+    };
+    let workers = [
+        spawn_built(builder(), handler.clone()).await,
+        spawn_built(builder(), handler).await,
+    ];
+    let client = Client::connect(config.clone()).await.unwrap();
+    let queue = client.queue(&q, Mode::Reliable).await.unwrap();
+    let numbers: Vec<u64> = (0..JOBS as u64).collect();
+    let handles = queue.submit_many(&numbers).await.unwrap();
+
+    // Fail the queue's primary over to its replica while the workers run.
+    eventually("the workers are busy", || ran.load(Ordering::SeqCst) > 200).await;
+    let (primary, replica) = cluster.primary_and_replica_of(&format!("jq:{{{q}}}:pending"));
+    let primary_port = primary.port();
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query(&mut replica.connection())
+        .unwrap();
+    eventually("the replica was promoted", || {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut replica.connection())
+            .unwrap();
+        info.contains("role:master")
+    })
+    .await;
+    let done_at_failover = ran.load(Ordering::SeqCst);
+    assert!(
+        done_at_failover < JOBS,
+        "the failover happened while jobs were still running"
+    );
+
+    for (n, h) in numbers.iter().zip(handles) {
+        assert_eq!(h.result_timeout::<u64>(WAIT).await.unwrap(), n * 2);
+    }
+    let mut completed = 0;
+    for w in workers {
+        let stats = w.stop().await;
+        completed += stats.completed;
+    }
+    // Every job's completion was accepted exactly once.
+    assert_eq!(completed, JOBS as u64);
+    let (new_primary, _) = cluster.primary_and_replica_of(&format!("jq:{{{q}}}:pending"));
+    assert_ne!(
+        new_primary.port(),
+        primary_port,
+        "the queue moved to the promoted replica"
+    );
+    println!(
+        "failover after {done_at_failover} of {JOBS} jobs; {} handler runs in all",
+        ran.load(Ordering::SeqCst)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_can_wait_for_replicas() {
+    let cluster = RedisCluster::start();
+    let q = queue_name("durable");
+    let base = tuned(Config::new(cluster.url()));
+    let client = Client::connect(base.clone().wait_for_replicas(1, Duration::from_secs(2)))
+        .await
+        .unwrap();
+    let queue = client.queue(&q, Mode::Recoverable).await.unwrap();
+    queue.submit("replicated").await.unwrap();
+    // No primary has three replicas: the job is queued, and the caller told.
+    let client = Client::connect(base.wait_for_replicas(3, Duration::from_millis(200)))
+        .await
+        .unwrap();
+    let queue = client.queue(&q, Mode::Recoverable).await.unwrap();
+    let err = queue.submit("not enough replicas").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::NotReplicated {
+                acked: 1,
+                wanted: 3
+            }
+        ),
+        "{err}"
+    );
+}
