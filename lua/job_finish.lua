@@ -1,9 +1,11 @@
 #!lua
 -- name: job_finish
--- version: 3
+-- version: 4
 -- Recoverable and reliable modes: records a job's outcome under its fencing
 -- token, drops its claim (lease or in-flight entry) and rings the client's
--- doorbell. A failure with
+-- doorbell. The doorbell carries the outcome (the same record as a
+-- simple-mode reply), so that a waiting client need not read the hash; the
+-- hash stays the source of truth. A failure with
 -- attempts left (and RETRY = 1) goes to the back of its queue instead.
 -- A completed job's payload is dropped; a failed job keeps it.
 -- A completion from a worker whose job was taken over by a newer attempt is
@@ -39,7 +41,7 @@ if (status ~= 'completed' and status ~= 'failed') or not ttl
     or (mode ~= 'recoverable' and mode ~= 'reliable') then
   return redis.error_reply('JQ_BAD_ARGS expected status completed or failed, a ttl and a mode')
 end
-local job = redis.call('HMGET', KEYS[1], 'state', 'token', 'client', 'attempt', 'max_attempts')
+local job = redis.call('HMGET', KEYS[1], 'state', 'token', 'client', 'attempt', 'max_attempts', 'enc')
 local state = job[1]
 if not state then
   return redis.error_reply('JQ_NO_JOB ' .. id)
@@ -73,7 +75,29 @@ else
     'finished_ms', now_ms)
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
+-- MessagePack by hand: Lua's cmsgpack has no bin type for the result.
+local function header(small, code, n)
+  if small and n < 32 then
+    return string.char(small + n)
+  elseif n < 256 then
+    return string.char(code, n)
+  elseif n < 65536 then
+    return string.char(code + 1, math.floor(n / 256), n % 256)
+  end
+  return string.char(code + 2, math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+    math.floor(n / 256) % 256, n % 256)
+end
+local function str(s) return header(0xa0, 0xd9, #s) .. s end
+local function bin(s) return header(nil, 0xc4, #s) .. s end
 if job[3] and job[3] ~= '' then
-  redis.call(ARGV[9] == 'spublish' and 'SPUBLISH' or 'PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[3], cmsgpack.pack({id = id, status = status}))
+  local bell
+  if status == 'completed' then
+    bell = '\132' .. str('id') .. str(id) .. str('status') .. str(status)
+      .. str('enc') .. str(job[6] or '') .. str('result') .. bin(ARGV[4])
+  else
+    bell = '\131' .. str('id') .. str(id) .. str('status') .. str(status)
+      .. str('error') .. '\130' .. str('kind') .. str(ARGV[4]) .. str('message') .. str(ARGV[5])
+  end
+  redis.call(ARGV[9] == 'spublish' and 'SPUBLISH' or 'PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[3], bell)
 end
 return status

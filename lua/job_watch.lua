@@ -1,6 +1,6 @@
 #!lua
 -- name: job_watch
--- version: 2
+-- version: 3
 -- Recoverable mode: a client's look at a job it awaits. When the job has an
 -- outcome, returns it. Otherwise makes the caller the client whose reply
 -- channel will announce the outcome (the latest watcher gets the doorbell;
@@ -12,7 +12,9 @@
 -- ARGV[1]  client ID       at most 64 bytes, or "" to only read
 --
 -- Reply:   {"missing"}                          no such job (expired or never existed)
---          {state}                              "queued" or "active"
+--          {state}                              "queued" or "active", or
+--                                               "invalid" for a hash with no state
+--                                               (a worker will fail it)
 --          {"completed", enc, result}
 --          {"failed" | "dead", error kind, error message}
 --          {"failed", "decode", message}   the job key holds another Redis type
@@ -26,7 +28,7 @@ if job.err then
   return {'failed', 'decode', 'the job key is not a hash: ' .. job.err}
 end
 local state = job[1]
-if not state then
+if not state and redis.call('EXISTS', KEYS[1]) == 0 then
   return {'missing'}
 end
 if state == 'completed' then
@@ -38,4 +40,4 @@ end
 if ARGV[1] ~= '' then
   redis.call('HSET', KEYS[1], 'client', ARGV[1])
 end
-return {state}
+return {state or 'invalid'}

@@ -109,10 +109,12 @@ impl JobHandle {
             }
             tokio::select! {
                 bell = self.waiter.recv(), if !rung => {
-                    if bell.is_none() {
-                        return Err(Error::ClientClosed { job_id: self.id });
+                    match bell {
+                        None => return Err(Error::ClientClosed { job_id: self.id }),
+                        // The doorbell carries the outcome: no need to read it.
+                        Some(reply) if carries_outcome(&reply) => return decode_reply(reply),
+                        Some(_) => rung = true,
                     }
-                    rung = true;
                 }
                 _ = stored.reconnects.changed() => {}
                 _ = tokio::time::sleep(stored.poll) => {}
@@ -142,7 +144,14 @@ fn decode_result<R: DeserializeOwned>(enc_name: &str, bytes: &[u8]) -> Result<R,
     enc.decode(bytes, "result")
 }
 
-/// Turns a simple-mode outcome message into the caller's result.
+/// True when a doorbell carries the job's outcome (`job_finish` writes it;
+/// other doorbells only say that the job finished).
+fn carries_outcome(reply: &Reply) -> bool {
+    (reply.status == COMPLETED && reply.result.is_some()) || reply.error.is_some()
+}
+
+/// Turns an outcome message (a simple-mode reply, or a doorbell that
+/// carries the outcome) into the caller's result.
 pub(crate) fn decode_reply<R: DeserializeOwned>(reply: Reply) -> Result<R, Error> {
     if reply.status == COMPLETED {
         let bytes: &[u8] = reply.result.as_ref().map_or(&[], |b| b.as_slice());

@@ -492,3 +492,48 @@ async fn a_late_completion_is_accepted_when_nobody_else_took_the_job() {
     let stats = worker.stop();
     assert_eq!((stats.completed, stats.lease_lost), (1, 0), "{stats:?}");
 }
+
+#[tokio::test]
+async fn outcomes_of_every_size_arrive_with_the_doorbell() {
+    let server = RedisServer::start();
+    let q = queue_name("doorbell");
+    let worker = spawn_built(
+        recoverable(config(&server), &q),
+        |job: Job<usize>| async move {
+            if job.payload == 0 {
+                return Err("é".repeat(40_000)); // a long failure message (str32)
+            }
+            Ok(serde_bytes::ByteBuf::from(
+                (0..job.payload)
+                    .map(|i| (i % 256) as u8)
+                    .collect::<Vec<u8>>(),
+            ))
+        },
+    )
+    .await;
+    let client = Client::connect(config(&server)).await.unwrap();
+    let queue = client.queue(&q, Mode::Recoverable).await.unwrap();
+    // Lengths that take each MessagePack bin header: 8, 16 and 32 bits.
+    for len in [1usize, 200, 1000, 70_000] {
+        let bytes: serde_bytes::ByteBuf = queue
+            .submit(&len)
+            .await
+            .unwrap()
+            .result_timeout(WAIT)
+            .await
+            .unwrap();
+        assert_eq!(bytes.len(), len);
+        assert!(bytes.iter().enumerate().all(|(i, b)| *b == (i % 256) as u8));
+    }
+    let err = queue
+        .submit(&0usize)
+        .await
+        .unwrap()
+        .result_timeout::<serde_bytes::ByteBuf>(WAIT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::JobFailed { kind: FailureKind::Handler, message, .. } if *message == "é".repeat(40_000))
+    );
+    worker.stop().await;
+}
