@@ -1,6 +1,6 @@
 #!lua
 -- name: job_submit
--- version: 1
+-- version: 2
 -- Recoverable and reliable modes: stores one or more jobs, each in its own
 -- hash in state "queued", and appends their IDs to the queue's pending
 -- list, all at once. In recoverable mode it also pushes one ticket per job
@@ -64,10 +64,22 @@ local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
 local len = 0
 for i = 1, n do
   local a = 2 + 6 * (i - 1)
-  redis.call('HSET', KEYS[3 + i],
-    'state', 'queued', 'enc', ARGV[a + 2], 'payload', ARGV[a + 3],
-    'client', ARGV[a + 4], 'lease_ms', ARGV[a + 5], 'max_attempts', ARGV[a + 6],
-    'submitted_ms', now_ms, 'attempt', 0, 'stalls', 0, 'token', 0)
+  -- Fields at their default value (client "", lease_ms 0, max_attempts 1,
+  -- attempt, stalls and token 0) are not written: less memory and CPU.
+  local fields = {'state', 'queued', 'enc', ARGV[a + 2], 'payload', ARGV[a + 3], 'submitted_ms', now_ms}
+  if ARGV[a + 4] ~= '' then
+    fields[#fields + 1] = 'client'
+    fields[#fields + 1] = ARGV[a + 4]
+  end
+  if tonumber(ARGV[a + 5]) ~= 0 then
+    fields[#fields + 1] = 'lease_ms'
+    fields[#fields + 1] = ARGV[a + 5]
+  end
+  if tonumber(ARGV[a + 6]) ~= 1 then
+    fields[#fields + 1] = 'max_attempts'
+    fields[#fields + 1] = ARGV[a + 6]
+  end
+  redis.call('HSET', KEYS[3 + i], unpack(fields))
   len = redis.call('LPUSH', KEYS[2], ARGV[a + 1])
 end
 if ARGV[1] == 'recoverable' then

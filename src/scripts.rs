@@ -320,7 +320,7 @@ mod tests {
         ("job_release", 2, "a8bdf1e310ed14f5078839b8b6751b1bf1c2409a"),
         ("job_requeue_stale", 1, "428e9aee6bc089ec43b669493619d01e1197ca23"),
         ("job_start", 3, "6a0f5b38aa585d3966aebc24b185d8c0e527a8ba"),
-        ("job_submit", 1, "ffd9069e246ca2c6f943417e6f6c35457d649d07"),
+        ("job_submit", 2, "1c583018226d3f553591fc68e560bb5a91194846"),
         ("job_watch", 3, "db3b5e5905289d398d173c785b8696006e32cb90"),
         ("queue_register", 1, "aa74a74df04db0536b0cfb3a4761413dcb759208"),
         ("reliable_find_dead", 1, "d27a14eabb1c3d8aad1491ec3d630cb2e439944d"),
