@@ -56,15 +56,28 @@ async fn every_mode_on_a_cluster() {
 async fn many_queues_spread_over_all_primaries() {
     let cluster = RedisCluster::start();
     let config = tuned(Config::new(cluster.url()));
-    let queues: Vec<String> = (0..12).map(|i| queue_name(&format!("spread{i}"))).collect();
+    // Four queues on each of the three primaries (names drawn until they
+    // cover every primary).
+    let mut per_primary: std::collections::BTreeMap<u16, Vec<String>> = Default::default();
+    while per_primary.len() < 3 || per_primary.values().any(|qs| qs.len() < 4) {
+        let q = queue_name("spread");
+        let port = cluster
+            .primary_and_replica_of(&format!("jq:{{{q}}}:meta"))
+            .0
+            .port();
+        let bucket = per_primary.entry(port).or_default();
+        if bucket.len() < 4 {
+            bucket.push(q);
+        }
+    }
+    let queues: Vec<String> = per_primary.into_values().flatten().collect();
     let metas: Vec<String> = queues.iter().map(|q| format!("jq:{{{q}}}:meta")).collect();
     assert_eq!(
         cluster.primaries_serving(&metas),
         3,
         "the queues land on every primary"
     );
-    // One recoverable worker serving all of them (it blocks on each in turn),
-    // and one simple worker serving all of them.
+    // One recoverable worker serving all of them (it blocks on each in turn).
     let mut rec = Worker::builder(config.clone())
         .mode(Mode::Recoverable)
         .concurrency(8);

@@ -104,12 +104,12 @@ async fn a_least_privilege_acl_user_can_run_everything() {
     // sweep, watch and status, all as the same user.
     let rq = queue_name("acl-rec");
     let worker = support::spawn_built(
-        support::recoverable(config.clone(), &rq).lease(Duration::from_millis(300)),
+        support::recoverable(config.clone(), &rq).lease(Duration::from_millis(1000)),
         |job: Job<u32>| async move {
             if job.attempt == 1 {
                 return Err("again".to_string());
             }
-            tokio::time::sleep(Duration::from_millis(450)).await; // outlives a lease: heartbeat
+            tokio::time::sleep(Duration::from_millis(1400)).await; // outlives a lease: heartbeat
             Ok(job.payload + 1)
         },
     )
