@@ -46,6 +46,10 @@ struct Args {
     /// Queues the jobs are spread over.
     #[arg(long, default_value_t = 1)]
     queues: usize,
+    /// How long finished jobs' hashes are kept (recoverable and reliable
+    /// modes), in milliseconds. Default: the library's (24 hours).
+    #[arg(long)]
+    result_ttl_ms: Option<u64>,
     /// Use a local Redis Cluster (3 primaries, 3 replicas).
     #[arg(long)]
     cluster: bool,
@@ -60,6 +64,7 @@ struct Counters {
     commands: u64,
     cpu_us: f64,
     dataset: i64,
+    used: i64,
 }
 
 struct Target {
@@ -158,6 +163,9 @@ struct Phase {
     memory_bytes_per_queued_job: Option<f64>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     latency_ms: BTreeMap<String, f64>,
+    /// Highest Redis used_memory seen during the phase, in MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peak_memory_mib: Option<f64>,
 }
 
 fn phase(name: &str, jobs: usize, started: Instant, before: Counters, after: Counters) -> Phase {
@@ -274,21 +282,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         workers.push((shutdown, tokio::spawn(worker.run(handler.clone()))));
     }
     let mut last = 0;
+    let mut peak = 0;
     while done.load(Ordering::Relaxed) < total_jobs {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let now = done.load(Ordering::Relaxed);
-        if !args.json && now / 10_000 > last / 10_000 {
-            eprintln!("  {now} of {total_jobs}");
+        if now / 10_000 > last / 10_000 {
+            peak = peak.max(counters(&target.primaries).used);
+            if !args.json {
+                eprintln!("  {now} of {total_jobs}");
+            }
         }
         last = now;
     }
-    let processing = phase(
-        "process backlog",
-        total_jobs,
-        started,
-        before,
-        counters(&target.primaries),
-    );
+    let after = counters(&target.primaries);
+    let mut processing = phase("process backlog", total_jobs, started, before, after);
+    processing.peak_memory_mib = Some(peak.max(after.used) as f64 / 1_048_576.0);
     phases.push(processing);
 
     // 4. Round trips: submit one job, await its result, repeat.
@@ -365,6 +373,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             "{:<18} {:>8} {:>10.0} {:>12.2} {:>14.1} {:>12} {:>22}",
             p.name, p.jobs, p.jobs_per_second, p.commands_per_job, p.redis_cpu_us_per_job, mem, lat
         );
+    }
+    if let Some(peak) = phases.iter().find_map(|p| p.peak_memory_mib) {
+        println!("peak Redis used_memory while processing: {peak:.1} MiB");
     }
     Ok(())
 }
