@@ -135,6 +135,9 @@ fn counters(primaries: &[String]) -> Counters {
         total.dataset += field("used_memory_dataset:")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
+        total.used += field("used_memory:")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         total.commands += info
             .lines()
             .filter(|l| l.starts_with("cmdstat_") && !l.starts_with("cmdstat_info:"))
@@ -274,6 +277,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut builder = Worker::builder(config.clone())
             .mode(mode)
             .concurrency(args.concurrency);
+        if let Some(ttl) = args.result_ttl_ms {
+            builder = builder.result_ttl(Duration::from_millis(ttl));
+        }
         for q in group {
             builder = builder.queue(q);
         }
