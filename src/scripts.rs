@@ -100,11 +100,12 @@ pub(crate) enum Name {
     ReliableHeartbeat,
     ReliableFindDead,
     ReliableRequeueWorker,
+    JobFinishBatch,
 }
 
 impl Name {
     #[cfg(test)]
-    const ALL: [Name; 18] = [
+    const ALL: [Name; 19] = [
         Name::QueueRegister,
         Name::SimpleSubmit,
         Name::SimpleReply,
@@ -123,6 +124,7 @@ impl Name {
         Name::ReliableHeartbeat,
         Name::ReliableFindDead,
         Name::ReliableRequeueWorker,
+        Name::JobFinishBatch,
     ];
 
     fn file_stem(self) -> &'static str {
@@ -142,6 +144,7 @@ impl Name {
             Name::ReliableHeartbeat => "reliable_heartbeat",
             Name::ReliableFindDead => "reliable_find_dead",
             Name::ReliableRequeueWorker => "reliable_requeue_worker",
+            Name::JobFinishBatch => "job_finish_batch",
             Name::SimpleReply => "simple_reply",
             Name::SimpleRequeue => "simple_requeue",
             Name::SimpleDead => "simple_dead",
@@ -317,6 +320,7 @@ mod tests {
         ("job_claim", 1, "2241f971bf68d8dd6a78a1374922dcbadf611f76"),
         ("job_extend", 1, "db82ab5ed1a6fbb32b5edfa00951586441173ee2"),
         ("job_finish", 4, "adc4b5759cb5b8fdf1ac934e3768a14e37ec8f6e"),
+        ("job_finish_batch", 1, "5ab5e324ab5abcc62bb245012400c8d5f3d24fad"),
         ("job_release", 2, "a8bdf1e310ed14f5078839b8b6751b1bf1c2409a"),
         ("job_requeue_stale", 1, "428e9aee6bc089ec43b669493619d01e1197ca23"),
         ("job_start", 3, "6a0f5b38aa585d3966aebc24b185d8c0e527a8ba"),

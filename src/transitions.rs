@@ -272,6 +272,112 @@ pub(crate) fn job_finish(
         .arg(notify(sharded))
 }
 
+/// One job of a `job_finish_batch` call.
+pub(crate) struct BatchItem {
+    pub id: String,
+    pub token: String,
+    pub finish: OwnedFinish,
+}
+
+/// How a job ended, owned (for `job_finish_batch`).
+pub(crate) enum OwnedFinish {
+    Completed(Vec<u8>),
+    Failed {
+        kind: String,
+        message: String,
+        retry: bool,
+    },
+}
+
+/// `job_finish_batch` (or `job_finish` for a lone outcome): records the
+/// outcomes of several jobs of one queue in one call. Returns, per job, its
+/// new state or the typed refusal.
+pub(crate) async fn job_finish_batch(
+    con: &Conn,
+    keys: &QueueKeys,
+    (mode, claim): (Mode, &str),
+    items: &[BatchItem],
+    result_ttl: Duration,
+    sharded: bool,
+) -> Result<Vec<Result<String, Error>>, Error> {
+    if let [item] = items {
+        // A lone outcome: the single-job script.
+        let finish = match &item.finish {
+            OwnedFinish::Completed(result) => Finish::Completed(result),
+            OwnedFinish::Failed {
+                kind,
+                message,
+                retry,
+            } => Finish::Failed {
+                kind,
+                message,
+                retry: *retry,
+            },
+        };
+        let call = job_finish(
+            keys,
+            mode,
+            claim,
+            (&item.id, &item.token),
+            &finish,
+            result_ttl,
+            sharded,
+        );
+        return match super::worker::persist::<String>(con, &call, keys, Some(&item.id)).await {
+            Err(
+                e @ (Error::JobNotFound { .. } | Error::LeaseLost { .. } | Error::NotActive { .. }),
+            ) => Ok(vec![Err(e)]),
+            other => Ok(vec![Ok(other?)]),
+        };
+    }
+    let mut call = scripts::get(Name::JobFinishBatch)
+        .call()
+        .key(claim)
+        .key(keys.pending())
+        .key(keys.tickets())
+        .arg(ms(result_ttl))
+        .arg(mode.as_str())
+        .arg(notify(sharded));
+    for item in items {
+        call = call.key(keys.job(&item.id)).arg(&item.id).arg(&item.token);
+        call = match &item.finish {
+            OwnedFinish::Completed(result) => call.arg("completed").arg(result).arg("").arg("0"),
+            OwnedFinish::Failed {
+                kind,
+                message,
+                retry,
+            } => call
+                .arg("failed")
+                .arg(kind)
+                .arg(message)
+                .arg(if *retry { "1" } else { "0" }),
+        };
+    }
+    let replies: Vec<String> = super::worker::persist(con, &call, keys, None).await?;
+    Ok(items
+        .iter()
+        .zip(replies)
+        .map(|(item, reply)| {
+            let (code, detail) = reply.split_once(' ').unwrap_or((reply.as_str(), ""));
+            match code {
+                "JQ_NO_JOB" => Err(Error::JobNotFound {
+                    queue: keys.queue().to_owned(),
+                    job_id: item.id.clone(),
+                }),
+                "JQ_LEASE_LOST" => Err(Error::LeaseLost {
+                    job_id: item.id.clone(),
+                    current_token: detail.to_owned(),
+                }),
+                "JQ_ALREADY_FINISHED" => Err(Error::NotActive {
+                    job_id: item.id.clone(),
+                    state: detail.to_owned(),
+                }),
+                _ => Ok(reply.clone()),
+            }
+        })
+        .collect())
+}
+
 /// `job_release`: gives a running job back to its queue unfinished.
 pub(crate) fn job_release(
     keys: &QueueKeys,

@@ -289,6 +289,8 @@ pub(crate) struct Shared {
     pub active: recoverable::Active,
     /// Reliable mode: when the heartbeat last succeeded.
     pub last_beat: std::sync::Mutex<Option<Instant>>,
+    /// Recoverable and reliable modes: where outcomes go to be recorded.
+    pub finisher: tokio::sync::mpsc::UnboundedSender<recoverable::FinishRequest>,
 }
 
 impl Worker {
@@ -341,6 +343,7 @@ impl Worker {
         F: Fn(Job<P>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<R, E>> + Send + 'static,
     {
+        let (finisher, finish_requests) = tokio::sync::mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             handler: execute::erase(handler, self.config.max_payload_bytes),
             id: self.id,
@@ -355,13 +358,17 @@ impl Worker {
             counters: Counters::default(),
             active: recoverable::Active::default(),
             last_beat: std::sync::Mutex::new(None),
+            finisher,
         });
         // Dropped at the end of this function, or with its future.
-        let background = match self.mode {
+        let mut background = match self.mode {
             Mode::Simple => Vec::new(),
             Mode::Recoverable => recoverable::background(&shared),
             Mode::Reliable => reliable::background(&shared),
         };
+        background.push(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            recoverable::finisher(shared.clone(), finish_requests),
+        )));
         let mut tasks = JoinSet::new();
         let fetched = match self.mode {
             Mode::Simple => simple::fetch_loop(&shared, &mut tasks).await,

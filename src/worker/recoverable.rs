@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 
@@ -22,7 +22,7 @@ use super::{Backoff, Counters, Shared, persist};
 use crate::error::Error;
 use crate::keys::QueueKeys;
 use crate::mode::Mode;
-use crate::transitions::{self, Finish, Start, StartSettings};
+use crate::transitions::{self, BatchItem, OwnedFinish, Start, StartSettings};
 
 /// Most jobs one sweep call requeues.
 const SWEEP_LIMIT: usize = 1000;
@@ -187,7 +187,7 @@ pub(crate) fn start_settings(shared: &Shared) -> StartSettings<'_> {
 pub(crate) async fn run_started(
     shared: &Shared,
     mode: Mode,
-    keys: &QueueKeys,
+    keys: &Arc<QueueKeys>,
     (id, token): (&str, &str),
     start: Start,
 ) {
@@ -217,62 +217,65 @@ pub(crate) async fn run_started(
 }
 
 /// Records the outcome; an abandoned job (grace period over) goes back to
-/// its queue at once. Shared by recoverable and reliable modes.
+/// its queue at once. Shared by recoverable and reliable modes. Outcomes go
+/// through the worker's finisher, which records all the outcomes of a queue
+/// that are waiting at once in one `job_finish_batch` call.
 pub(crate) async fn finish(
     shared: &Shared,
     mode: Mode,
-    keys: &QueueKeys,
+    keys: &Arc<QueueKeys>,
     (id, token): (&str, &str),
     outcome: Option<Outcome>,
 ) {
-    let claim = transitions::claim_key(keys, mode, &shared.id);
     let c = &shared.counters;
-    let ttl = shared.settings.result_ttl;
-    let (call, kind) = match &outcome {
-        None => (
-            transitions::job_release(keys, mode, &claim, id, token),
-            "release",
-        ),
-        Some(Outcome::Completed(result)) => (
-            transitions::job_finish(
-                keys,
-                mode,
-                &claim,
-                (id, token),
-                &Finish::Completed(result),
-                ttl,
-                shared.con.is_cluster(),
-            ),
-            "complete",
-        ),
-        Some(o @ Outcome::Failed(failure, message)) => {
-            tracing::info!(job = %id, queue = keys.queue(), %failure, message, "job failed");
-            let finish = Finish::Failed {
-                kind: failure.as_str(),
-                message,
-                retry: o.retryable(),
+    let Some(outcome) = outcome else {
+        let claim = transitions::claim_key(keys, mode, &shared.id);
+        let call = transitions::job_release(keys, mode, &claim, id, token);
+        match persist::<redis::Value>(&shared.con, &call, keys, Some(id)).await {
+            Ok(_) => Counters::add(&c.returned, 1),
+            Err(e) => {
+                tracing::error!(job = %id, error = %e, "could not give the job back; its lease will run out")
+            }
+        }
+        return;
+    };
+    let completed = matches!(outcome, Outcome::Completed(_));
+    let finish = match outcome {
+        Outcome::Completed(result) => OwnedFinish::Completed(result),
+        o @ Outcome::Failed(..) => {
+            let retry = o.retryable();
+            let Outcome::Failed(failure, message) = o else {
+                unreachable!()
             };
-            (
-                transitions::job_finish(
-                    keys,
-                    mode,
-                    &claim,
-                    (id, token),
-                    &finish,
-                    ttl,
-                    shared.con.is_cluster(),
-                ),
-                "fail",
-            )
+            tracing::info!(job = %id, queue = keys.queue(), %failure, message, "job failed");
+            OwnedFinish::Failed {
+                kind: failure.as_str().to_owned(),
+                message,
+                retry,
+            }
         }
     };
-    match persist::<redis::Value>(&shared.con, &call, keys, Some(id)).await {
-        Ok(redis::Value::BulkString(state)) if state == b"queued" => Counters::add(&c.retried, 1),
-        Ok(_) => match kind {
-            "release" => Counters::add(&c.returned, 1),
-            "complete" => Counters::add(&c.completed, 1),
-            _ => Counters::add(&c.failed, 1),
+    let (done, result) = oneshot::channel();
+    let request = FinishRequest {
+        keys: keys.clone(),
+        mode,
+        item: BatchItem {
+            id: id.to_owned(),
+            token: token.to_owned(),
+            finish,
         },
+        done,
+    };
+    let recorded = match shared.finisher.send(request) {
+        Ok(()) => result
+            .await
+            .unwrap_or_else(|_| Err(Error::Config("the finisher stopped".into()))),
+        Err(_) => Err(Error::Config("the finisher stopped".into())),
+    };
+    match recorded {
+        Ok(state) if state == "queued" => Counters::add(&c.retried, 1),
+        Ok(_) if completed => Counters::add(&c.completed, 1),
+        Ok(_) => Counters::add(&c.failed, 1),
         Err(e @ Error::LeaseLost { .. }) => {
             tracing::warn!(job = %id, error = %e, "outcome refused: a newer attempt owns the job");
             Counters::add(&c.lease_lost, 1);
@@ -283,6 +286,81 @@ pub(crate) async fn finish(
         }
         Err(e) => {
             tracing::error!(job = %id, error = %e, "could not record the outcome; the lease will run out")
+        }
+    }
+}
+
+/// An outcome waiting for the finisher.
+pub(crate) struct FinishRequest {
+    keys: Arc<QueueKeys>,
+    mode: Mode,
+    item: BatchItem,
+    done: oneshot::Sender<Result<String, Error>>,
+}
+
+/// Most outcomes in one `job_finish_batch` call.
+const FINISH_BATCH: usize = 100;
+
+/// Records outcomes: takes every request waiting, and sends one
+/// `job_finish_batch` call per queue (a queue's keys share one slot). While a
+/// call is in flight, new outcomes gather for the next one, so the batches
+/// grow with the load and a lone outcome goes out at once.
+pub(crate) async fn finisher(
+    shared: Arc<Shared>,
+    mut requests: mpsc::UnboundedReceiver<FinishRequest>,
+) {
+    loop {
+        let first = tokio::select! {
+            r = requests.recv() => match r {
+                Some(r) => r,
+                None => return,
+            },
+            _ = shared.finished.cancelled() => return,
+        };
+        let mut waiting = vec![first];
+        while waiting.len() < FINISH_BATCH {
+            match requests.try_recv() {
+                Ok(r) => waiting.push(r),
+                Err(_) => break,
+            }
+        }
+        while !waiting.is_empty() {
+            let queue = waiting[0].keys.queue().to_owned();
+            let (batch, rest): (Vec<_>, Vec<_>) =
+                waiting.into_iter().partition(|r| r.keys.queue() == queue);
+            waiting = rest;
+            let (keys, mode) = (batch[0].keys.clone(), batch[0].mode);
+            let claim = transitions::claim_key(&keys, mode, &shared.id);
+            let (items, dones): (Vec<BatchItem>, Vec<_>) =
+                batch.into_iter().map(|r| (r.item, r.done)).unzip();
+            let ttl = shared.settings.result_ttl;
+            let sharded = shared.con.is_cluster();
+            match transitions::job_finish_batch(
+                &shared.con,
+                &keys,
+                (mode, &claim),
+                &items,
+                ttl,
+                sharded,
+            )
+            .await
+            {
+                Ok(results) => {
+                    for (done, result) in dones.into_iter().zip(results) {
+                        let _ = done.send(result);
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for done in dones {
+                        let _ = done.send(Err(Error::Script {
+                            script: "job_finish_batch",
+                            code: "JQ_UNRECORDED".into(),
+                            message: message.clone(),
+                        }));
+                    }
+                }
+            }
         }
     }
 }
