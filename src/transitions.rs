@@ -255,19 +255,8 @@ pub(crate) fn job_finish(
         .key(keys.tickets())
         .arg(id)
         .arg(token);
-    let call = match finish {
-        Finish::Completed(result) => call.arg("completed").arg(result).arg("").arg("0"),
-        Finish::Failed {
-            kind,
-            message,
-            retry,
-        } => call
-            .arg("failed")
-            .arg(kind)
-            .arg(message)
-            .arg(if *retry { "1" } else { "0" }),
-    };
-    call.arg(ms(result_ttl))
+    outcome_args(call, finish)
+        .arg(ms(result_ttl))
         .arg(mode.as_str())
         .arg(notify(sharded))
 }
@@ -289,6 +278,40 @@ pub(crate) enum OwnedFinish {
     },
 }
 
+impl OwnedFinish {
+    fn borrowed(&self) -> Finish<'_> {
+        match self {
+            OwnedFinish::Completed(result) => Finish::Completed(result),
+            OwnedFinish::Failed {
+                kind,
+                message,
+                retry,
+            } => Finish::Failed {
+                kind,
+                message,
+                retry: *retry,
+            },
+        }
+    }
+}
+
+/// The four outcome arguments of `job_finish` (status, result or kind,
+/// message, retry), also used per job by `job_finish_batch`.
+fn outcome_args(call: Call, finish: &Finish<'_>) -> Call {
+    match finish {
+        Finish::Completed(result) => call.arg("completed").arg(result).arg("").arg("0"),
+        Finish::Failed {
+            kind,
+            message,
+            retry,
+        } => call
+            .arg("failed")
+            .arg(kind)
+            .arg(message)
+            .arg(if *retry { "1" } else { "0" }),
+    }
+}
+
 /// `job_finish_batch` (or `job_finish` for a lone outcome): records the
 /// outcomes of several jobs of one queue in one call. Returns, per job, its
 /// new state or the typed refusal.
@@ -302,18 +325,7 @@ pub(crate) async fn job_finish_batch(
 ) -> Result<Vec<Result<String, Error>>, Error> {
     if let [item] = items {
         // A lone outcome: the single-job script.
-        let finish = match &item.finish {
-            OwnedFinish::Completed(result) => Finish::Completed(result),
-            OwnedFinish::Failed {
-                kind,
-                message,
-                retry,
-            } => Finish::Failed {
-                kind,
-                message,
-                retry: *retry,
-            },
-        };
+        let finish = item.finish.borrowed();
         let call = job_finish(
             keys,
             mode,
@@ -340,18 +352,7 @@ pub(crate) async fn job_finish_batch(
         .arg(notify(sharded));
     for item in items {
         call = call.key(keys.job(&item.id)).arg(&item.id).arg(&item.token);
-        call = match &item.finish {
-            OwnedFinish::Completed(result) => call.arg("completed").arg(result).arg("").arg("0"),
-            OwnedFinish::Failed {
-                kind,
-                message,
-                retry,
-            } => call
-                .arg("failed")
-                .arg(kind)
-                .arg(message)
-                .arg(if *retry { "1" } else { "0" }),
-        };
+        call = outcome_args(call, &item.finish.borrowed());
     }
     let replies: Vec<String> = super::worker::persist(con, &call, keys, None).await?;
     Ok(items
