@@ -225,8 +225,19 @@ pub(crate) fn from_script(
     let Some(code) = err.code().filter(|c| c.starts_with("JQ_")) else {
         return Error::Redis(err);
     };
-    let code = code.to_owned();
-    let detail = err.detail().unwrap_or("").to_owned();
+    from_code(code, err.detail().unwrap_or(""), script, queue, job_id)
+}
+
+/// Maps a script's refusal, given as its code (`JQ_...`) and the rest of its
+/// message, to an [`Error`]. Also used for the per-job refusals that
+/// `job_finish_batch` returns as text.
+pub(crate) fn from_code(
+    code: &str,
+    detail: &str,
+    script: &'static str,
+    queue: &str,
+    job_id: Option<&str>,
+) -> Error {
     let mut words = detail.split_whitespace();
     let mut two = || -> (String, String) {
         (
@@ -234,7 +245,7 @@ pub(crate) fn from_script(
             words.next().unwrap_or("?").to_owned(),
         )
     };
-    match code.as_str() {
+    match code {
         "JQ_MODE_MISMATCH" => {
             let (existing, requested) = two();
             Error::ModeMismatch {
@@ -272,8 +283,8 @@ pub(crate) fn from_script(
         },
         _ => Error::Script {
             script,
-            code,
-            message: detail,
+            code: code.to_owned(),
+            message: detail.to_owned(),
         },
     }
 }

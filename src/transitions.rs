@@ -279,7 +279,7 @@ pub(crate) enum OwnedFinish {
 }
 
 impl OwnedFinish {
-    fn borrowed(&self) -> Finish<'_> {
+    pub(crate) fn borrowed(&self) -> Finish<'_> {
         match self {
             OwnedFinish::Completed(result) => Finish::Completed(result),
             OwnedFinish::Failed {
@@ -312,36 +312,15 @@ fn outcome_args(call: Call, finish: &Finish<'_>) -> Call {
     }
 }
 
-/// `job_finish_batch` (or `job_finish` for a lone outcome): records the
-/// outcomes of several jobs of one queue in one call. Returns, per job, its
-/// new state or the typed refusal.
-pub(crate) async fn job_finish_batch(
-    con: &Conn,
+/// `job_finish_batch`: records the outcomes of several jobs of one queue in
+/// one call. Parse its reply with [`finish_batch_results`].
+pub(crate) fn job_finish_batch(
     keys: &QueueKeys,
     (mode, claim): (Mode, &str),
     items: &[BatchItem],
     result_ttl: Duration,
     sharded: bool,
-) -> Result<Vec<Result<String, Error>>, Error> {
-    if let [item] = items {
-        // A lone outcome: the single-job script.
-        let finish = item.finish.borrowed();
-        let call = job_finish(
-            keys,
-            mode,
-            claim,
-            (&item.id, &item.token),
-            &finish,
-            result_ttl,
-            sharded,
-        );
-        return match super::worker::persist::<String>(con, &call, keys, Some(&item.id)).await {
-            Err(
-                e @ (Error::JobNotFound { .. } | Error::LeaseLost { .. } | Error::NotActive { .. }),
-            ) => Ok(vec![Err(e)]),
-            other => Ok(vec![Ok(other?)]),
-        };
-    }
+) -> Call {
     let mut call = scripts::get(Name::JobFinishBatch)
         .call()
         .key(claim)
@@ -354,29 +333,30 @@ pub(crate) async fn job_finish_batch(
         call = call.key(keys.job(&item.id)).arg(&item.id).arg(&item.token);
         call = outcome_args(call, &item.finish.borrowed());
     }
-    let replies: Vec<String> = super::worker::persist(con, &call, keys, None).await?;
-    Ok(items
+    call
+}
+
+/// Per job of a `job_finish_batch` reply: its new state, or the typed
+/// refusal `job_finish` would have returned.
+pub(crate) fn finish_batch_results(
+    keys: &QueueKeys,
+    items: &[BatchItem],
+    replies: Vec<String>,
+) -> Vec<Result<String, Error>> {
+    items
         .iter()
         .zip(replies)
-        .map(|(item, reply)| {
-            let (code, detail) = reply.split_once(' ').unwrap_or((reply.as_str(), ""));
-            match code {
-                "JQ_NO_JOB" => Err(Error::JobNotFound {
-                    queue: keys.queue().to_owned(),
-                    job_id: item.id.clone(),
-                }),
-                "JQ_LEASE_LOST" => Err(Error::LeaseLost {
-                    job_id: item.id.clone(),
-                    current_token: detail.to_owned(),
-                }),
-                "JQ_ALREADY_FINISHED" => Err(Error::NotActive {
-                    job_id: item.id.clone(),
-                    state: detail.to_owned(),
-                }),
-                _ => Ok(reply.clone()),
-            }
+        .map(|(item, reply)| match reply.split_once(' ') {
+            Some((code, detail)) if code.starts_with("JQ_") => Err(crate::error::from_code(
+                code,
+                detail,
+                "job_finish_batch",
+                keys.queue(),
+                Some(&item.id),
+            )),
+            _ => Ok(reply),
         })
-        .collect())
+        .collect()
 }
 
 /// `job_release`: gives a running job back to its queue unfinished.

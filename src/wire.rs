@@ -123,11 +123,7 @@ mod tests {
             .iter()
             .find(|v| v["name"] == name)
             .unwrap_or_else(|| panic!("no vector {name:?}"));
-        let hex = v["msgpack"].as_str().unwrap();
-        (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-            .collect()
+        hex::decode(v["msgpack"].as_str().unwrap()).unwrap()
     }
 
     /// Encodes `record` to exactly the golden bytes and decodes them back.

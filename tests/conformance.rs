@@ -21,16 +21,9 @@ fn suite() -> Json {
 fn arg(value: &Json, queue: &str) -> Vec<u8> {
     match value {
         Json::String(s) => s.replace("<Q>", queue).into_bytes(),
-        Json::Object(o) => hex(o["hex"].as_str().unwrap()),
+        Json::Object(o) => hex::decode(o["hex"].as_str().unwrap()).unwrap(),
         other => other.to_string().into_bytes(),
     }
-}
-
-fn hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
 }
 
 fn matches(expected: &Json, actual: &Value, queue: &str) -> bool {

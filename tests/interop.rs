@@ -260,7 +260,7 @@ fn the_interop_payload_matches_its_golden_vector() {
         &std::fs::read_to_string(manifest_dir().join("tests/conformance/vectors.json")).unwrap(),
     )
     .unwrap();
-    let hex = file["vectors"]
+    let golden_hex = file["vectors"]
         .as_array()
         .unwrap()
         .iter()
@@ -270,10 +270,7 @@ fn the_interop_payload_matches_its_golden_vector() {
         .unwrap()
         .to_owned();
     let packed = rmp_serde::to_vec_named(&Sample::new()).unwrap();
-    let golden: Vec<u8> = (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect();
+    let golden = hex::decode(golden_hex).unwrap();
     assert_eq!(packed, golden);
     assert_eq!(
         rmp_serde::from_slice::<Sample>(&golden).unwrap(),

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use crate::connection::Conn;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -392,6 +393,41 @@ impl Worker {
         fetched?;
         Ok(shared.counters.snapshot())
     }
+}
+
+/// Waits for at least one free slot and takes every free one; `None` at
+/// shutdown.
+pub(crate) async fn take_slots(
+    shared: &Shared,
+    slots: &Arc<Semaphore>,
+) -> Option<Vec<OwnedSemaphorePermit>> {
+    if shared.shutdown.is_cancelled() {
+        return None;
+    }
+    let first = tokio::select! {
+        biased;
+        _ = shared.shutdown.cancelled() => return None,
+        permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
+    };
+    let mut permits = vec![first];
+    while let Ok(p) = slots.clone().try_acquire_owned() {
+        permits.push(p);
+    }
+    Some(permits)
+}
+
+/// The queue whose `key_of` key is `key`.
+pub(crate) fn queue_of(
+    shared: &Shared,
+    key: &str,
+    key_of: impl Fn(&QueueKeys) -> String,
+) -> Arc<QueueKeys> {
+    shared
+        .queues
+        .iter()
+        .find(|q| key_of(q) == key)
+        .cloned()
+        .expect("BLMPOP returns one of the keys it was given")
 }
 
 /// Exponential backoff from 50 ms to 2 s.

@@ -17,8 +17,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::execute::{self, Input, Outcome};
 use super::fetch::{Fetcher, pause};
-use super::simple::{queue_of, take_slots};
-use super::{Backoff, Counters, Shared, persist};
+use super::{Backoff, Counters, Shared, persist, queue_of, take_slots};
 use crate::error::Error;
 use crate::keys::QueueKeys;
 use crate::mode::Mode;
@@ -298,6 +297,38 @@ pub(crate) struct FinishRequest {
     done: oneshot::Sender<Result<String, Error>>,
 }
 
+/// Sends one call for `items` (all of one queue): `job_finish` for a lone
+/// outcome, `job_finish_batch` for several; retries transient failures.
+async fn record(
+    shared: &Shared,
+    keys: &QueueKeys,
+    (mode, claim): (Mode, &str),
+    items: &[BatchItem],
+) -> Result<Vec<Result<String, Error>>, Error> {
+    let (ttl, sharded) = (shared.settings.result_ttl, shared.con.is_cluster());
+    if let [item] = items {
+        let finish = item.finish.borrowed();
+        let call = transitions::job_finish(
+            keys,
+            mode,
+            claim,
+            (&item.id, &item.token),
+            &finish,
+            ttl,
+            sharded,
+        );
+        return match persist::<String>(&shared.con, &call, keys, Some(&item.id)).await {
+            Err(
+                e @ (Error::JobNotFound { .. } | Error::LeaseLost { .. } | Error::NotActive { .. }),
+            ) => Ok(vec![Err(e)]),
+            other => Ok(vec![Ok(other?)]),
+        };
+    }
+    let call = transitions::job_finish_batch(keys, (mode, claim), items, ttl, sharded);
+    let replies: Vec<String> = persist(&shared.con, &call, keys, None).await?;
+    Ok(transitions::finish_batch_results(keys, items, replies))
+}
+
 /// Most outcomes in one `job_finish_batch` call.
 const FINISH_BATCH: usize = 100;
 
@@ -333,18 +364,7 @@ pub(crate) async fn finisher(
             let claim = transitions::claim_key(&keys, mode, &shared.id);
             let (items, dones): (Vec<BatchItem>, Vec<_>) =
                 batch.into_iter().map(|r| (r.item, r.done)).unzip();
-            let ttl = shared.settings.result_ttl;
-            let sharded = shared.con.is_cluster();
-            match transitions::job_finish_batch(
-                &shared.con,
-                &keys,
-                (mode, &claim),
-                &items,
-                ttl,
-                sharded,
-            )
-            .await
-            {
+            match record(&shared, &keys, (mode, &claim), &items).await {
                 Ok(results) => {
                     for (done, result) in dones.into_iter().zip(results) {
                         let _ = done.send(result);

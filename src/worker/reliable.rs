@@ -18,8 +18,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::fetch::{Fetcher, pause};
 use super::recoverable::{run_started, start_settings};
-use super::simple::take_slots;
-use super::{Backoff, Counters, Shared};
+use super::{Backoff, Counters, Shared, take_slots};
 use crate::error::Error;
 use crate::keys::QueueKeys;
 use crate::mode::Mode;

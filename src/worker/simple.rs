@@ -8,7 +8,7 @@ use tokio::task::JoinSet;
 
 use super::execute::{self, Input, Outcome};
 use super::fetch::Fetcher;
-use super::{Counters, Shared, persist};
+use super::{Counters, Shared, persist, queue_of, take_slots};
 use crate::error::Error;
 use crate::failure::FailureKind;
 use crate::keys::QueueKeys;
@@ -40,41 +40,6 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
             tasks.spawn(run_job(shared.clone(), keys.clone(), entry, permit));
         }
     }
-}
-
-/// Waits for at least one free slot and takes every free one; `None` at
-/// shutdown.
-pub(crate) async fn take_slots(
-    shared: &Shared,
-    slots: &Arc<Semaphore>,
-) -> Option<Vec<OwnedSemaphorePermit>> {
-    if shared.shutdown.is_cancelled() {
-        return None;
-    }
-    let first = tokio::select! {
-        biased;
-        _ = shared.shutdown.cancelled() => return None,
-        permit = slots.clone().acquire_owned() => permit.expect("semaphore never closed"),
-    };
-    let mut permits = vec![first];
-    while let Ok(p) = slots.clone().try_acquire_owned() {
-        permits.push(p);
-    }
-    Some(permits)
-}
-
-/// The queue whose `key_of` key is `key`.
-pub(crate) fn queue_of(
-    shared: &Shared,
-    key: &str,
-    key_of: impl Fn(&QueueKeys) -> String,
-) -> Arc<QueueKeys> {
-    shared
-        .queues
-        .iter()
-        .find(|q| key_of(q) == key)
-        .cloned()
-        .expect("BLMPOP returns one of the keys it was given")
 }
 
 /// Gives entries popped after shutdown was requested back to the queue.
