@@ -1,88 +1,133 @@
 #!lua
 -- name: reliable_start
--- version: 3
--- Reliable mode: starts a job whose ID the worker moved into its in-flight
--- list (BLMOVE or reliable_take): issues the attempt's fencing token and
--- marks the job active, or tells the worker not to run it. An attempt that
--- finds the job still "active" proves that the previous attempt's worker
--- died (its in-flight list was recovered): that counts as a redelivery
--- (stall), and a job that stalled more than MAX STALLS times goes to the
--- dead-letter set instead of running again (a poison pill), and its client
--- is told.
+-- version: 4
+-- Reliable mode: starts one or many jobs in one call: issues each attempt's
+-- fencing token and marks the job active, or tells the worker not to run
+-- it. With source "inflight" the IDs are already in the worker's in-flight
+-- list (moved there by BLMOVE or reliable_take). With source "pending" the
+-- script first moves them there itself from the tail of the pending list,
+-- where the worker saw them (LRANGE <pending> -n -1, oldest first): an ID
+-- that is no longer at the tail (another worker took it) stops the move, and
+-- it and the IDs after it are "missed", untouched. An attempt that finds the job still "active" proves that the
+-- previous attempt's worker died (its in-flight list was recovered): that
+-- counts as a redelivery (stall), and a job that stalled more than MAX
+-- STALLS times goes to the dead-letter set instead of running again (a
+-- poison pill), and its client is told. Each job is decided on its own.
 --
--- KEYS[1]  job hash         <prefix>:{<queue>}:job:<id>
--- KEYS[2]  in-flight list   <prefix>:{<queue>}:inflight:<worker>
--- KEYS[3]  dead-letter set  <prefix>:{<queue>}:dead_jobs
--- KEYS[4]  fencing counter  <prefix>:{<queue>}:fence
--- ARGV[1]  id
--- ARGV[2]  max stalls       >= 0
--- ARGV[3]  worker id
--- ARGV[4]  result ttl ms    how long a dead job's hash is kept
--- ARGV[5]  dead max         most entries kept in the dead-letter set
--- ARGV[6]  notify          "publish" (default) or "spublish" (sharded pub/sub,
---                          used on Redis Cluster) for the client's doorbell
+-- KEYS[1]    in-flight list   <prefix>:{<queue>}:inflight:<worker>
+-- KEYS[2]    dead-letter set  <prefix>:{<queue>}:dead_jobs
+-- KEYS[3]    fencing counter  <prefix>:{<queue>}:fence
+-- KEYS[4]    pending list     <prefix>:{<queue>}:pending
+-- KEYS[4+i]  job hash of job i  <prefix>:{<queue>}:job:<id i>
+-- ARGV[1]    max stalls       >= 0
+-- ARGV[2]    worker id
+-- ARGV[3]    result ttl ms    how long a dead job's hash is kept
+-- ARGV[4]    dead max         most entries kept in the dead-letter set
+-- ARGV[5]    notify           "publish" or "spublish" (sharded pub/sub, used
+--                             on Redis Cluster) for the client's doorbell
+-- ARGV[6]    source           "inflight" | "pending"
+-- ARGV[6+i]  id of job i, in KEYS order (from "pending": oldest first)
 --
--- Reply:   {"run", enc, payload, attempt, stalls, token}  run it
+-- Reply:   array with one decision per job, in KEYS order:
+--          {"run", enc, payload, attempt, stalls, token}  run it
 --          {"dead"}          stalled too often: now dead, client told
 --          {"gone", state}   finished or missing: dropped from the in-flight list
 --          {"gone", "failed"} the hash is not a valid job (no or unknown state):
 --                            now failed (kind "decode"), client told
 --          {"gone", "not a hash"}  the job key holds another Redis type: its ID
 --                            goes to the dead-letter set
--- Errors:  JQ_BAD_ARGS <detail>
+--          {"missed"}        source "pending" only: not at the tail of the
+--                            pending list any more; not taken, do not run
+-- Errors:  JQ_BAD_ARGS <detail>   (nothing is written)
 
-local id = ARGV[1]
-local max_stalls, ttl, dead_max = tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local max_stalls, ttl, dead_max = tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local n, source = #KEYS - 4, ARGV[6]
 if not max_stalls or not ttl or not dead_max then
   return redis.error_reply('JQ_BAD_ARGS expected numeric max stalls, ttl, dead max')
 end
+if source ~= 'inflight' and source ~= 'pending' then
+  return redis.error_reply('JQ_BAD_ARGS source must be inflight or pending')
+end
+if n < 1 or #ARGV ~= 6 + n then
+  return redis.error_reply('JQ_BAD_ARGS expected one id per job key')
+end
+local publish = ARGV[5] == 'spublish' and 'SPUBLISH' or 'PUBLISH'
+local worker = ARGV[2]
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
-local job = redis.pcall('HMGET', KEYS[1], 'state', 'client', 'enc', 'payload', 'attempt', 'stalls')
-if job.err then
-  redis.call('LREM', KEYS[2], 1, id)
-  redis.call('ZADD', KEYS[3], now_ms, id)
-  return {'gone', 'not a hash'}
-end
-local state = job[1]
-if state == 'completed' or state == 'failed' or state == 'dead' then
-  redis.call('LREM', KEYS[2], 1, id)
-  return {'gone', state}
-end
-if state ~= 'queued' and state ~= 'active' then
-  redis.call('LREM', KEYS[2], 1, id)
-  if redis.call('EXISTS', KEYS[1]) == 0 then
-    return {'gone', 'missing'}
+-- One token per job, issued at once; a job that does not run leaves a gap.
+local token = redis.call('INCRBY', KEYS[3], n) - n
+
+local function tell(key, client, id, status)
+  if client and client ~= '' then
+    redis.call(publish, string.match(key, '^[^}]*}') .. ':reply:' .. client,
+      cmsgpack.pack({id = id, status = status}))
   end
-  redis.call('HSET', KEYS[1], 'state', 'failed', 'finished_ms', now_ms, 'error_kind', 'decode',
-    'error', 'not a valid job: state ' .. (state and ('"' .. state .. '"') or 'missing'))
-  redis.call('PEXPIRE', KEYS[1], ttl)
-  if job[2] and job[2] ~= '' then
-    redis.call(ARGV[6] == 'spublish' and 'SPUBLISH' or 'PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[2],
-      cmsgpack.pack({id = id, status = 'failed'}))
-  end
-  return {'gone', 'failed'}
 end
-local stalls = tonumber(job[6]) or 0
-if state == 'active' then
-  stalls = stalls + 1
-  if stalls > max_stalls then
-    redis.call('HSET', KEYS[1], 'state', 'dead', 'stalls', stalls, 'finished_ms', now_ms,
-      'error_kind', 'stalled',
-      'error', 'the job stalled ' .. stalls .. ' times (limit ' .. max_stalls .. '): its worker died each time')
-    redis.call('LREM', KEYS[2], 1, id)
-    redis.call('ZADD', KEYS[3], now_ms, id)
-    redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -dead_max - 1)
-    redis.call('PEXPIRE', KEYS[1], ttl)
-    if job[2] and job[2] ~= '' then
-      redis.call(ARGV[6] == 'spublish' and 'SPUBLISH' or 'PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[2],
-        cmsgpack.pack({id = id, status = 'dead'}))
+
+local function start(key, id)
+  token = token + 1
+  local job = redis.pcall('HMGET', key, 'state', 'client', 'enc', 'payload', 'attempt', 'stalls')
+  if job.err then
+    redis.call('LREM', KEYS[1], 1, id)
+    redis.call('ZADD', KEYS[2], now_ms, id)
+    return {'gone', 'not a hash'}
+  end
+  local state = job[1]
+  if state == 'completed' or state == 'failed' or state == 'dead' then
+    redis.call('LREM', KEYS[1], 1, id)
+    return {'gone', state}
+  end
+  if state ~= 'queued' and state ~= 'active' then
+    redis.call('LREM', KEYS[1], 1, id)
+    if redis.call('EXISTS', key) == 0 then
+      return {'gone', 'missing'}
     end
-    return {'dead'}
+    redis.call('HSET', key, 'state', 'failed', 'finished_ms', now_ms, 'error_kind', 'decode',
+      'error', 'not a valid job: state ' .. (state and ('"' .. state .. '"') or 'missing'))
+    redis.call('PEXPIRE', key, ttl)
+    tell(key, job[2], id, 'failed')
+    return {'gone', 'failed'}
+  end
+  local stalls = tonumber(job[6]) or 0
+  if state == 'active' then
+    stalls = stalls + 1
+    if stalls > max_stalls then
+      redis.call('HSET', key, 'state', 'dead', 'stalls', stalls, 'finished_ms', now_ms,
+        'error_kind', 'stalled',
+        'error', 'the job stalled ' .. stalls .. ' times (limit ' .. max_stalls .. '): its worker died each time')
+      redis.call('LREM', KEYS[1], 1, id)
+      redis.call('ZADD', KEYS[2], now_ms, id)
+      redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -dead_max - 1)
+      redis.call('PEXPIRE', key, ttl)
+      tell(key, job[2], id, 'dead')
+      return {'dead'}
+    end
+  end
+  local attempt = (tonumber(job[5]) or 0) + 1
+  redis.call('HSET', key, 'state', 'active', 'token', token, 'attempt', attempt,
+    'stalls', stalls, 'started_ms', now_ms, 'worker', worker)
+  return {'run', job[3] or '', job[4] or '', tostring(attempt), tostring(stalls), tostring(token)}
+end
+
+local out = {}
+local missed = false
+for i = 1, n do
+  local id = ARGV[6 + i]
+  if source == 'pending' and not missed then
+    local moved = redis.call('LMOVE', KEYS[4], KEYS[1], 'RIGHT', 'LEFT')
+    if moved ~= id then
+      missed = true
+      if moved then
+        -- Not the ID the worker saw: put it back where it was.
+        redis.call('LMOVE', KEYS[1], KEYS[4], 'LEFT', 'RIGHT')
+      end
+    end
+  end
+  if missed then
+    out[i] = {'missed'}
+  else
+    out[i] = start(KEYS[4 + i], id)
   end
 end
-local token = redis.call('INCR', KEYS[4])
-local attempt = (tonumber(job[5]) or 0) + 1
-redis.call('HSET', KEYS[1], 'state', 'active', 'token', token, 'attempt', attempt,
-  'stalls', stalls, 'started_ms', now_ms, 'worker', ARGV[3])
-return {'run', job[3] or '', job[4] or '', tostring(attempt), tostring(stalls), tostring(token)}
+return out

@@ -20,12 +20,16 @@ pub fn acl_rules(prefix: &str) -> String {
         // Worker: blocking pop or move, and waking it at shutdown.
         "+blmpop",
         "+blmove",
-        // Reliable-mode worker: finding IDs whose move reply was lost.
+        // Reliable-mode worker: looking at the oldest IDs waiting, and
+        // finding IDs whose move or start reply was lost.
         "+lrange",
         "+client|unblock",
         // Client: outcomes.
         "+subscribe",
         "+unsubscribe",
+        // Client on a Redis Cluster: sharded pub/sub.
+        "+ssubscribe",
+        "+sunsubscribe",
         // Client: job status (recoverable mode).
         // (HMGET is listed below with the commands the scripts run.)
         // Run inside the scripts.
@@ -36,11 +40,13 @@ pub fn acl_rules(prefix: &str) -> String {
         "+ltrim",
         "+llen",
         "+publish",
+        "+spublish",
         "+time",
         "+exists",
         "+rpop",
         "+lpop",
         "+incr",
+        "+incrby",
         "+del",
         "+set",
         "+hdel",

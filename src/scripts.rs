@@ -95,7 +95,6 @@ pub(crate) enum Name {
     JobRequeueStale,
     JobWatch,
     JobRelease,
-    ReliableTake,
     ReliableStart,
     ReliableHeartbeat,
     ReliableFindDead,
@@ -105,7 +104,7 @@ pub(crate) enum Name {
 
 impl Name {
     #[cfg(test)]
-    const ALL: [Name; 19] = [
+    const ALL: [Name; 18] = [
         Name::QueueRegister,
         Name::SimpleSubmit,
         Name::SimpleReply,
@@ -119,7 +118,6 @@ impl Name {
         Name::JobRequeueStale,
         Name::JobWatch,
         Name::JobRelease,
-        Name::ReliableTake,
         Name::ReliableStart,
         Name::ReliableHeartbeat,
         Name::ReliableFindDead,
@@ -139,7 +137,6 @@ impl Name {
             Name::JobRequeueStale => "job_requeue_stale",
             Name::JobWatch => "job_watch",
             Name::JobRelease => "job_release",
-            Name::ReliableTake => "reliable_take",
             Name::ReliableStart => "reliable_start",
             Name::ReliableHeartbeat => "reliable_heartbeat",
             Name::ReliableFindDead => "reliable_find_dead",
@@ -323,15 +320,14 @@ mod tests {
         ("job_finish_batch", 1, "5ab5e324ab5abcc62bb245012400c8d5f3d24fad"),
         ("job_release", 2, "a8bdf1e310ed14f5078839b8b6751b1bf1c2409a"),
         ("job_requeue_stale", 1, "428e9aee6bc089ec43b669493619d01e1197ca23"),
-        ("job_start", 3, "6a0f5b38aa585d3966aebc24b185d8c0e527a8ba"),
+        ("job_start", 4, "b3ec5f4eed77db06beb05d75299561c9dd7b0e29"),
         ("job_submit", 2, "1c583018226d3f553591fc68e560bb5a91194846"),
         ("job_watch", 3, "db3b5e5905289d398d173c785b8696006e32cb90"),
         ("queue_register", 1, "aa74a74df04db0536b0cfb3a4761413dcb759208"),
         ("reliable_find_dead", 1, "d27a14eabb1c3d8aad1491ec3d630cb2e439944d"),
         ("reliable_heartbeat", 1, "a3b4bda2afcc28c4878090463c06d0db01a234e2"),
         ("reliable_requeue_worker", 1, "4a4660792f7ebe9e52fe0cd85ae72fbb7e1426d0"),
-        ("reliable_start", 3, "c883ebd4a2364eb601198c84e6342c3a1fb9e625"),
-        ("reliable_take", 1, "16e9ecc62df060980de68c01f13e86cfb32b32a7"),
+        ("reliable_start", 4, "03e289c90fd11d3f5405fb8e59984ade3991f4f4"),
         ("simple_dead", 1, "463e756357db9b3a9c6f3a46ff7941bc2186c0d9"),
         ("simple_reply", 2, "43dffc522fa7d290af01b5893a67ea7f119cc07d"),
         ("simple_requeue", 1, "1feac4b22e851b1c566a812d385be245c959dc33"),

@@ -173,34 +173,54 @@ pub(crate) enum Start {
     Dead,
     /// Finished, missing, or owned by a newer claim: do not run.
     Skip(String),
+    /// Reliable mode, taken from the pending list: another worker took it
+    /// first. Not ours: do not run.
+    Missed,
 }
 
-/// `job_start`: marks a claimed job active, or says why not to run it.
+/// `job_start`: marks claimed jobs of one queue active under their claims'
+/// tokens, all in one call. `claims` are (id, token) pairs from `job_claim`;
+/// the decisions come back in the same order.
 pub(crate) async fn job_start(
     con: &Conn,
     keys: &QueueKeys,
-    id: &str,
-    token: &str,
+    claims: &[(String, String)],
     settings: &StartSettings<'_>,
-) -> Result<Start, Error> {
-    let call = scripts::get(Name::JobStart)
+) -> Result<Vec<Start>, Error> {
+    let mut call = scripts::get(Name::JobStart)
         .call()
-        .key(keys.job(id))
         .key(keys.leases())
         .key(keys.dead_jobs())
-        .arg(id)
-        .arg(token)
         .arg(ms(settings.lease))
         .arg(settings.max_stalls.to_string())
         .arg(settings.worker_id)
         .arg(ms(settings.result_ttl))
         .arg(settings.dead_max.to_string())
         .arg(notify(settings.sharded));
-    let reply: Vec<Vec<u8>> = run(con, &call, keys, Some(id)).await?;
-    Ok(parse_start(&reply))
+    for (id, token) in claims {
+        call = call.key(keys.job(id)).arg(id).arg(token);
+    }
+    let lone = match claims {
+        [(id, _)] => Some(id.as_str()),
+        _ => None,
+    };
+    let replies: Vec<Vec<Vec<u8>>> = run(con, &call, keys, lone).await?;
+    one_per_job(&replies, claims.len(), "job_start reply")?;
+    Ok(replies.iter().map(|r| parse_start(r)).collect())
 }
 
 /// Parses the reply of `job_start` or `reliable_start`.
+/// Checks that a batch script answered once per job.
+fn one_per_job<T>(replies: &[T], jobs: usize, what: &'static str) -> Result<(), Error> {
+    if replies.len() == jobs {
+        return Ok(());
+    }
+    Err(Error::Decode {
+        what,
+        message: format!("{} decisions for {jobs} jobs", replies.len()),
+    })
+}
+
 fn parse_start(reply: &[Vec<u8>]) -> Start {
     let text = |i: usize| {
         String::from_utf8_lossy(reply.get(i).map_or(&[][..], |v| v.as_slice())).into_owned()
@@ -214,6 +234,7 @@ fn parse_start(reply: &[Vec<u8>]) -> Start {
         },
         "dead" => Start::Dead,
         "lost" => Start::Skip("a newer claim owns it".into()),
+        "missed" => Start::Missed,
         _ => Start::Skip(format!("it is {}", text(1))),
     }
 }
@@ -461,46 +482,59 @@ pub(crate) async fn job_watch(
     })
 }
 
-/// `reliable_take`: moves up to `count` IDs into the worker's in-flight list.
-pub(crate) async fn reliable_take(
-    con: &Conn,
-    keys: &QueueKeys,
-    worker_id: &str,
-    count: usize,
-) -> Result<Vec<String>, Error> {
-    let call = scripts::get(Name::ReliableTake)
-        .call()
-        .key(keys.pending())
-        .key(keys.inflight(worker_id))
-        .arg(count.to_string());
-    run(con, &call, keys, None).await
+/// Where the IDs given to `reliable_start` are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// Already in the worker's in-flight list (moved there by BLMOVE).
+    InFlight,
+    /// At the tail of the pending list, oldest first: the script moves them.
+    Pending,
 }
 
-/// `reliable_start`: issues a token and marks a taken job active.
+/// `reliable_start`: issues tokens and marks jobs active, all in one call,
+/// taking them from the pending list first when `source` says so. Returns,
+/// in the order of `ids`, each decision and (for a job to run) its fencing
+/// token.
 pub(crate) async fn reliable_start(
     con: &Conn,
     keys: &QueueKeys,
-    id: &str,
+    (source, ids): (Source, &[String]),
     settings: &StartSettings<'_>,
-) -> Result<(Start, String), Error> {
-    let call = scripts::get(Name::ReliableStart)
+) -> Result<Vec<(Start, String)>, Error> {
+    let mut call = scripts::get(Name::ReliableStart)
         .call()
-        .key(keys.job(id))
         .key(keys.inflight(settings.worker_id))
         .key(keys.dead_jobs())
         .key(keys.fence())
-        .arg(id)
+        .key(keys.pending())
         .arg(settings.max_stalls.to_string())
         .arg(settings.worker_id)
         .arg(ms(settings.result_ttl))
         .arg(settings.dead_max.to_string())
-        .arg(notify(settings.sharded));
-    let reply: Vec<Vec<u8>> = run(con, &call, keys, Some(id)).await?;
-    let token = reply
-        .get(5)
-        .map(|t| String::from_utf8_lossy(t).into_owned())
-        .unwrap_or_default();
-    Ok((parse_start(&reply), token))
+        .arg(notify(settings.sharded))
+        .arg(match source {
+            Source::InFlight => "inflight",
+            Source::Pending => "pending",
+        });
+    for id in ids {
+        call = call.key(keys.job(id)).arg(id);
+    }
+    let lone = match ids {
+        [id] => Some(id.as_str()),
+        _ => None,
+    };
+    let replies: Vec<Vec<Vec<u8>>> = run(con, &call, keys, lone).await?;
+    one_per_job(&replies, ids.len(), "reliable_start reply")?;
+    Ok(replies
+        .iter()
+        .map(|reply| {
+            let token = reply
+                .get(5)
+                .map(|t| String::from_utf8_lossy(t).into_owned())
+                .unwrap_or_default();
+            (parse_start(reply), token)
+        })
+        .collect())
 }
 
 /// `reliable_heartbeat`: keeps the worker (and so its jobs) alive for `ttl`.

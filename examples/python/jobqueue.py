@@ -350,8 +350,9 @@ class Worker:
             if not claimed:
                 return 0
         job_id, token = text(claimed[0]), text(claimed[1])
-        start = self.scripts("job_start", [k.job(job_id), k.leases, k.dead_jobs],
-                             [job_id, token, str(self.lease_ms), str(self.max_stalls), self.id, str(self.ttl), str(self.dead_max)])
+        start = self.scripts("job_start", [k.leases, k.dead_jobs, k.job(job_id)],
+                             [str(self.lease_ms), str(self.max_stalls), self.id, str(self.ttl), str(self.dead_max),
+                              "publish", job_id, token])[0]
         if text(start[0]) != "run":
             return 1
         self.finish(job_id, token, self.execute(job_id, text(start[1]), start[2], int(start[3])), k.leases)
@@ -380,16 +381,21 @@ class Worker:
         self.heartbeat()
         self.sweep()
         inflight = k.inflight(self.id)
-        taken = self.scripts("reliable_take", [k.pending, inflight], ["1"])
-        if taken:
-            job_id = text(taken[0])
+        # One slot: look at the oldest ID waiting and take it with the
+        # start; when nothing waits, block on BLMOVE.
+        seen = self.r.lrange(k.pending, -1, -1)
+        if seen:
+            source, job_id = "pending", text(seen[0])
         else:
             moved = self.r.execute_command("BLMOVE", k.pending, inflight, "RIGHT", "LEFT", self.block_s)
             if moved is None:
                 return 0
-            job_id = text(moved)
-        start = self.scripts("reliable_start", [k.job(job_id), inflight, k.dead_jobs, k.fence],
-                             [job_id, str(self.max_stalls), self.id, str(self.ttl), str(self.dead_max)])
+            source, job_id = "inflight", text(moved)
+        start = self.scripts("reliable_start", [inflight, k.dead_jobs, k.fence, k.pending, k.job(job_id)],
+                             [str(self.max_stalls), self.id, str(self.ttl), str(self.dead_max), "publish",
+                              source, job_id])[0]
+        if text(start[0]) == "missed":
+            return 0  # another worker took it first: look again
         if text(start[0]) != "run":
             return 1
         token = text(start[5])

@@ -121,11 +121,52 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
                 Err(e) => return Err(e),
             }
         }
-        for (keys, id, token) in claimed {
-            let permit = permits
-                .pop()
-                .expect("never claims more than the free slots");
-            tasks.spawn(run_job(shared.clone(), keys, id, token, permit));
+        start_claimed(shared, tasks, claimed, &mut permits).await;
+    }
+}
+
+/// Starts claimed jobs with one `job_start` call per queue, and runs each job
+/// that may run in a task of its own. If a call fails, those claims' leases
+/// run out and the sweep requeues the jobs: nothing is lost.
+async fn start_claimed(
+    shared: &Arc<Shared>,
+    tasks: &mut JoinSet<()>,
+    mut claimed: Vec<(Arc<QueueKeys>, String, String)>,
+    permits: &mut Vec<OwnedSemaphorePermit>,
+) {
+    let settings = start_settings(shared);
+    while !claimed.is_empty() {
+        let queue = claimed[0].0.queue().to_owned();
+        let split = claimed
+            .iter()
+            .position(|(k, _, _)| k.queue() != queue)
+            .unwrap_or(claimed.len());
+        let rest = claimed.split_off(split);
+        let keys = claimed[0].0.clone();
+        let claims: Vec<(String, String)> = claimed
+            .into_iter()
+            .map(|(_, id, token)| (id, token))
+            .collect();
+        claimed = rest;
+        match transitions::job_start(&shared.con, &keys, &claims, &settings).await {
+            Ok(decisions) => {
+                for ((id, token), start) in claims.into_iter().zip(decisions) {
+                    let permit = permits
+                        .pop()
+                        .expect("never claims more than the free slots");
+                    spawn_started(
+                        shared,
+                        tasks,
+                        (Mode::Recoverable, &keys),
+                        (id, token),
+                        start,
+                        permit,
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(queue = %queue, jobs = claims.len(), error = %e, "could not start claimed jobs; their leases will run out")
+            }
         }
     }
 }
@@ -151,22 +192,24 @@ async fn claim_in_order(
     Ok(claimed)
 }
 
-async fn run_job(
-    shared: Arc<Shared>,
-    keys: Arc<QueueKeys>,
-    id: String,
-    token: String,
-    _permit: OwnedSemaphorePermit,
+/// Runs a started job in a task of its own, holding `permit`, and keeps it
+/// in the active registry (heartbeat, orphan detection) while it runs.
+/// Shared by recoverable and reliable modes.
+pub(crate) fn spawn_started(
+    shared: &Arc<Shared>,
+    tasks: &mut JoinSet<()>,
+    (mode, keys): (Mode, &Arc<QueueKeys>),
+    (id, token): (String, String),
+    start: Start,
+    permit: OwnedSemaphorePermit,
 ) {
-    // If this call fails, the claim's lease runs out and the sweep requeues
-    // the job: nothing is lost.
-    match transitions::job_start(&shared.con, &keys, &id, &token, &start_settings(&shared)).await {
-        Ok(start) => run_started(&shared, Mode::Recoverable, &keys, (&id, &token), start).await,
-        Err(e) => {
-            tracing::warn!(job = %id, error = %e, "could not start a claimed job; its lease will run out")
-        }
-    }
-    shared.active.remove(keys.queue(), &id);
+    shared.active.insert(keys.queue(), &id, &token);
+    let (shared, keys) = (shared.clone(), keys.clone());
+    tasks.spawn(async move {
+        run_started(&shared, mode, &keys, (&id, &token), start).await;
+        shared.active.remove(keys.queue(), &id);
+        drop(permit);
+    });
 }
 
 /// The settings `job_start` and `reliable_start` need.
@@ -182,8 +225,8 @@ pub(crate) fn start_settings(shared: &Shared) -> StartSettings<'_> {
 }
 
 /// Acts on a start decision: runs the job and records its outcome, or counts
-/// a dead-lettered job. Shared by recoverable and reliable modes.
-pub(crate) async fn run_started(
+/// a dead-lettered job.
+async fn run_started(
     shared: &Shared,
     mode: Mode,
     keys: &Arc<QueueKeys>,
@@ -196,7 +239,6 @@ pub(crate) async fn run_started(
             payload,
             attempt,
         } => {
-            shared.active.insert(keys.queue(), id, token);
             let input = Input {
                 id: id.to_owned(),
                 queue: keys.queue().to_owned(),
@@ -212,6 +254,7 @@ pub(crate) async fn run_started(
             Counters::add(&shared.counters.dead_lettered, 1);
         }
         Start::Skip(why) => tracing::debug!(job = %id, why, "claimed job not run"),
+        Start::Missed => {}
     }
 }
 

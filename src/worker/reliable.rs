@@ -1,7 +1,7 @@
 //! Reliable mode: move job IDs atomically into this worker's own in-flight
-//! list (BLMOVE, or `reliable_take` for several at once), run them under a
-//! fencing token, keep all of them alive with one heartbeat, and recover the
-//! in-flight lists of dead workers.
+//! list (BLMOVE, or `reliable_start` from the pending list for several at
+//! once), run them under a fencing token, keep all of them alive with one
+//! heartbeat, and recover the in-flight lists of dead workers.
 //!
 //! Invariant: every job ID is in the queue's pending list, in exactly one
 //! worker's in-flight list, or its job has finished. A worker registers its
@@ -12,17 +12,17 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::fetch::{Fetcher, pause};
-use super::recoverable::{run_started, start_settings};
+use super::recoverable::{spawn_started, start_settings};
 use super::{Backoff, Counters, Shared, take_slots};
 use crate::error::Error;
 use crate::keys::QueueKeys;
 use crate::mode::Mode;
-use crate::transitions;
+use crate::transitions::{self, Source, Start};
 
 /// Most dead workers one recovery pass handles.
 const RECOVERY_LIMIT: usize = 100;
@@ -62,6 +62,11 @@ fn beat_is_fresh(shared: &Shared) -> bool {
 }
 
 /// Takes and runs jobs while there are free slots, until shutdown.
+///
+/// With a backlog, each round looks at the oldest IDs of the pending list
+/// (LRANGE, one per free slot) and takes and starts them in one
+/// `reliable_start` call. When the list looked empty, it blocks on BLMOVE
+/// instead, which moves one ID into the in-flight list atomically.
 pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) -> Result<(), Error> {
     let keys = shared.queues[0].clone();
     let pending = keys.pending();
@@ -69,9 +74,11 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
     let slots = Arc::new(Semaphore::new(shared.settings.concurrency));
     let mut fetcher = Fetcher::default();
     let mut backoff = Backoff::default();
-    // IDs found in our in-flight list that nobody runs (a BLMOVE reply lost
-    // with a dropped connection): run them first.
-    let mut orphans: VecDeque<String> = VecDeque::new();
+    // IDs in our in-flight list that no task runs (a BLMOVE reply lost with
+    // a dropped connection, or a start whose reply was lost): started first.
+    let mut unstarted: VecDeque<String> = VecDeque::new();
+    let mut reconcile = false;
+    // The pending list looked empty: block on it instead of looking again.
     let mut drained = false;
     loop {
         while tasks.try_join_next().is_some() {}
@@ -88,22 +95,28 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
             pause(&shared.shutdown, backoff.next()).await;
             continue;
         }
-        if fetcher.take_reconnected() {
-            orphans.extend(find_orphans(shared, &inflight).await?);
-        }
-        let mut ids: Vec<String> = Vec::new();
-        while ids.len() < permits.len() {
-            match orphans.pop_front() {
-                Some(id) => ids.push(id),
-                None => break,
+        if fetcher.take_reconnected() || std::mem::take(&mut reconcile) {
+            match find_orphans(shared, &inflight).await {
+                Ok(orphans) => unstarted = orphans.into(),
+                Err(e) if e.is_transient() => {
+                    reconcile = true;
+                    pause(&shared.shutdown, backoff.next()).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
             }
         }
-        if ids.len() < permits.len() && !drained {
-            let want = permits.len() - ids.len();
-            match transitions::reliable_take(&shared.con, &keys, &shared.id, want).await {
-                Ok(taken) => {
-                    drained = taken.len() < want;
-                    ids.extend(taken);
+        let (source, mut ids) = if unstarted.is_empty() {
+            (Source::Pending, Vec::new())
+        } else {
+            let n = permits.len().min(unstarted.len());
+            (Source::InFlight, unstarted.drain(..n).collect())
+        };
+        if ids.is_empty() && !drained {
+            match peek(shared, &pending, permits.len()).await {
+                Ok(seen) => {
+                    drained = seen.len() < permits.len();
+                    ids = seen;
                 }
                 Err(e) if e.is_transient() => {
                     pause(&shared.shutdown, backoff.next()).await;
@@ -112,8 +125,7 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
                 Err(e) => return Err(e),
             }
         }
-        backoff.reset();
-        if ids.is_empty() {
+        let source = if ids.is_empty() {
             // Nothing waiting: block until an ID arrives, moving it into our
             // in-flight list atomically. An ID moved after shutdown began
             // stays there and is requeued by `leave`.
@@ -122,16 +134,65 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
                 Some(id) if !shared.shutdown.is_cancelled() => ids.push(id),
                 _ => continue,
             }
-        }
-        for id in ids {
-            let permit = permits.pop().expect("never takes more than the free slots");
-            shared.active.insert(keys.queue(), &id, "");
-            tasks.spawn(run_job(shared.clone(), keys.clone(), id, permit));
+            Source::InFlight
+        } else {
+            source
+        };
+        let settings = start_settings(shared);
+        let decisions = match transitions::reliable_start(
+            &shared.con,
+            &keys,
+            (source, &ids),
+            &settings,
+        )
+        .await
+        {
+            Ok(decisions) => decisions,
+            Err(e) if e.is_transient() => {
+                // The call may have run: whatever it moved is in our
+                // in-flight list, found by the reconciliation.
+                tracing::warn!(worker = %shared.id, error = %e, "could not start jobs; retrying");
+                reconcile = true;
+                pause(&shared.shutdown, backoff.next()).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        backoff.reset();
+        for (id, (start, token)) in ids.into_iter().zip(decisions) {
+            if matches!(start, Start::Missed) {
+                // Another worker took it: look again.
+                drained = false;
+                continue;
+            }
+            let permit = permits
+                .pop()
+                .expect("never starts more than the free slots");
+            spawn_started(
+                shared,
+                tasks,
+                (Mode::Reliable, &keys),
+                (id, token),
+                start,
+                permit,
+            );
         }
     }
 }
 
-/// IDs in this worker's in-flight list that no task is running.
+/// The oldest `count` IDs of the pending list, oldest first.
+async fn peek(shared: &Shared, pending: &str, count: usize) -> Result<Vec<String>, Error> {
+    let mut ids: Vec<String> = redis::cmd("LRANGE")
+        .arg(pending)
+        .arg(-(count as i64))
+        .arg(-1)
+        .query_async(&mut shared.con.clone())
+        .await?;
+    ids.reverse();
+    Ok(ids)
+}
+
+/// IDs in this worker's in-flight list that no task is running, oldest first.
 async fn find_orphans(shared: &Shared, inflight: &str) -> Result<Vec<String>, Error> {
     let listed: Vec<String> = redis::cmd("LRANGE")
         .arg(inflight)
@@ -146,28 +207,9 @@ async fn find_orphans(shared: &Shared, inflight: &str) -> Result<Vec<String>, Er
         .filter(|id| !running.iter().any(|(r, _)| r == id))
         .collect();
     if !orphans.is_empty() {
-        tracing::warn!(worker = %shared.id, count = orphans.len(), "running jobs whose move reply was lost");
+        tracing::warn!(worker = %shared.id, count = orphans.len(), "starting jobs whose move or start reply was lost");
     }
     Ok(orphans)
-}
-
-async fn run_job(
-    shared: Arc<Shared>,
-    keys: Arc<QueueKeys>,
-    id: String,
-    _permit: OwnedSemaphorePermit,
-) {
-    // If this call fails, the ID stays in our in-flight list: `leave` or
-    // recovery puts it back.
-    match transitions::reliable_start(&shared.con, &keys, &id, &start_settings(&shared)).await {
-        Ok((start, token)) => {
-            run_started(&shared, Mode::Reliable, &keys, (&id, &token), start).await
-        }
-        Err(e) => {
-            tracing::warn!(job = %id, error = %e, "could not start a taken job; it stays in flight")
-        }
-    }
-    shared.active.remove(keys.queue(), &id);
 }
 
 /// After the last job ended: puts whatever is left in this worker's
