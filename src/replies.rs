@@ -8,7 +8,7 @@
 //! receive at that moment. Outcomes published while the connection was down
 //! are lost in simple mode (see protocol.md).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,6 +24,10 @@ use crate::wire::{Reply, unpack};
 
 type WaiterMap = Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>;
 
+/// The channels subscribed on the live connection, kept by the reply task:
+/// a submit to a channel found here needs no round trip to the task.
+type Live = Arc<Mutex<HashSet<String>>>;
+
 enum Command {
     Subscribe {
         channel: String,
@@ -35,6 +39,7 @@ enum Command {
 pub(crate) struct Replies {
     commands: mpsc::UnboundedSender<Command>,
     waiters: WaiterMap,
+    live: Live,
     timeout: Duration,
     reconnects: watch::Receiver<u64>,
 }
@@ -68,18 +73,25 @@ impl Replies {
         let timeout = config.connect_timeout + config.command_timeout;
         let (commands, rx) = mpsc::unbounded_channel();
         let waiters = WaiterMap::default();
+        let live = Live::default();
         let (generation, reconnects) = watch::channel(0);
+        let shared = Shared {
+            waiters: waiters.clone(),
+            live: live.clone(),
+            generation,
+        };
         match backend {
             Backend::Single(client) => {
-                tokio::spawn(run(client, rx, waiters.clone(), generation));
+                tokio::spawn(run(client, rx, shared));
             }
             Backend::Cluster(_) => {
-                tokio::spawn(run_cluster(config.clone(), rx, waiters.clone(), generation));
+                tokio::spawn(run_cluster(config.clone(), rx, shared));
             }
         }
         Self {
             commands,
             waiters,
+            live,
             timeout,
             reconnects,
         }
@@ -95,6 +107,14 @@ impl Replies {
     /// Subscribes to `channel` (once; later calls return when the channel is
     /// subscribed on the live connection).
     pub(crate) async fn subscribe(&self, channel: &str) -> Result<(), Error> {
+        if self
+            .live
+            .lock()
+            .expect("live channels lock")
+            .contains(channel)
+        {
+            return Ok(());
+        }
         let (done, rx) = oneshot::channel();
         let command = Command::Subscribe {
             channel: channel.to_owned(),
@@ -133,15 +153,36 @@ impl Replies {
     }
 }
 
+/// What the reply task shares with the client.
+struct Shared {
+    waiters: WaiterMap,
+    live: Live,
+    /// Bumped each time subscriptions were restored (see `reconnects`).
+    generation: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn set_live(&self, channels: &[String]) {
+        let mut live = self.live.lock().expect("live channels lock");
+        live.clear();
+        live.extend(channels.iter().cloned());
+    }
+}
+
 async fn run(
     client: redis::Client,
     mut commands: mpsc::UnboundedReceiver<Command>,
-    waiters: WaiterMap,
-    generation: watch::Sender<u64>,
+    shared: Shared,
 ) {
+    let Shared {
+        waiters,
+        generation,
+        ..
+    } = &shared;
     let mut channels: Vec<String> = Vec::new();
     let mut backoff = Duration::from_millis(20);
     'connect: loop {
+        shared.set_live(&[]);
         let pubsub = match client.get_async_pubsub().await {
             Ok(p) => p,
             Err(e) => {
@@ -163,11 +204,12 @@ async fn run(
             tracing::info!(channels = channels.len(), "reply subscription restored");
             generation.send_modify(|g| *g += 1);
         }
+        shared.set_live(&channels);
         backoff = Duration::from_millis(20);
         loop {
             tokio::select! {
                 msg = stream.next() => match msg {
-                    Some(msg) => dispatch(&waiters, msg.get_payload_bytes()),
+                    Some(msg) => dispatch(waiters, msg.get_payload_bytes()),
                     None => {
                         tracing::warn!("reply subscription lost; reconnecting");
                         continue 'connect;
@@ -183,6 +225,7 @@ async fn run(
                         match sink.subscribe(&channel).await {
                             Ok(()) => {
                                 channels.push(channel);
+                                shared.set_live(&channels);
                                 let _ = done.send(Ok(()));
                             }
                             Err(e) => {
@@ -196,6 +239,7 @@ async fn run(
         }
     }
     // The client is gone: wake every waiter with "closed".
+    shared.set_live(&[]);
     if let Ok(mut map) = waiters.lock() {
         map.clear();
     }
@@ -208,9 +252,13 @@ async fn run(
 async fn run_cluster(
     config: Config,
     mut commands: mpsc::UnboundedReceiver<Command>,
-    waiters: WaiterMap,
-    generation: watch::Sender<u64>,
+    shared: Shared,
 ) {
+    let Shared {
+        waiters,
+        generation,
+        ..
+    } = &shared;
     let (push_tx, mut pushes) = mpsc::unbounded_channel::<redis::PushInfo>();
     let mut backoff = Duration::from_millis(20);
     let mut con = loop {
@@ -241,7 +289,7 @@ async fn run_cluster(
                 Some(push) => match push.kind {
                     redis::PushKind::SMessage | redis::PushKind::Message => {
                         if let Some(Value::BulkString(payload)) = push.data.get(1) {
-                            dispatch(&waiters, payload);
+                            dispatch(waiters, payload);
                         }
                     }
                     redis::PushKind::Disconnection => {
@@ -275,12 +323,14 @@ async fn run_cluster(
                     let result = con.ssubscribe(&channel).await;
                     if result.is_ok() {
                         channels.push(channel);
+                        shared.set_live(&channels);
                     }
                     let _ = done.send(result);
                 }
             },
         }
     }
+    shared.set_live(&[]);
     if let Ok(mut map) = waiters.lock() {
         map.clear();
     }

@@ -547,3 +547,51 @@ async fn dropping_the_client_ends_waits_with_client_closed() {
     let err = handle.result_timeout::<String>(WAIT).await.unwrap_err();
     assert!(matches!(err, Error::ClientClosed { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn the_reply_subscription_comes_back_after_its_connection_is_killed() {
+    let server = RedisServer::start();
+    let q = queue_name("resubscribe");
+    let worker = spawn_worker(config(&server), &[&q], 4, reverse).await;
+    let client = Client::connect(config(&server)).await.unwrap();
+    let queue = client.queue(&q, Mode::Simple).await.unwrap();
+    let first: String = queue
+        .submit("ab")
+        .await
+        .unwrap()
+        .result_timeout(WAIT)
+        .await
+        .unwrap();
+    assert_eq!(first, "ba");
+    let mut con = server.connection();
+    let subscribers = |con: &mut redis::Connection| -> i64 {
+        let counts: Vec<redis::Value> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(format!("jq:{{{q}}}:reply:{}", client.id()))
+            .query(con)
+            .unwrap();
+        redis::from_redis_value(counts[1].clone()).unwrap()
+    };
+    assert_eq!(subscribers(&mut con), 1);
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(killed, 1);
+    // Simple mode loses outcomes published while the subscription is down:
+    // wait until it is back, then every outcome arrives again.
+    support::eventually("the client subscribed again", || subscribers(&mut con) == 1).await;
+    for text in ["cd", "ef"] {
+        let out: String = queue
+            .submit(text)
+            .await
+            .unwrap()
+            .result_timeout(WAIT)
+            .await
+            .unwrap();
+        assert_eq!(out, text.chars().rev().collect::<String>());
+    }
+    assert_eq!(worker.stop().await.completed, 3);
+}
