@@ -1,6 +1,6 @@
 #!lua
 -- name: job_claim
--- version: 1
+-- version: 2
 -- Recoverable mode, first half of a claim: takes up to COUNT job IDs from
 -- the pending list and gives each a fencing token and a lease, at once.
 -- The job's hash is updated by job_start, which the worker calls next with
@@ -26,8 +26,11 @@ local taken = tonumber(ARGV[3])
 if not count or count < 1 or not lease or lease < 1 or not taken then
   return redis.error_reply('JQ_BAD_ARGS expected count >= 1, lease ms >= 1, tickets taken')
 end
+-- Numbers go to Redis as decimal strings made once: Redis formats a Lua
+-- number argument with "%.17g", which costs more than the command itself.
+local function int(n) return string.format('%d', n) end
 local now = redis.call('TIME')
-local deadline = now[1] * 1000 + math.floor(now[2] / 1000) + lease
+local deadline = int(now[1] * 1000 + math.floor(now[2] / 1000) + lease)
 local out = {}
 for _ = 1, count do
   local id = redis.call('RPOP', KEYS[1])
@@ -37,7 +40,7 @@ for _ = 1, count do
   local token = redis.call('INCR', KEYS[4])
   redis.call('ZADD', KEYS[3], deadline, id)
   out[#out + 1] = id
-  out[#out + 1] = tostring(token)
+  out[#out + 1] = int(token)
 end
 local claimed = #out / 2
 if redis.call('LLEN', KEYS[1]) == 0 then

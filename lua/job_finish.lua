@@ -1,13 +1,13 @@
 #!lua
 -- name: job_finish
--- version: 4
+-- version: 5
 -- Recoverable and reliable modes: records a job's outcome under its fencing
 -- token, drops its claim (lease or in-flight entry) and rings the client's
 -- doorbell. The doorbell carries the outcome (the same record as a
 -- simple-mode reply), so that a waiting client need not read the hash; the
 -- hash stays the source of truth. A failure with
 -- attempts left (and RETRY = 1) goes to the back of its queue instead.
--- A completed job's payload is dropped; a failed job keeps it.
+-- A completed job's payload is emptied; a failed job keeps it.
 -- A completion from a worker whose job was taken over by a newer attempt is
 -- refused; a late completion when nobody else started the job is accepted.
 --
@@ -41,7 +41,8 @@ if (status ~= 'completed' and status ~= 'failed') or not ttl
     or (mode ~= 'recoverable' and mode ~= 'reliable') then
   return redis.error_reply('JQ_BAD_ARGS expected status completed or failed, a ttl and a mode')
 end
-local job = redis.call('HMGET', KEYS[1], 'state', 'token', 'client', 'attempt', 'max_attempts', 'enc')
+local job = redis.call('HMGET', KEYS[1], 'state', 'token', 'client', 'attempt', 'max_attempts', 'enc',
+  'error_kind')
 local state = job[1]
 if not state then
   return redis.error_reply('JQ_NO_JOB ' .. id)
@@ -52,10 +53,13 @@ end
 if state ~= 'active' then
   return redis.error_reply('JQ_ALREADY_FINISHED ' .. state)
 end
+-- Numbers go to Redis as decimal strings made once: Redis formats a Lua
+-- number argument with "%.17g", which costs more than the command itself.
+local function int(n) return string.format('%d', n) end
 local now = redis.call('TIME')
-local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local now_ms = int(now[1] * 1000 + math.floor(now[2] / 1000))
 if mode == 'reliable' then
-  redis.call('LREM', KEYS[2], 1, id)
+  redis.call('LREM', KEYS[2], -1, id)
 else
   redis.call('ZREM', KEYS[2], id)
 end
@@ -68,14 +72,18 @@ if status == 'failed' and ARGV[6] == '1' and (tonumber(job[4]) or 0) < (tonumber
   return 'queued'
 end
 if status == 'completed' then
-  redis.call('HSET', KEYS[1], 'state', 'completed', 'result', ARGV[4], 'finished_ms', now_ms)
-  redis.call('HDEL', KEYS[1], 'error_kind', 'error', 'payload')
+  redis.call('HSET', KEYS[1], 'state', 'completed', 'result', ARGV[4], 'finished_ms', now_ms,
+    'payload', '')
+  if job[7] then
+    redis.call('HDEL', KEYS[1], 'error_kind', 'error')
+  end
 else
   redis.call('HSET', KEYS[1], 'state', 'failed', 'error_kind', ARGV[4], 'error', ARGV[5],
     'finished_ms', now_ms)
 end
-redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
 -- MessagePack by hand: Lua's cmsgpack has no bin type for the result.
+-- The fixed keys and statuses are written as literal fixstr bytes.
 local function header(small, code, n)
   if small and n < 32 then
     return string.char(small + n)
@@ -92,11 +100,11 @@ local function bin(s) return header(nil, 0xc4, #s) .. s end
 if job[3] and job[3] ~= '' then
   local bell
   if status == 'completed' then
-    bell = '\132' .. str('id') .. str(id) .. str('status') .. str(status)
-      .. str('enc') .. str(job[6] or '') .. str('result') .. bin(ARGV[4])
+    bell = '\132\162id' .. str(id) .. '\166status\169completed\163enc' .. str(job[6] or '')
+      .. '\166result' .. bin(ARGV[4])
   else
-    bell = '\131' .. str('id') .. str(id) .. str('status') .. str(status)
-      .. str('error') .. '\130' .. str('kind') .. str(ARGV[4]) .. str('message') .. str(ARGV[5])
+    bell = '\131\162id' .. str(id) .. '\166status\166failed\165error\130\164kind' .. str(ARGV[4])
+      .. '\167message' .. str(ARGV[5])
   end
   redis.call(ARGV[9] == 'spublish' and 'SPUBLISH' or 'PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[3], bell)
 end

@@ -1,11 +1,13 @@
 #!lua
 -- name: job_finish_batch
--- version: 1
+-- version: 2
 -- Recoverable and reliable modes: job_finish for several jobs of one queue
 -- in one call, so that a busy worker pays the cost of a script call once
 -- for all the jobs that finished meanwhile. Each job is checked and
 -- finished exactly as job_finish would; one job's refusal does not affect
--- the others.
+-- the others. The doorbells of one client's jobs go out as one message: the
+-- outcome record when there is one, an array of outcome records when there
+-- are several.
 --
 -- KEYS[1]    claim           recoverable: lease set <prefix>:{<queue>}:leases
 --                            reliable: the worker's in-flight list
@@ -38,10 +40,14 @@ for i = 1, n do
 end
 local publish = notify == 'spublish' and 'SPUBLISH' or 'PUBLISH'
 local base = string.match(KEYS[4], '^[^}]*}')
+-- Numbers go to Redis as decimal strings made once: Redis formats a Lua
+-- number argument with "%.17g", which costs more than the command itself.
+local function int(n) return string.format('%d', n) end
 local now = redis.call('TIME')
-local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local now_ms = int(now[1] * 1000 + math.floor(now[2] / 1000))
 
 -- MessagePack by hand (as in job_finish): Lua's cmsgpack has no bin type.
+-- The fixed keys and statuses are written as literal fixstr bytes.
 local function header(small, code, len)
   if small and len < 32 then
     return string.char(small + len)
@@ -56,8 +62,12 @@ end
 local function str(s) return header(0xa0, 0xd9, #s) .. s end
 local function bin(s) return header(nil, 0xc4, #s) .. s end
 
+-- Doorbells per client, in the order of the clients' first jobs.
+local bells, clients = {}, {}
+
 local function finish(key, id, token, status, a4, a5, retry)
-  local job = redis.call('HMGET', key, 'state', 'token', 'client', 'attempt', 'max_attempts', 'enc')
+  local job = redis.call('HMGET', key, 'state', 'token', 'client', 'attempt', 'max_attempts', 'enc',
+    'error_kind')
   if not job[1] then
     return 'JQ_NO_JOB ' .. id
   end
@@ -68,7 +78,7 @@ local function finish(key, id, token, status, a4, a5, retry)
     return 'JQ_ALREADY_FINISHED ' .. job[1]
   end
   if mode == 'reliable' then
-    redis.call('LREM', KEYS[1], 1, id)
+    redis.call('LREM', KEYS[1], -1, id)
   else
     redis.call('ZREM', KEYS[1], id)
   end
@@ -82,18 +92,26 @@ local function finish(key, id, token, status, a4, a5, retry)
   end
   local bell
   if status == 'completed' then
-    redis.call('HSET', key, 'state', 'completed', 'result', a4, 'finished_ms', now_ms)
-    redis.call('HDEL', key, 'error_kind', 'error', 'payload')
-    bell = '\132' .. str('id') .. str(id) .. str('status') .. str(status)
-      .. str('enc') .. str(job[6] or '') .. str('result') .. bin(a4)
+    redis.call('HSET', key, 'state', 'completed', 'result', a4, 'finished_ms', now_ms, 'payload', '')
+    if job[7] then
+      redis.call('HDEL', key, 'error_kind', 'error')
+    end
+    bell = '\132\162id' .. str(id) .. '\166status\169completed\163enc' .. str(job[6] or '')
+      .. '\166result' .. bin(a4)
   else
     redis.call('HSET', key, 'state', 'failed', 'error_kind', a4, 'error', a5, 'finished_ms', now_ms)
-    bell = '\131' .. str('id') .. str(id) .. str('status') .. str(status)
-      .. str('error') .. '\130' .. str('kind') .. str(a4) .. str('message') .. str(a5)
+    bell = '\131\162id' .. str(id) .. '\166status\166failed\165error\130\164kind' .. str(a4)
+      .. '\167message' .. str(a5)
   end
-  redis.call('PEXPIRE', key, ttl)
-  if job[3] and job[3] ~= '' then
-    redis.call(publish, base .. ':reply:' .. job[3], bell)
+  redis.call('PEXPIRE', key, ARGV[1])
+  local client = job[3]
+  if client and client ~= '' then
+    if not bells[client] then
+      bells[client] = {}
+      clients[#clients + 1] = client
+    end
+    local list = bells[client]
+    list[#list + 1] = bell
   end
   return status
 end
@@ -102,5 +120,23 @@ local out = {}
 for i = 1, n do
   local a = 3 + 6 * (i - 1)
   out[i] = finish(KEYS[3 + i], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
+end
+for _, client in ipairs(clients) do
+  local list = bells[client]
+  local message = list[1]
+  if #list > 1 then
+    -- A MessagePack array of the outcome records.
+    local count = #list
+    if count < 16 then
+      message = string.char(0x90 + count)
+    elseif count < 65536 then
+      message = string.char(0xdc, math.floor(count / 256), count % 256)
+    else
+      message = string.char(0xdd, math.floor(count / 16777216) % 256, math.floor(count / 65536) % 256,
+        math.floor(count / 256) % 256, count % 256)
+    end
+    message = message .. table.concat(list)
+  end
+  redis.call(publish, base .. ':reply:' .. client, message)
 end
 return out

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_start
--- version: 4
+-- version: 5
 -- Recoverable mode, second half of a claim, for one or many claimed jobs of
 -- a queue in one call: marks each job active under its claim's fencing
 -- token, or tells the worker not to run it. An attempt that finds the job
@@ -48,8 +48,12 @@ for i = 1, n do
 end
 local publish = ARGV[6] == 'spublish' and 'SPUBLISH' or 'PUBLISH'
 local worker = ARGV[3]
+-- Numbers go to Redis as decimal strings made once: Redis formats a Lua
+-- number argument with "%.17g", which costs more than the command itself.
+local function int(n) return string.format('%d', n) end
 local now = redis.call('TIME')
-local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local now_n = now[1] * 1000 + math.floor(now[2] / 1000)
+local now_ms = int(now_n)
 
 local function tell(key, client, id, status)
   if client and client ~= '' then
@@ -81,7 +85,7 @@ local function start(key, id, token)
     end
     redis.call('HSET', key, 'state', 'failed', 'finished_ms', now_ms, 'error_kind', 'decode',
       'error', 'not a valid job: state ' .. (state and ('"' .. state .. '"') or 'missing'))
-    redis.call('PEXPIRE', key, ttl)
+    redis.call('PEXPIRE', key, ARGV[4])
     tell(key, job[3], id, 'failed')
     return {'gone', 'failed'}
   end
@@ -89,13 +93,13 @@ local function start(key, id, token)
   if state == 'active' then
     stalls = stalls + 1
     if stalls > max_stalls then
-      redis.call('HSET', key, 'state', 'dead', 'stalls', stalls, 'finished_ms', now_ms,
+      redis.call('HSET', key, 'state', 'dead', 'stalls', int(stalls), 'finished_ms', now_ms,
         'error_kind', 'stalled',
         'error', 'the job stalled ' .. stalls .. ' times (limit ' .. max_stalls .. '): its worker died or hung each time')
       redis.call('ZREM', KEYS[1], id)
       redis.call('ZADD', KEYS[2], now_ms, id)
       redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -dead_max - 1)
-      redis.call('PEXPIRE', key, ttl)
+      redis.call('PEXPIRE', key, ARGV[4])
       tell(key, job[3], id, 'dead')
       return {'dead'}
     end
@@ -104,11 +108,11 @@ local function start(key, id, token)
   if lease < 1 then
     lease = default_lease
   end
-  local attempt = (tonumber(job[7]) or 0) + 1
-  redis.call('HSET', key, 'state', 'active', 'token', token, 'attempt', attempt,
-    'stalls', stalls, 'started_ms', now_ms, 'worker', worker)
-  redis.call('ZADD', KEYS[1], now_ms + lease, id)
-  return {'run', job[4] or '', job[5] or '', tostring(attempt), tostring(stalls), tostring(lease)}
+  local attempt, stalled, leased = int((tonumber(job[7]) or 0) + 1), int(stalls), int(lease)
+  redis.call('HSET', key, 'state', 'active', 'token', int(token), 'attempt', attempt,
+    'stalls', stalled, 'started_ms', now_ms, 'worker', worker)
+  redis.call('ZADD', KEYS[1], int(now_n + lease), id)
+  return {'run', job[4] or '', job[5] or '', attempt, stalled, leased}
 end
 
 local out = {}

@@ -1,14 +1,14 @@
 #!lua
 -- name: reliable_start
--- version: 4
+-- version: 5
 -- Reliable mode: starts one or many jobs in one call: issues each attempt's
 -- fencing token and marks the job active, or tells the worker not to run
 -- it. With source "inflight" the IDs are already in the worker's in-flight
--- list (moved there by BLMOVE or reliable_take). With source "pending" the
--- script first moves them there itself from the tail of the pending list,
--- where the worker saw them (LRANGE <pending> -n -1, oldest first): an ID
--- that is no longer at the tail (another worker took it) stops the move, and
--- it and the IDs after it are "missed", untouched. An attempt that finds the job still "active" proves that the
+-- list (moved there by BLMOVE). With source "pending" the script first
+-- moves them there itself from the tail of the pending list, where the
+-- worker saw them (LRANGE <pending> -n -1, oldest first): an ID that is no
+-- longer where the worker saw it (another worker took it) stops the move,
+-- and it and the IDs after it are "missed", untouched. An attempt that finds the job still "active" proves that the
 -- previous attempt's worker died (its in-flight list was recovered): that
 -- counts as a redelivery (stall), and a job that stalled more than MAX
 -- STALLS times goes to the dead-letter set instead of running again (a
@@ -53,8 +53,11 @@ if n < 1 or #ARGV ~= 6 + n then
 end
 local publish = ARGV[5] == 'spublish' and 'SPUBLISH' or 'PUBLISH'
 local worker = ARGV[2]
+-- Numbers go to Redis as decimal strings made once: Redis formats a Lua
+-- number argument with "%.17g", which costs more than the command itself.
+local function int(n) return string.format('%d', n) end
 local now = redis.call('TIME')
-local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local now_ms = int(now[1] * 1000 + math.floor(now[2] / 1000))
 -- One token per job, issued at once; a job that does not run leaves a gap.
 local token = redis.call('INCRBY', KEYS[3], n) - n
 
@@ -85,7 +88,7 @@ local function start(key, id)
     end
     redis.call('HSET', key, 'state', 'failed', 'finished_ms', now_ms, 'error_kind', 'decode',
       'error', 'not a valid job: state ' .. (state and ('"' .. state .. '"') or 'missing'))
-    redis.call('PEXPIRE', key, ttl)
+    redis.call('PEXPIRE', key, ARGV[3])
     tell(key, job[2], id, 'failed')
     return {'gone', 'failed'}
   end
@@ -93,41 +96,51 @@ local function start(key, id)
   if state == 'active' then
     stalls = stalls + 1
     if stalls > max_stalls then
-      redis.call('HSET', key, 'state', 'dead', 'stalls', stalls, 'finished_ms', now_ms,
+      redis.call('HSET', key, 'state', 'dead', 'stalls', int(stalls), 'finished_ms', now_ms,
         'error_kind', 'stalled',
         'error', 'the job stalled ' .. stalls .. ' times (limit ' .. max_stalls .. '): its worker died each time')
       redis.call('LREM', KEYS[1], 1, id)
       redis.call('ZADD', KEYS[2], now_ms, id)
       redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -dead_max - 1)
-      redis.call('PEXPIRE', key, ttl)
+      redis.call('PEXPIRE', key, ARGV[3])
       tell(key, job[2], id, 'dead')
       return {'dead'}
     end
   end
-  local attempt = (tonumber(job[5]) or 0) + 1
-  redis.call('HSET', key, 'state', 'active', 'token', token, 'attempt', attempt,
-    'stalls', stalls, 'started_ms', now_ms, 'worker', worker)
-  return {'run', job[3] or '', job[4] or '', tostring(attempt), tostring(stalls), tostring(token)}
+  local attempt, stalled, fence = int((tonumber(job[5]) or 0) + 1), int(stalls), int(token)
+  redis.call('HSET', key, 'state', 'active', 'token', fence, 'attempt', attempt,
+    'stalls', stalled, 'started_ms', now_ms, 'worker', worker)
+  return {'run', job[3] or '', job[4] or '', attempt, stalled, fence}
+end
+
+-- From pending: the longest run of the expected IDs (oldest first) still at
+-- the tail moves to the in-flight list, in the order one LMOVE RIGHT LEFT
+-- per ID would give; the rest is missed.
+local taken = n
+if source == 'pending' then
+  local tail = redis.call('LRANGE', KEYS[4], -n, -1)
+  taken = 0
+  while taken < n and tail[#tail - taken] == ARGV[7 + taken] do
+    taken = taken + 1
+  end
+  if taken > 0 then
+    redis.call('LTRIM', KEYS[4], 0, -taken - 1)
+    for first = 1, taken, 1000 do
+      local ids = {}
+      for i = first, math.min(first + 999, taken) do
+        ids[#ids + 1] = ARGV[6 + i]
+      end
+      redis.call('LPUSH', KEYS[1], unpack(ids))
+    end
+  end
 end
 
 local out = {}
-local missed = false
 for i = 1, n do
-  local id = ARGV[6 + i]
-  if source == 'pending' and not missed then
-    local moved = redis.call('LMOVE', KEYS[4], KEYS[1], 'RIGHT', 'LEFT')
-    if moved ~= id then
-      missed = true
-      if moved then
-        -- Not the ID the worker saw: put it back where it was.
-        redis.call('LMOVE', KEYS[1], KEYS[4], 'LEFT', 'RIGHT')
-      end
-    end
-  end
-  if missed then
-    out[i] = {'missed'}
+  if i <= taken then
+    out[i] = start(KEYS[4 + i], ARGV[6 + i])
   else
-    out[i] = start(KEYS[4 + i], id)
+    out[i] = {'missed'}
   end
 end
 return out

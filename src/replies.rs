@@ -336,19 +336,28 @@ async fn run_cluster(
     }
 }
 
+/// Hands each outcome in a reply message to its waiter. A message is one
+/// outcome record, or an array of them (`job_finish_batch` sends one
+/// message per client for all of that client's jobs in the batch).
 fn dispatch(waiters: &WaiterMap, payload: &[u8]) {
-    let reply: Reply = match unpack(payload, "reply message") {
+    let is_array = matches!(payload.first(), Some(0x90..=0x9f | 0xdc | 0xdd));
+    let replies: Vec<Reply> = match if is_array {
+        unpack(payload, "reply message")
+    } else {
+        unpack(payload, "reply message").map(|one| vec![one])
+    } {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "ignoring an undecodable reply message");
             return;
         }
     };
-    let waiter = waiters
-        .lock()
-        .ok()
-        .and_then(|mut map| map.remove(&reply.id));
-    if let Some(tx) = waiter {
-        let _ = tx.send(reply);
+    let Ok(mut map) = waiters.lock() else {
+        return;
+    };
+    for reply in replies {
+        if let Some(tx) = map.remove(&reply.id) {
+            let _ = tx.send(reply);
+        }
     }
 }

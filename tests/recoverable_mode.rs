@@ -537,3 +537,67 @@ async fn outcomes_of_every_size_arrive_with_the_doorbell() {
     );
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn outcomes_finished_together_reach_their_client_in_one_message() {
+    use futures_util::StreamExt;
+    let server = RedisServer::start();
+    let q = queue_name("grouped");
+    let client = Client::connect(config(&server)).await.unwrap();
+    let queue = client.queue(&q, Mode::Recoverable).await.unwrap();
+    let mut watch = redis::Client::open(server.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    watch
+        .subscribe(format!("jq:{{{q}}}:reply:{}", client.id()))
+        .await
+        .unwrap();
+    let texts: Vec<String> = (0..20).map(|i| format!("job {i}")).collect();
+    let handles = queue.submit_many(&texts).await.unwrap();
+    // Twenty handlers that return at the same moment: their outcomes wait
+    // for the finisher together.
+    let gate = Arc::new(tokio::sync::Barrier::new(20));
+    let worker = spawn_built(recoverable(config(&server), &q).concurrency(20), {
+        move |job: Job<String>| {
+            let gate = gate.clone();
+            async move {
+                gate.wait().await;
+                reverse(job).await
+            }
+        }
+    })
+    .await;
+    for (text, handle) in texts.iter().zip(handles) {
+        let out: String = handle.result_timeout(WAIT).await.unwrap();
+        assert_eq!(out, text.chars().rev().collect::<String>());
+    }
+    let mut messages = watch.on_message();
+    let mut seen = Vec::new();
+    let mut arrays = 0;
+    while seen.len() < 20 {
+        let message = tokio::time::timeout(WAIT, messages.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let value: rmpv::Value = rmp_serde::from_slice(message.get_payload_bytes()).unwrap();
+        let records = match value {
+            rmpv::Value::Array(records) => {
+                arrays += 1;
+                records
+            }
+            record => vec![record],
+        };
+        for record in records {
+            let id = record["id"].as_str().unwrap().to_owned();
+            assert_eq!(record["status"].as_str(), Some("completed"));
+            seen.push(id);
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 20, "each outcome once");
+    assert!(arrays >= 1, "no grouped doorbell among the messages");
+    assert_eq!(worker.stop().await.completed, 20);
+}

@@ -25,6 +25,13 @@ struct Doorbell {
     status: String,
 }
 
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum Bells {
+    Many(Vec<Doorbell>),
+    One(Doorbell),
+}
+
 /// The `reliable_worker` example binary, built by `cargo test` (or here).
 fn worker_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -92,12 +99,15 @@ async fn every_job_completes_exactly_once_while_workers_are_killed() {
     tokio::spawn(async move {
         let mut messages = pubsub.into_on_message();
         while let Some(msg) = messages.next().await {
-            let bell: Doorbell = rmp_serde::from_slice(msg.get_payload_bytes()).unwrap();
-            seen.lock()
-                .unwrap()
-                .entry(bell.id.clone())
-                .or_default()
-                .push(bell.status.clone());
+            // One doorbell, or an array of them for one client's jobs.
+            let bells = match rmp_serde::from_slice(msg.get_payload_bytes()).unwrap() {
+                Bells::Many(bells) => bells,
+                Bells::One(bell) => vec![bell],
+            };
+            let mut seen = seen.lock().unwrap();
+            for bell in bells {
+                seen.entry(bell.id).or_default().push(bell.status);
+            }
         }
     });
 

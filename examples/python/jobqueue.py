@@ -158,8 +158,10 @@ class Client:
 
     def keep(self, message):
         if message and message["type"] == "message":
-            record = msgpack.unpackb(message["data"], raw=False)
-            self.inbox[record["id"]] = record
+            # One outcome record, or an array of them (job_finish_batch).
+            records = msgpack.unpackb(message["data"], raw=False)
+            for record in records if isinstance(records, list) else [records]:
+                self.inbox[record["id"]] = record
 
     def wait_message(self, job_id, seconds):
         """Waits up to `seconds` for a message about `job_id`."""

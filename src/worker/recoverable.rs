@@ -192,9 +192,10 @@ async fn claim_in_order(
     Ok(claimed)
 }
 
-/// Runs a started job in a task of its own, holding `permit`, and keeps it
-/// in the active registry (heartbeat, orphan detection) while it runs.
-/// Shared by recoverable and reliable modes.
+/// Runs a started job in a task of its own, holding `permit` while its
+/// handler runs, and keeps it in the active registry (heartbeat, orphan
+/// detection) until its outcome is recorded. Shared by recoverable and
+/// reliable modes.
 pub(crate) fn spawn_started(
     shared: &Arc<Shared>,
     tasks: &mut JoinSet<()>,
@@ -206,9 +207,8 @@ pub(crate) fn spawn_started(
     shared.active.insert(keys.queue(), &id, &token);
     let (shared, keys) = (shared.clone(), keys.clone());
     tasks.spawn(async move {
-        run_started(&shared, mode, &keys, (&id, &token), start).await;
+        run_started(&shared, mode, &keys, (&id, &token), start, permit).await;
         shared.active.remove(keys.queue(), &id);
-        drop(permit);
     });
 }
 
@@ -225,13 +225,16 @@ pub(crate) fn start_settings(shared: &Shared) -> StartSettings<'_> {
 }
 
 /// Acts on a start decision: runs the job and records its outcome, or counts
-/// a dead-lettered job.
+/// a dead-lettered job. The job's slot is free again as soon as its handler
+/// has returned: the next job can start while the outcome is being recorded
+/// (the ID stays in its claim, lease or in-flight list, until then).
 async fn run_started(
     shared: &Shared,
     mode: Mode,
     keys: &Arc<QueueKeys>,
     (id, token): (&str, &str),
     start: Start,
+    permit: OwnedSemaphorePermit,
 ) {
     match start {
         Start::Run {
@@ -247,6 +250,7 @@ async fn run_started(
                 attempt,
             };
             let outcome = execute::run(&shared.handler, input, &shared.hard_stop).await;
+            drop(permit);
             finish(shared, mode, keys, (id, token), outcome).await;
         }
         Start::Dead => {
