@@ -83,7 +83,10 @@ impl WorkerBuilder {
         self
     }
 
-    /// How many jobs run at once (default 10).
+    /// How many handlers run at once (default 10). In recoverable and
+    /// reliable modes a job's slot is free again when its handler returns,
+    /// while its outcome is still being recorded (outcomes are recorded in
+    /// batches; until then the job stays claimed in Redis).
     pub fn concurrency(mut self, concurrency: usize) -> Self {
         self.settings.concurrency = concurrency;
         self
