@@ -295,6 +295,8 @@ pub(crate) struct Shared {
     pub last_beat: std::sync::Mutex<Option<Instant>>,
     /// Recoverable and reliable modes: where outcomes go to be recorded.
     pub finisher: tokio::sync::mpsc::UnboundedSender<recoverable::FinishRequest>,
+    /// Recoverable and reliable modes: outcome-recording calls in flight.
+    pub recording: std::sync::atomic::AtomicUsize,
 }
 
 impl Worker {
@@ -363,6 +365,7 @@ impl Worker {
             active: recoverable::Active::default(),
             last_beat: std::sync::Mutex::new(None),
             finisher,
+            recording: std::sync::atomic::AtomicUsize::new(0),
         });
         // Dropped at the end of this function, or with its future.
         let mut background = match self.mode {

@@ -9,6 +9,7 @@
 //! pass, at most one block timeout later), never a job.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
@@ -263,9 +264,10 @@ async fn run_started(
 }
 
 /// Records the outcome; an abandoned job (grace period over) goes back to
-/// its queue at once. Shared by recoverable and reliable modes. Outcomes go
-/// through the worker's finisher, which records all the outcomes of a queue
-/// that are waiting at once in one `job_finish_batch` call.
+/// its queue at once. Shared by recoverable and reliable modes. When no
+/// outcome is being recorded, this one is sent at once (`job_finish`);
+/// otherwise it goes through the worker's finisher, which records all the
+/// outcomes of a queue that are waiting in one `job_finish_batch` call.
 pub(crate) async fn finish(
     shared: &Shared,
     mode: Mode,
@@ -301,22 +303,33 @@ pub(crate) async fn finish(
             }
         }
     };
-    let (done, result) = oneshot::channel();
-    let request = FinishRequest {
-        keys: keys.clone(),
-        mode,
-        item: BatchItem {
-            id: id.to_owned(),
-            token: token.to_owned(),
-            finish,
-        },
-        done,
+    let item = BatchItem {
+        id: id.to_owned(),
+        token: token.to_owned(),
+        finish,
     };
-    let recorded = match shared.finisher.send(request) {
-        Ok(()) => result
-            .await
-            .unwrap_or_else(|_| Err(Error::Config("the finisher stopped".into()))),
-        Err(_) => Err(Error::Config("the finisher stopped".into())),
+    let recorded = if let Some(_idle) = Recording::start_if_idle(shared) {
+        // Nothing is being recorded: send this outcome at once, without
+        // the hop through the finisher (lower latency for lone jobs).
+        let claim = transitions::claim_key(keys, mode, &shared.id);
+        match record(shared, keys, (mode, &claim), std::slice::from_ref(&item)).await {
+            Ok(mut results) => results.pop().expect("one result per outcome"),
+            Err(e) => Err(e),
+        }
+    } else {
+        let (done, result) = oneshot::channel();
+        let request = FinishRequest {
+            keys: keys.clone(),
+            mode,
+            item,
+            done,
+        };
+        match shared.finisher.send(request) {
+            Ok(()) => result
+                .await
+                .unwrap_or_else(|_| Err(Error::Config("the finisher stopped".into()))),
+            Err(_) => Err(Error::Config("the finisher stopped".into())),
+        }
     };
     match recorded {
         Ok(state) if state == "queued" => Counters::add(&c.retried, 1),
@@ -333,6 +346,34 @@ pub(crate) async fn finish(
         Err(e) => {
             tracing::error!(job = %id, error = %e, "could not record the outcome; the lease will run out")
         }
+    }
+}
+
+/// Counts an outcome-recording call in flight (see `Shared::recording`)
+/// until dropped.
+struct Recording<'a>(&'a Shared);
+
+impl<'a> Recording<'a> {
+    /// Counts a call by the finisher.
+    fn start(shared: &'a Shared) -> Self {
+        shared.recording.fetch_add(1, Ordering::AcqRel);
+        Self(shared)
+    }
+
+    /// Counts a call when none is in flight; `None` when one is (the
+    /// outcome should then join the finisher's next batch).
+    fn start_if_idle(shared: &'a Shared) -> Option<Self> {
+        shared
+            .recording
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| Self(shared))
+    }
+}
+
+impl Drop for Recording<'_> {
+    fn drop(&mut self) {
+        self.0.recording.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -411,7 +452,10 @@ pub(crate) async fn finisher(
             let claim = transitions::claim_key(&keys, mode, &shared.id);
             let (items, dones): (Vec<BatchItem>, Vec<_>) =
                 batch.into_iter().map(|r| (r.item, r.done)).unzip();
-            match record(&shared, &keys, (mode, &claim), &items).await {
+            let recording = Recording::start(&shared);
+            let recorded = record(&shared, &keys, (mode, &claim), &items).await;
+            drop(recording);
+            match recorded {
                 Ok(results) => {
                     for (done, result) in dones.into_iter().zip(results) {
                         let _ = done.send(result);
