@@ -52,7 +52,8 @@ for i = 1, n do
   if #ARGV[a + 4] > 64 then
     return redis.error_reply('JQ_BAD_ARGS client ID longer than 64 bytes')
   end
-  if not tonumber(ARGV[a + 5]) or (tonumber(ARGV[a + 6]) or 0) < 1 then
+  local lease, attempts = ARGV[a + 5], ARGV[a + 6]
+  if (lease ~= '0' or attempts ~= '1') and (not tonumber(lease) or (tonumber(attempts) or 0) < 1) then
     return redis.error_reply('JQ_BAD_ARGS lease ms and max attempts must be numbers, max attempts >= 1')
   end
   if redis.call('EXISTS', KEYS[3 + i]) == 1 then
@@ -64,30 +65,48 @@ end
 local function int(n) return string.format('%d', n) end
 local now = redis.call('TIME')
 local now_ms = int(now[1] * 1000 + math.floor(now[2] / 1000))
-local len = 0
 for i = 1, n do
   local a = 2 + 6 * (i - 1)
+  local key, client, lease, attempts = KEYS[3 + i], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
   -- Fields at their default value (client "", lease_ms 0, max_attempts 1,
   -- attempt, stalls and token 0) are not written: less memory and CPU.
-  local fields = {'state', 'queued', 'enc', ARGV[a + 2], 'payload', ARGV[a + 3], 'submitted_ms', now_ms}
-  if ARGV[a + 4] ~= '' then
-    fields[#fields + 1] = 'client'
-    fields[#fields + 1] = ARGV[a + 4]
+  if lease == '0' and attempts == '1' then
+    if client ~= '' then
+      redis.call('HSET', key, 'state', 'queued', 'enc', ARGV[a + 2], 'payload', ARGV[a + 3],
+        'submitted_ms', now_ms, 'client', client)
+    else
+      redis.call('HSET', key, 'state', 'queued', 'enc', ARGV[a + 2], 'payload', ARGV[a + 3],
+        'submitted_ms', now_ms)
+    end
+  else
+    local fields = {'state', 'queued', 'enc', ARGV[a + 2], 'payload', ARGV[a + 3], 'submitted_ms', now_ms}
+    if client ~= '' then
+      fields[#fields + 1] = 'client'
+      fields[#fields + 1] = client
+    end
+    if tonumber(lease) ~= 0 then
+      fields[#fields + 1] = 'lease_ms'
+      fields[#fields + 1] = lease
+    end
+    if tonumber(attempts) ~= 1 then
+      fields[#fields + 1] = 'max_attempts'
+      fields[#fields + 1] = attempts
+    end
+    redis.call('HSET', key, unpack(fields))
   end
-  if tonumber(ARGV[a + 5]) ~= 0 then
-    fields[#fields + 1] = 'lease_ms'
-    fields[#fields + 1] = ARGV[a + 5]
-  end
-  if tonumber(ARGV[a + 6]) ~= 1 then
-    fields[#fields + 1] = 'max_attempts'
-    fields[#fields + 1] = ARGV[a + 6]
-  end
-  redis.call('HSET', KEYS[3 + i], unpack(fields))
-  len = redis.call('LPUSH', KEYS[2], ARGV[a + 1])
 end
-if ARGV[1] == 'recoverable' then
-  for i = 1, n do
-    redis.call('LPUSH', KEYS[3], '1')
+-- The IDs (and, in recoverable mode, one ticket per job), pushed a
+-- thousand at a time: oldest first, as one LPUSH per job would.
+local len = 0
+for first = 1, n, 1000 do
+  local ids, tickets = {}, {}
+  for i = first, math.min(first + 999, n) do
+    ids[#ids + 1] = ARGV[2 + 6 * (i - 1) + 1]
+    tickets[#tickets + 1] = '1'
+  end
+  len = redis.call('LPUSH', KEYS[2], unpack(ids))
+  if ARGV[1] == 'recoverable' then
+    redis.call('LPUSH', KEYS[3], unpack(tickets))
   end
 end
 return len

@@ -220,7 +220,7 @@ impl Queue {
         Ok(JobHandle::new(
             id.to_owned(),
             inner.replies.register(id),
-            Some(self.stored()),
+            Some(Arc::new(self.stored())),
             false,
         ))
     }
@@ -286,7 +286,7 @@ impl Queue {
         // Subscribe first, so that no outcome can be published unseen.
         let inner = &self.client.inner;
         inner.replies.subscribe(&self.channel).await?;
-        let stored = (self.mode != Mode::Simple).then(|| self.stored());
+        let stored = (self.mode != Mode::Simple).then(|| Arc::new(self.stored()));
         let handles: Vec<JobHandle> = prepared
             .into_iter()
             .map(|(id, _, _)| {

@@ -1,5 +1,6 @@
 //! [`JobHandle`]: a submitted job whose outcome can be awaited.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::connection::Conn;
@@ -20,7 +21,7 @@ use crate::wire::{COMPLETED, Reply};
 pub struct JobHandle {
     id: String,
     waiter: Waiter,
-    stored: Option<Stored>,
+    stored: Option<Arc<Stored>>,
     /// Submitted by this client: the job's doorbell is already ours, so the
     /// first read can wait for it.
     fresh: bool,
@@ -43,7 +44,12 @@ impl std::fmt::Debug for JobHandle {
 }
 
 impl JobHandle {
-    pub(crate) fn new(id: String, waiter: Waiter, stored: Option<Stored>, fresh: bool) -> Self {
+    pub(crate) fn new(
+        id: String,
+        waiter: Waiter,
+        stored: Option<Arc<Stored>>,
+        fresh: bool,
+    ) -> Self {
         Self {
             id,
             waiter,
@@ -72,12 +78,13 @@ impl JobHandle {
     /// [`Error::JobNotFound`] when the job does not exist (or expired);
     /// [`Error::ClientClosed`] when the client was dropped first.
     pub async fn result<R: DeserializeOwned>(mut self) -> Result<R, Error> {
-        let Some(mut stored) = self.stored.take() else {
+        let Some(stored) = self.stored.take() else {
             return match self.waiter.recv().await {
                 Some(reply) => decode_reply(reply),
                 None => Err(Error::ClientClosed { job_id: self.id }),
             };
         };
+        let mut reconnects = stored.reconnects.clone();
         let mut rung = false;
         let mut read = !self.fresh;
         loop {
@@ -116,7 +123,7 @@ impl JobHandle {
                         Some(_) => rung = true,
                     }
                 }
-                _ = stored.reconnects.changed() => {}
+                _ = reconnects.changed() => {}
                 _ = tokio::time::sleep(stored.poll) => {}
             }
         }

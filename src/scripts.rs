@@ -321,7 +321,7 @@ mod tests {
         ("job_release", 2, "a8bdf1e310ed14f5078839b8b6751b1bf1c2409a"),
         ("job_requeue_stale", 1, "428e9aee6bc089ec43b669493619d01e1197ca23"),
         ("job_start", 5, "cc24e523fb4dda01a86022a1ba5bfa9867c950e9"),
-        ("job_submit", 3, "43c95bb1af2d05d704766471d01e28fc3d98397a"),
+        ("job_submit", 3, "99af9b130a39a5f4a34769b4fc0b2462c74ef0d4"),
         ("job_watch", 3, "db3b5e5905289d398d173c785b8696006e32cb90"),
         ("queue_register", 1, "aa74a74df04db0536b0cfb3a4761413dcb759208"),
         ("reliable_find_dead", 1, "d27a14eabb1c3d8aad1491ec3d630cb2e439944d"),
