@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish
--- version: 5
+-- version: 6
 -- Recoverable and reliable modes: records a job's outcome under its fencing
 -- token, drops its claim (lease or in-flight entry) and rings the client's
 -- doorbell. The doorbell carries the outcome (the same record as a
@@ -41,8 +41,7 @@ if (status ~= 'completed' and status ~= 'failed') or not ttl
     or (mode ~= 'recoverable' and mode ~= 'reliable') then
   return redis.error_reply('JQ_BAD_ARGS expected status completed or failed, a ttl and a mode')
 end
-local job = redis.call('HMGET', KEYS[1], 'state', 'token', 'client', 'attempt', 'max_attempts', 'enc',
-  'error_kind')
+local job = redis.call('HMGET', KEYS[1], 'state', 'token', 'client', 'enc', 'error_kind')
 local state = job[1]
 if not state then
   return redis.error_reply('JQ_NO_JOB ' .. id)
@@ -63,7 +62,8 @@ if mode == 'reliable' then
 else
   redis.call('ZREM', KEYS[2], id)
 end
-if status == 'failed' and ARGV[6] == '1' and (tonumber(job[4]) or 0) < (tonumber(job[5]) or 1) then
+local attempts = status == 'failed' and ARGV[6] == '1' and redis.call('HMGET', KEYS[1], 'attempt', 'max_attempts')
+if attempts and (tonumber(attempts[1]) or 0) < (tonumber(attempts[2]) or 1) then
   redis.call('HSET', KEYS[1], 'state', 'queued', 'error_kind', ARGV[4], 'error', ARGV[5])
   redis.call('LPUSH', KEYS[3], id)
   if mode == 'recoverable' then
@@ -74,7 +74,7 @@ end
 if status == 'completed' then
   redis.call('HSET', KEYS[1], 'state', 'completed', 'result', ARGV[4], 'finished_ms', now_ms,
     'payload', '')
-  if job[7] then
+  if job[5] then
     redis.call('HDEL', KEYS[1], 'error_kind', 'error')
   end
 else
@@ -100,7 +100,7 @@ local function bin(s) return header(nil, 0xc4, #s) .. s end
 if job[3] and job[3] ~= '' then
   local bell
   if status == 'completed' then
-    bell = '\132\162id' .. str(id) .. '\166status\169completed\163enc' .. str(job[6] or '')
+    bell = '\132\162id' .. str(id) .. '\166status\169completed\163enc' .. str(job[4] or '')
       .. '\166result' .. bin(ARGV[4])
   else
     bell = '\131\162id' .. str(id) .. '\166status\166failed\165error\130\164kind' .. str(ARGV[4])

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish_batch
--- version: 2
+-- version: 3
 -- Recoverable and reliable modes: job_finish for several jobs of one queue
 -- in one call, so that a busy worker pays the cost of a script call once
 -- for all the jobs that finished meanwhile. Each job is checked and
@@ -66,8 +66,7 @@ local function bin(s) return header(nil, 0xc4, #s) .. s end
 local bells, clients = {}, {}
 
 local function finish(key, id, token, status, a4, a5, retry)
-  local job = redis.call('HMGET', key, 'state', 'token', 'client', 'attempt', 'max_attempts', 'enc',
-    'error_kind')
+  local job = redis.call('HMGET', key, 'state', 'token', 'client', 'enc', 'error_kind')
   if not job[1] then
     return 'JQ_NO_JOB ' .. id
   end
@@ -82,7 +81,8 @@ local function finish(key, id, token, status, a4, a5, retry)
   else
     redis.call('ZREM', KEYS[1], id)
   end
-  if status == 'failed' and retry == '1' and (tonumber(job[4]) or 0) < (tonumber(job[5]) or 1) then
+  local attempts = status == 'failed' and retry == '1' and redis.call('HMGET', key, 'attempt', 'max_attempts')
+  if attempts and (tonumber(attempts[1]) or 0) < (tonumber(attempts[2]) or 1) then
     redis.call('HSET', key, 'state', 'queued', 'error_kind', a4, 'error', a5)
     redis.call('LPUSH', KEYS[2], id)
     if mode == 'recoverable' then
@@ -93,10 +93,10 @@ local function finish(key, id, token, status, a4, a5, retry)
   local bell
   if status == 'completed' then
     redis.call('HSET', key, 'state', 'completed', 'result', a4, 'finished_ms', now_ms, 'payload', '')
-    if job[7] then
+    if job[5] then
       redis.call('HDEL', key, 'error_kind', 'error')
     end
-    bell = '\132\162id' .. str(id) .. '\166status\169completed\163enc' .. str(job[6] or '')
+    bell = '\132\162id' .. str(id) .. '\166status\169completed\163enc' .. str(job[4] or '')
       .. '\166result' .. bin(a4)
   else
     redis.call('HSET', key, 'state', 'failed', 'error_kind', a4, 'error', a5, 'finished_ms', now_ms)

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_start
--- version: 5
+-- version: 6
 -- Recoverable mode, second half of a claim, for one or many claimed jobs of
 -- a queue in one call: marks each job active under its claim's fencing
 -- token, or tells the worker not to run it. An attempt that finds the job
@@ -109,8 +109,14 @@ local function start(key, id, token)
     lease = default_lease
   end
   local attempt, stalled, leased = int((tonumber(job[7]) or 0) + 1), int(stalls), int(lease)
-  redis.call('HSET', key, 'state', 'active', 'token', int(token), 'attempt', attempt,
-    'stalls', stalled, 'started_ms', now_ms, 'worker', worker)
+  if job[8] == stalled or (not job[8] and stalls == 0) then
+    -- Stalls unchanged (0 is the default when the field is missing).
+    redis.call('HSET', key, 'state', 'active', 'token', int(token), 'attempt', attempt,
+      'started_ms', now_ms, 'worker', worker)
+  else
+    redis.call('HSET', key, 'state', 'active', 'token', int(token), 'attempt', attempt,
+      'stalls', stalled, 'started_ms', now_ms, 'worker', worker)
+  end
   redis.call('ZADD', KEYS[1], int(now_n + lease), id)
   return {'run', job[4] or '', job[5] or '', attempt, stalled, leased}
 end

@@ -1,6 +1,6 @@
 #!lua
 -- name: reliable_start
--- version: 5
+-- version: 6
 -- Reliable mode: starts one or many jobs in one call: issues each attempt's
 -- fencing token and marks the job active, or tells the worker not to run
 -- it. With source "inflight" the IDs are already in the worker's in-flight
@@ -108,8 +108,14 @@ local function start(key, id)
     end
   end
   local attempt, stalled, fence = int((tonumber(job[5]) or 0) + 1), int(stalls), int(token)
-  redis.call('HSET', key, 'state', 'active', 'token', fence, 'attempt', attempt,
-    'stalls', stalled, 'started_ms', now_ms, 'worker', worker)
+  if job[6] == stalled or (not job[6] and stalls == 0) then
+    -- Stalls unchanged (0 is the default when the field is missing).
+    redis.call('HSET', key, 'state', 'active', 'token', fence, 'attempt', attempt,
+      'started_ms', now_ms, 'worker', worker)
+  else
+    redis.call('HSET', key, 'state', 'active', 'token', fence, 'attempt', attempt,
+      'stalls', stalled, 'started_ms', now_ms, 'worker', worker)
+  end
   return {'run', job[3] or '', job[4] or '', attempt, stalled, fence}
 end
 

@@ -184,8 +184,10 @@ async fn every_job_completes_exactly_once_while_workers_are_killed() {
     let stalled = bells
         .keys()
         .filter(|id| {
-            con.hget::<_, _, u32>(format!("jq:{{{q}}}:job:{id}"), "stalls")
+            // An absent field is its default, 0.
+            con.hget::<_, _, Option<u32>>(format!("jq:{{{q}}}:job:{id}"), "stalls")
                 .unwrap()
+                .unwrap_or(0)
                 > 0
         })
         .count();

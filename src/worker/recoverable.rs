@@ -252,7 +252,8 @@ async fn run_started(
             };
             let outcome = execute::run(&shared.handler, input, &shared.hard_stop).await;
             drop(permit);
-            finish(shared, mode, keys, (id, token), outcome).await;
+            // Boxed: keeps the spawned task small (it is moved on spawn).
+            Box::pin(finish(shared, mode, keys, (id, token), outcome)).await;
         }
         Start::Dead => {
             tracing::warn!(job = %id, queue = keys.queue(), "job stalled too often: dead-lettered");
