@@ -56,6 +56,12 @@ struct Args {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Instead of the phases: push this many jobs through one queue while a
+    /// worker runs (submitted in chunks, at most 20 chunks waiting), sampling
+    /// Redis memory, to show that it stays bounded when results expire (use
+    /// with --result-ttl-ms).
+    #[arg(long)]
+    soak: Option<usize>,
 }
 
 /// Redis counters summed over the primaries.
@@ -203,6 +209,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut queues = Vec::new();
     for name in &names {
         queues.push(client.queue(name, mode).await?);
+    }
+    if let Some(jobs) = args.soak {
+        return soak(&args, &target, mode, &config, &queues[0], jobs).await;
     }
     let mut phases = Vec::new();
     let progress = |what: &str| {
@@ -382,6 +391,112 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(peak) = phases.iter().find_map(|p| p.peak_memory_mib) {
         println!("peak Redis used_memory while processing: {peak:.1} MiB");
+    }
+    Ok(())
+}
+
+/// Memory over a long run: submits `jobs` in chunks while a worker runs,
+/// keeping at most 20 chunks waiting, and samples Redis used_memory and the
+/// number of keys; then waits for the results to expire.
+async fn soak(
+    args: &Args,
+    target: &Target,
+    mode: Mode,
+    config: &Config,
+    queue: &job_async_redis::Queue,
+    jobs: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let keys = |url: &str| -> i64 {
+        let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+        redis::cmd("DBSIZE").query(&mut con).unwrap()
+    };
+    let ttl = Duration::from_millis(args.result_ttl_ms.unwrap_or(86_400_000));
+    let done = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let done = done.clone();
+        move |_job: Job<usize>| {
+            done.fetch_add(1, Ordering::Relaxed);
+            async { Ok::<_, String>(()) }
+        }
+    };
+    let worker = Worker::builder(config.clone())
+        .mode(mode)
+        .concurrency(args.concurrency)
+        .result_ttl(ttl)
+        .queue(queue.name())
+        .build()
+        .await?;
+    let shutdown = worker.shutdown_handle();
+    let running = tokio::spawn(worker.run(handler));
+    let baseline = counters(&target.primaries).used;
+    let numbers: Vec<usize> = (0..args.chunk).collect();
+    let started = Instant::now();
+    let mut samples: Vec<serde_json::Value> = Vec::new();
+    let mut submitted = 0;
+    let mut next_sample = Duration::ZERO;
+    let mut peak = 0;
+    while done.load(Ordering::Relaxed) < jobs {
+        if submitted < jobs && submitted - done.load(Ordering::Relaxed) < 20 * args.chunk {
+            drop(
+                queue
+                    .submit_many(&numbers[..args.chunk.min(jobs - submitted)])
+                    .await?,
+            );
+            submitted += args.chunk.min(jobs - submitted);
+        } else {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if started.elapsed() >= next_sample {
+            next_sample += Duration::from_secs(1);
+            let used = counters(&target.primaries).used;
+            peak = peak.max(used);
+            let sample = serde_json::json!({
+                "seconds": started.elapsed().as_secs(),
+                "processed": done.load(Ordering::Relaxed),
+                "used_memory_mib": used as f64 / 1_048_576.0,
+                "keys": keys(&target.primaries[0]),
+            });
+            if !args.json {
+                eprintln!("{sample}");
+            }
+            samples.push(sample);
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let at_end = counters(&target.primaries).used;
+    shutdown.shutdown();
+    running.await??;
+    // Let the last results expire (Redis expires keys actively, in cycles).
+    tokio::time::sleep(ttl + Duration::from_secs(3)).await;
+    let after = counters(&target.primaries).used;
+    let out = serde_json::json!({
+        "mode": args.mode, "soak_jobs": jobs, "seconds": seconds,
+        "jobs_per_second": jobs as f64 / seconds, "result_ttl_ms": ttl.as_millis() as u64,
+        "used_memory_mib": {
+            "before": baseline as f64 / 1_048_576.0,
+            "peak": peak.max(at_end) as f64 / 1_048_576.0,
+            "at_end": at_end as f64 / 1_048_576.0,
+            "after_ttl": after as f64 / 1_048_576.0,
+        },
+        "keys_after_ttl": keys(&target.primaries[0]),
+        "samples": samples,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "soak: {jobs} jobs in {seconds:.0} s ({:.0} jobs/s), result TTL {} ms",
+            jobs as f64 / seconds,
+            ttl.as_millis()
+        );
+        println!(
+            "Redis used_memory: {:.1} MiB before, {:.1} MiB peak, {:.1} MiB at the end, {:.1} MiB once the results expired ({} keys left)",
+            out["used_memory_mib"]["before"].as_f64().unwrap_or(0.0),
+            out["used_memory_mib"]["peak"].as_f64().unwrap_or(0.0),
+            out["used_memory_mib"]["at_end"].as_f64().unwrap_or(0.0),
+            out["used_memory_mib"]["after_ttl"].as_f64().unwrap_or(0.0),
+            out["keys_after_ttl"],
+        );
     }
     Ok(())
 }
