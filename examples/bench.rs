@@ -62,6 +62,11 @@ struct Args {
     /// with --result-ttl-ms).
     #[arg(long)]
     soak: Option<usize>,
+    /// Tokio runtime for the client and the worker: "multi-thread" (as
+    /// with #[tokio::main]) or "current-thread" (one thread, like the
+    /// Node.js peers).
+    #[arg(long, default_value = "multi-thread")]
+    runtime: String,
 }
 
 /// Redis counters summed over the primaries.
@@ -190,9 +195,19 @@ fn phase(name: &str, jobs: usize, started: Instant, before: Counters, after: Cou
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    let runtime = match args.runtime.as_str() {
+        "multi-thread" => tokio::runtime::Builder::new_multi_thread(),
+        "current-thread" => tokio::runtime::Builder::new_current_thread(),
+        other => return Err(format!("unknown runtime {other}").into()),
+    }
+    .enable_all()
+    .build()?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mode = match args.mode.as_str() {
         "simple" => Mode::Simple,
         "recoverable" => Mode::Recoverable,
@@ -351,13 +366,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if args.json {
         let out = serde_json::json!({
             "mode": args.mode, "cluster": args.cluster, "queues": args.queues,
-            "concurrency": args.concurrency, "phases": phases,
+            "concurrency": args.concurrency, "runtime": args.runtime, "phases": phases,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     println!(
-        "job-async-redis {} mode, {} queue(s){}, concurrency {}",
+        "job-async-redis {} mode, {} queue(s){}, concurrency {}, {} runtime",
         args.mode,
         args.queues,
         if args.cluster {
@@ -365,7 +380,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             ""
         },
-        args.concurrency
+        args.concurrency,
+        args.runtime
     );
     println!(
         "{:<18} {:>8} {:>10} {:>12} {:>14} {:>12} {:>22}",
