@@ -391,12 +391,7 @@ impl Queue {
             .zip(calls)
             .map(|(r, call)| {
                 r.map(drop).map_err(|e| {
-                    crate::error::from_script(
-                        e,
-                        call.script().name_static(),
-                        self.keys.queue(),
-                        None,
-                    )
+                    crate::error::from_script(e, call.script().name(), self.keys.queue(), None)
                 })
             })
             .collect())

@@ -13,7 +13,7 @@ static LUA_DIR: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/lua");
 /// One embedded Lua script.
 #[derive(Debug)]
 pub struct LuaScript {
-    name: String,
+    name: &'static str,
     version: u32,
     sha1: String,
     source: &'static str,
@@ -21,8 +21,8 @@ pub struct LuaScript {
 
 impl LuaScript {
     /// Script name: its file name without `.lua`.
-    pub fn name(&self) -> &str {
-        &self.name
+    pub fn name(&self) -> &'static str {
+        self.name
     }
     /// Version from the script's `-- version:` header line.
     pub fn version(&self) -> u32 {
@@ -37,11 +37,6 @@ impl LuaScript {
         self.source
     }
 
-    /// The script name with a static lifetime (scripts live for the program).
-    pub(crate) fn name_static(&'static self) -> &'static str {
-        &self.name
-    }
-
     /// Starts a call of this script.
     pub(crate) fn call(&'static self) -> Call {
         Call {
@@ -51,7 +46,7 @@ impl LuaScript {
         }
     }
 
-    fn parse(file_name: &str, source: &'static str) -> Result<Self, String> {
+    fn parse(file_name: &'static str, source: &'static str) -> Result<Self, String> {
         let name = file_name
             .strip_suffix(".lua")
             .ok_or_else(|| format!("{file_name}: not a .lua file"))?;
@@ -69,7 +64,7 @@ impl LuaScript {
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| format!("{file_name}: header '-- version: N' missing"))?;
         Ok(Self {
-            name: name.to_owned(),
+            name,
             version,
             sha1: sha1_smol::Sha1::from(source.as_bytes())
                 .digest()
@@ -164,7 +159,7 @@ pub fn all() -> &'static [LuaScript] {
                 LuaScript::parse(file_name, source).unwrap_or_else(|e| panic!("lua/{e}"))
             })
             .collect();
-        scripts.sort_by(|a, b| a.name.cmp(&b.name));
+        scripts.sort_by_key(|s| s.name);
         scripts
     })
 }

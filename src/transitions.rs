@@ -30,7 +30,7 @@ pub(crate) async fn run<T: redis::FromRedisValue>(
 ) -> Result<T, Error> {
     call.invoke(&mut con.clone())
         .await
-        .map_err(|e| from_script(e, call.script().name_static(), keys.queue(), job_id))
+        .map_err(|e| from_script(e, call.script().name(), keys.queue(), job_id))
 }
 
 /// `queue_register`: records or checks the queue's mode and protocol version.
