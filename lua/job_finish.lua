@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish
--- version: 6
+-- version: 7
 -- Recoverable and reliable modes: records a job's outcome under its fencing
 -- token, drops its claim (lease or in-flight entry) and rings the client's
 -- doorbell. The doorbell carries the outcome (the same record as a
@@ -37,7 +37,7 @@
 
 local id, token, status = ARGV[1], ARGV[2], ARGV[3]
 local ttl, mode = tonumber(ARGV[7]), ARGV[8]
-if (status ~= 'completed' and status ~= 'failed') or not ttl
+if (status ~= 'completed' and status ~= 'failed') or not ttl or ttl < 1
     or (mode ~= 'recoverable' and mode ~= 'reliable') then
   return redis.error_reply('JQ_BAD_ARGS expected status completed or failed, a ttl and a mode')
 end
@@ -55,6 +55,7 @@ end
 -- Numbers go to Redis as decimal strings made once: Redis formats a Lua
 -- number argument with "%.17g", which costs more than the command itself.
 local function int(n) return string.format('%d', n) end
+local ttl_ms = int(ttl)
 local now = redis.call('TIME')
 local now_ms = int(now[1] * 1000 + math.floor(now[2] / 1000))
 if mode == 'reliable' then
@@ -81,7 +82,7 @@ else
   redis.call('HSET', KEYS[1], 'state', 'failed', 'error_kind', ARGV[4], 'error', ARGV[5],
     'finished_ms', now_ms)
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('PEXPIRE', KEYS[1], ttl_ms)
 -- MessagePack by hand: Lua's cmsgpack has no bin type for the result.
 -- The fixed keys and statuses are written as literal fixstr bytes.
 local function header(small, code, n)

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish_batch
--- version: 3
+-- version: 4
 -- Recoverable and reliable modes: job_finish for several jobs of one queue
 -- in one call, so that a busy worker pays the cost of a script call once
 -- for all the jobs that finished meanwhile. Each job is checked and
@@ -29,7 +29,7 @@
 
 local ttl, mode, notify = tonumber(ARGV[1]), ARGV[2], ARGV[3]
 local n = #KEYS - 3
-if not ttl or (mode ~= 'recoverable' and mode ~= 'reliable') or n < 1 or #ARGV ~= 3 + 6 * n then
+if not ttl or ttl < 1 or (mode ~= 'recoverable' and mode ~= 'reliable') or n < 1 or #ARGV ~= 3 + 6 * n then
   return redis.error_reply('JQ_BAD_ARGS expected ttl, mode, notify and six arguments per job key')
 end
 for i = 1, n do
@@ -43,6 +43,7 @@ local base = string.match(KEYS[4], '^[^}]*}')
 -- Numbers go to Redis as decimal strings made once: Redis formats a Lua
 -- number argument with "%.17g", which costs more than the command itself.
 local function int(n) return string.format('%d', n) end
+local ttl_ms = int(ttl)
 local now = redis.call('TIME')
 local now_ms = int(now[1] * 1000 + math.floor(now[2] / 1000))
 
@@ -103,7 +104,7 @@ local function finish(key, id, token, status, a4, a5, retry)
     bell = '\131\162id' .. str(id) .. '\166status\166failed\165error\130\164kind' .. str(a4)
       .. '\167message' .. str(a5)
   end
-  redis.call('PEXPIRE', key, ARGV[1])
+  redis.call('PEXPIRE', key, ttl_ms)
   local client = job[3]
   if client and client ~= '' then
     if not bells[client] then

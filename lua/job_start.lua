@@ -1,6 +1,6 @@
 #!lua
 -- name: job_start
--- version: 6
+-- version: 7
 -- Recoverable mode, second half of a claim, for one or many claimed jobs of
 -- a queue in one call: marks each job active under its claim's fencing
 -- token, or tells the worker not to run it. An attempt that finds the job
@@ -30,12 +30,13 @@
 --          {"gone", "not a hash"}  the job key holds another Redis type: its ID
 --                             goes to the dead-letter set
 --          {"lost"}           a newer claim owns the job: do not run
+--          {"gone", "duplicate"}  the ID came earlier in this call: do not run
 -- Errors:  JQ_BAD_ARGS <detail>   (nothing is written)
 
 local default_lease, max_stalls = tonumber(ARGV[1]), tonumber(ARGV[2])
 local ttl, dead_max = tonumber(ARGV[4]), tonumber(ARGV[5])
 local n = #KEYS - 2
-if not default_lease or not max_stalls or not ttl or not dead_max then
+if not default_lease or not max_stalls or not ttl or ttl < 1 or not dead_max then
   return redis.error_reply('JQ_BAD_ARGS expected numeric lease, max stalls, ttl, dead max')
 end
 if n < 1 or #ARGV ~= 6 + 2 * n then
@@ -51,6 +52,7 @@ local worker = ARGV[3]
 -- Numbers go to Redis as decimal strings made once: Redis formats a Lua
 -- number argument with "%.17g", which costs more than the command itself.
 local function int(n) return string.format('%d', n) end
+local ttl_ms = int(ttl)
 local now = redis.call('TIME')
 local now_n = now[1] * 1000 + math.floor(now[2] / 1000)
 local now_ms = int(now_n)
@@ -85,7 +87,7 @@ local function start(key, id, token)
     end
     redis.call('HSET', key, 'state', 'failed', 'finished_ms', now_ms, 'error_kind', 'decode',
       'error', 'not a valid job: state ' .. (state and ('"' .. state .. '"') or 'missing'))
-    redis.call('PEXPIRE', key, ARGV[4])
+    redis.call('PEXPIRE', key, ttl_ms)
     tell(key, job[3], id, 'failed')
     return {'gone', 'failed'}
   end
@@ -99,7 +101,7 @@ local function start(key, id, token)
       redis.call('ZREM', KEYS[1], id)
       redis.call('ZADD', KEYS[2], now_ms, id)
       redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -dead_max - 1)
-      redis.call('PEXPIRE', key, ARGV[4])
+      redis.call('PEXPIRE', key, ttl_ms)
       tell(key, job[3], id, 'dead')
       return {'dead'}
     end
@@ -121,8 +123,15 @@ local function start(key, id, token)
   return {'run', job[4] or '', job[5] or '', attempt, stalled, leased}
 end
 
-local out = {}
+local out, seen = {}, {}
 for i = 1, n do
-  out[i] = start(KEYS[2 + i], ARGV[5 + 2 * i], tonumber(ARGV[6 + 2 * i]))
+  local id = ARGV[5 + 2 * i]
+  if seen[id] then
+    -- The same ID claimed twice (it was in the queue twice): one start only.
+    out[i] = {'gone', 'duplicate'}
+  else
+    seen[id] = true
+    out[i] = start(KEYS[2 + i], id, tonumber(ARGV[6 + 2 * i]))
+  end
 end
 return out

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_submit
--- version: 3
+-- version: 4
 -- Recoverable and reliable modes: stores one or more jobs, each in its own
 -- hash in state "queued", and appends their IDs to the queue's pending
 -- list, all at once. In recoverable mode it also pushes one ticket per job
@@ -21,7 +21,8 @@
 -- Errors:  JQ_QUEUE_UNKNOWN <meta key>
 --          JQ_MODE_MISMATCH <queue mode> <requested mode>
 --          JQ_PROTOCOL_MISMATCH <queue protocol> <requested protocol>
---          JQ_DUPLICATE <id>     a job with this ID exists
+--          JQ_DUPLICATE <id>     a job with this ID exists, or the ID
+--                                appears twice in this call
 --          JQ_BAD_ARGS <detail>
 -- Checks every job before writing anything; writes nothing when it refuses.
 
@@ -43,6 +44,7 @@ if n < 1 or #ARGV ~= 2 + 6 * n then
   return redis.error_reply('JQ_BAD_ARGS expected six arguments per job key')
 end
 local base = string.sub(KEYS[1], 1, -6) -- strip ":meta"
+local seen = {}
 for i = 1, n do
   local a = 2 + 6 * (i - 1)
   local id = ARGV[a + 1]
@@ -56,9 +58,10 @@ for i = 1, n do
   if (lease ~= '0' or attempts ~= '1') and (not tonumber(lease) or (tonumber(attempts) or 0) < 1) then
     return redis.error_reply('JQ_BAD_ARGS lease ms and max attempts must be numbers, max attempts >= 1')
   end
-  if redis.call('EXISTS', KEYS[3 + i]) == 1 then
+  if seen[id] or redis.call('EXISTS', KEYS[3 + i]) == 1 then
     return redis.error_reply('JQ_DUPLICATE ' .. id)
   end
+  seen[id] = true
 end
 -- Numbers go to Redis as decimal strings made once: Redis formats a Lua
 -- number argument with "%.17g", which costs more than the command itself.

@@ -1,6 +1,6 @@
 #!lua
 -- name: reliable_start
--- version: 6
+-- version: 7
 -- Reliable mode: starts one or many jobs in one call: issues each attempt's
 -- fencing token and marks the job active, or tells the worker not to run
 -- it. With source "inflight" the IDs are already in the worker's in-flight
@@ -8,11 +8,14 @@
 -- moves them there itself from the tail of the pending list, where the
 -- worker saw them (LRANGE <pending> -n -1, oldest first): an ID that is no
 -- longer where the worker saw it (another worker took it) stops the move,
--- and it and the IDs after it are "missed", untouched. An attempt that finds the job still "active" proves that the
--- previous attempt's worker died (its in-flight list was recovered): that
--- counts as a redelivery (stall), and a job that stalled more than MAX
--- STALLS times goes to the dead-letter set instead of running again (a
--- poison pill), and its client is told. Each job is decided on its own.
+-- and it and the IDs after it are "missed", untouched. With source
+-- "inflight", an ID no longer in the in-flight list is "missed" too.
+-- An attempt that finds the job still "active" proves that the previous
+-- attempt's worker died (its in-flight list was recovered): that counts as
+-- a redelivery (stall), and a job that stalled more than MAX STALLS times
+-- goes to the dead-letter set instead of running again (a poison pill), and
+-- its client is told. Each job is decided on its own; an ID given twice is
+-- started once.
 --
 -- KEYS[1]    in-flight list   <prefix>:{<queue>}:inflight:<worker>
 -- KEYS[2]    dead-letter set  <prefix>:{<queue>}:dead_jobs
@@ -36,13 +39,16 @@
 --                            now failed (kind "decode"), client told
 --          {"gone", "not a hash"}  the job key holds another Redis type: its ID
 --                            goes to the dead-letter set
---          {"missed"}        source "pending" only: not at the tail of the
---                            pending list any more; not taken, do not run
+--          {"gone", "duplicate"}  the ID came earlier in this call: the
+--                            extra copy left the in-flight list
+--          {"missed"}        source "pending": not at the tail of the pending
+--                            list any more; source "inflight": not in the
+--                            in-flight list; untouched, do not run
 -- Errors:  JQ_BAD_ARGS <detail>   (nothing is written)
 
 local max_stalls, ttl, dead_max = tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local n, source = #KEYS - 4, ARGV[6]
-if not max_stalls or not ttl or not dead_max then
+if not max_stalls or not ttl or ttl < 1 or not dead_max then
   return redis.error_reply('JQ_BAD_ARGS expected numeric max stalls, ttl, dead max')
 end
 if source ~= 'inflight' and source ~= 'pending' then
@@ -56,6 +62,7 @@ local worker = ARGV[2]
 -- Numbers go to Redis as decimal strings made once: Redis formats a Lua
 -- number argument with "%.17g", which costs more than the command itself.
 local function int(n) return string.format('%d', n) end
+local ttl_ms = int(ttl)
 local now = redis.call('TIME')
 local now_ms = int(now[1] * 1000 + math.floor(now[2] / 1000))
 -- One token per job, issued at once; a job that does not run leaves a gap.
@@ -88,7 +95,7 @@ local function start(key, id)
     end
     redis.call('HSET', key, 'state', 'failed', 'finished_ms', now_ms, 'error_kind', 'decode',
       'error', 'not a valid job: state ' .. (state and ('"' .. state .. '"') or 'missing'))
-    redis.call('PEXPIRE', key, ARGV[3])
+    redis.call('PEXPIRE', key, ttl_ms)
     tell(key, job[2], id, 'failed')
     return {'gone', 'failed'}
   end
@@ -102,7 +109,7 @@ local function start(key, id)
       redis.call('LREM', KEYS[1], 1, id)
       redis.call('ZADD', KEYS[2], now_ms, id)
       redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -dead_max - 1)
-      redis.call('PEXPIRE', key, ARGV[3])
+      redis.call('PEXPIRE', key, ttl_ms)
       tell(key, job[2], id, 'dead')
       return {'dead'}
     end
@@ -141,12 +148,22 @@ if source == 'pending' then
   end
 end
 
-local out = {}
+local out, seen = {}, {}
 for i = 1, n do
-  if i <= taken then
-    out[i] = start(KEYS[4 + i], ARGV[6 + i])
-  else
+  local id = ARGV[6 + i]
+  if i > taken then
     out[i] = {'missed'}
+  elseif seen[id] then
+    -- The same ID twice in one call (it was in the list twice): one start
+    -- only; the extra copy leaves the in-flight list.
+    redis.call('LREM', KEYS[1], -1, id)
+    out[i] = {'gone', 'duplicate'}
+  elseif source == 'inflight' and not redis.call('LPOS', KEYS[1], id) then
+    -- Not in the worker's in-flight list (any more): not the worker's.
+    out[i] = {'missed'}
+  else
+    seen[id] = true
+    out[i] = start(KEYS[4 + i], id)
   end
 end
 return out

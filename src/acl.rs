@@ -57,6 +57,7 @@ pub fn acl_rules(prefix: &str) -> String {
         "+zrangebyscore",
         "+zremrangebyrank",
         "+lmove",
+        "+lpos",
         "+lrem",
     ];
     format!(

@@ -73,8 +73,8 @@ impl Fetcher {
         Ok(self.block::<Option<String>>(shared, &cmd).await?.flatten())
     }
 
-    /// True once since the fetch connection was last replaced: a blocking
-    /// command's reply may have been lost with the old one.
+    /// True once after the fetch connection dropped (and when it was first
+    /// opened): a blocking command's reply may have been lost with it.
     pub(crate) fn take_reconnected(&mut self) -> bool {
         std::mem::take(&mut self.reconnected)
     }
@@ -143,6 +143,10 @@ impl Fetcher {
             Err(e) if is_transient(&e) => {
                 tracing::warn!(worker = %shared.id, error = %e, "fetch connection failed; reconnecting");
                 self.blocking = None;
+                // A reply may have been lost with it: say so now, not only
+                // when the connection is next opened (with a backlog, the
+                // worker may not block again for a long time).
+                self.reconnected = true;
                 pause(&shared.shutdown, self.backoff.next()).await;
                 Ok(None)
             }

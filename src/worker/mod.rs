@@ -297,6 +297,9 @@ pub(crate) struct Shared {
     pub finisher: tokio::sync::mpsc::UnboundedSender<recoverable::FinishRequest>,
     /// Recoverable and reliable modes: outcome-recording calls in flight.
     pub recording: std::sync::atomic::AtomicUsize,
+    /// Set when an outcome could not be recorded (reliable mode: the fetch
+    /// loop looks for such jobs in its in-flight list).
+    pub unrecorded: std::sync::atomic::AtomicBool,
 }
 
 impl Worker {
@@ -366,6 +369,7 @@ impl Worker {
             last_beat: std::sync::Mutex::new(None),
             finisher,
             recording: std::sync::atomic::AtomicUsize::new(0),
+            unrecorded: std::sync::atomic::AtomicBool::new(false),
         });
         // Dropped at the end of this function, or with its future.
         let mut background = match self.mode {

@@ -39,9 +39,13 @@ impl Active {
             .or_default()
             .insert(id.to_owned(), token.to_owned());
     }
-    pub(crate) fn remove(&self, queue: &str, id: &str) {
+    /// Forgets the attempt of `id` under `token`; a newer attempt of the
+    /// same job (same ID, another token) stays.
+    pub(crate) fn remove(&self, queue: &str, id: &str, token: &str) {
         let mut map = self.0.lock().expect("active jobs lock");
-        if let Some(jobs) = map.get_mut(queue) {
+        if let Some(jobs) = map.get_mut(queue)
+            && jobs.get(id).is_some_and(|t| t == token)
+        {
             jobs.remove(id);
         }
     }
@@ -209,7 +213,7 @@ pub(crate) fn spawn_started(
     let (shared, keys) = (shared.clone(), keys.clone());
     tasks.spawn(async move {
         run_started(&shared, mode, &keys, (&id, &token), start, permit).await;
-        shared.active.remove(keys.queue(), &id);
+        shared.active.remove(keys.queue(), &id, &token);
     });
 }
 
@@ -345,7 +349,11 @@ pub(crate) async fn finish(
             tracing::debug!(job = %id, state, "outcome already recorded");
         }
         Err(e) => {
-            tracing::error!(job = %id, error = %e, "could not record the outcome; the lease will run out")
+            tracing::error!(job = %id, error = %e, "could not record the outcome; the job will run again");
+            // Recoverable mode: its lease runs out and the sweep requeues it.
+            // Reliable mode: it is still in this worker's in-flight list;
+            // the fetch loop finds it there and starts it again.
+            shared.unrecorded.store(true, Ordering::Release);
         }
     }
 }
@@ -524,5 +532,23 @@ async fn sweeper(shared: Arc<Shared>) {
             _ = shared.finished.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Active;
+
+    #[test]
+    fn an_ended_attempt_does_not_forget_a_newer_attempt_of_the_same_job() {
+        let active = Active::default();
+        active.insert("q", "j1", "1");
+        // The same worker starts the job again (a retry it took back)
+        // before the first attempt's task has ended.
+        active.insert("q", "j1", "2");
+        active.remove("q", "j1", "1");
+        assert_eq!(active.of("q"), vec![("j1".to_owned(), "2".to_owned())]);
+        active.remove("q", "j1", "2");
+        assert!(active.of("q").is_empty());
     }
 }

@@ -10,6 +10,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
@@ -95,7 +96,9 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
             pause(&shared.shutdown, backoff.next()).await;
             continue;
         }
-        if fetcher.take_reconnected() || std::mem::take(&mut reconcile) {
+        let dropped = fetcher.take_reconnected();
+        let unrecorded = shared.unrecorded.swap(false, Ordering::AcqRel);
+        if std::mem::take(&mut reconcile) || dropped || unrecorded {
             match find_orphans(shared, &inflight).await {
                 Ok(orphans) => unstarted = orphans.into(),
                 Err(e) if e.is_transient() => {
@@ -194,13 +197,15 @@ async fn peek(shared: &Shared, pending: &str, count: usize) -> Result<Vec<String
 
 /// IDs in this worker's in-flight list that no task is running, oldest first.
 async fn find_orphans(shared: &Shared, inflight: &str) -> Result<Vec<String>, Error> {
+    // The running set first: a job whose task ends meanwhile has left the
+    // list by then (its outcome recorded), so it cannot pass for an orphan.
+    let running = shared.active.of(shared.queues[0].queue());
     let listed: Vec<String> = redis::cmd("LRANGE")
         .arg(inflight)
         .arg(0)
         .arg(-1)
         .query_async(&mut shared.con.clone())
         .await?;
-    let running = shared.active.of(shared.queues[0].queue());
     let orphans: Vec<String> = listed
         .into_iter()
         .rev() // oldest first
