@@ -1,6 +1,6 @@
 #!lua
 -- name: job_start
--- version: 7
+-- version: 8
 -- Recoverable mode, second half of a claim, for one or many claimed jobs of
 -- a queue in one call: marks each job active under its claim's fencing
 -- token, or tells the worker not to run it. An attempt that finds the job
@@ -57,7 +57,10 @@ local now = redis.call('TIME')
 local now_n = now[1] * 1000 + math.floor(now[2] / 1000)
 local now_ms = int(now_n)
 
-local function tell(key, client, id, status)
+-- Rings the job's client (rare paths only: the client is read here, not in
+-- the HMGET every start does).
+local function tell(key, id, status)
+  local client = redis.call('HGET', key, 'client')
   if client and client ~= '' then
     redis.call(publish, string.match(key, '^[^}]*}') .. ':reply:' .. client,
       cmsgpack.pack({id = id, status = status}))
@@ -65,8 +68,8 @@ local function tell(key, client, id, status)
 end
 
 local function start(key, id, token)
-  local job = redis.pcall('HMGET', key, 'state', 'token', 'client', 'enc', 'payload',
-    'lease_ms', 'attempt', 'stalls')
+  local job = redis.pcall('HMGET', key, 'state', 'token', 'enc', 'payload', 'lease_ms',
+    'attempt', 'stalls')
   if job.err then
     redis.call('ZREM', KEYS[1], id)
     redis.call('ZADD', KEYS[2], now_ms, id)
@@ -88,10 +91,10 @@ local function start(key, id, token)
     redis.call('HSET', key, 'state', 'failed', 'finished_ms', now_ms, 'error_kind', 'decode',
       'error', 'not a valid job: state ' .. (state and ('"' .. state .. '"') or 'missing'))
     redis.call('PEXPIRE', key, ttl_ms)
-    tell(key, job[3], id, 'failed')
+    tell(key, id, 'failed')
     return {'gone', 'failed'}
   end
-  local stalls = tonumber(job[8]) or 0
+  local stalls = tonumber(job[7]) or 0
   if state == 'active' then
     stalls = stalls + 1
     if stalls > max_stalls then
@@ -102,16 +105,16 @@ local function start(key, id, token)
       redis.call('ZADD', KEYS[2], now_ms, id)
       redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -dead_max - 1)
       redis.call('PEXPIRE', key, ttl_ms)
-      tell(key, job[3], id, 'dead')
+      tell(key, id, 'dead')
       return {'dead'}
     end
   end
-  local lease = tonumber(job[6]) or 0
+  local lease = tonumber(job[5]) or 0
   if lease < 1 then
     lease = default_lease
   end
-  local attempt, stalled, leased = int((tonumber(job[7]) or 0) + 1), int(stalls), int(lease)
-  if job[8] == stalled or (not job[8] and stalls == 0) then
+  local attempt, stalled, leased = int((tonumber(job[6]) or 0) + 1), int(stalls), int(lease)
+  if job[7] == stalled or (not job[7] and stalls == 0) then
     -- Stalls unchanged (0 is the default when the field is missing).
     redis.call('HSET', key, 'state', 'active', 'token', int(token), 'attempt', attempt,
       'started_ms', now_ms, 'worker', worker)
@@ -120,7 +123,7 @@ local function start(key, id, token)
       'stalls', stalled, 'started_ms', now_ms, 'worker', worker)
   end
   redis.call('ZADD', KEYS[1], int(now_n + lease), id)
-  return {'run', job[4] or '', job[5] or '', attempt, stalled, leased}
+  return {'run', job[3] or '', job[4] or '', attempt, stalled, leased}
 end
 
 local out, seen = {}, {}

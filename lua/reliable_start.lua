@@ -1,6 +1,6 @@
 #!lua
 -- name: reliable_start
--- version: 7
+-- version: 8
 -- Reliable mode: starts one or many jobs in one call: issues each attempt's
 -- fencing token and marks the job active, or tells the worker not to run
 -- it. With source "inflight" the IDs are already in the worker's in-flight
@@ -68,7 +68,10 @@ local now_ms = int(now[1] * 1000 + math.floor(now[2] / 1000))
 -- One token per job, issued at once; a job that does not run leaves a gap.
 local token = redis.call('INCRBY', KEYS[3], n) - n
 
-local function tell(key, client, id, status)
+-- Rings the job's client (rare paths only: the client is read here, not in
+-- the HMGET every start does).
+local function tell(key, id, status)
+  local client = redis.call('HGET', key, 'client')
   if client and client ~= '' then
     redis.call(publish, string.match(key, '^[^}]*}') .. ':reply:' .. client,
       cmsgpack.pack({id = id, status = status}))
@@ -77,7 +80,7 @@ end
 
 local function start(key, id)
   token = token + 1
-  local job = redis.pcall('HMGET', key, 'state', 'client', 'enc', 'payload', 'attempt', 'stalls')
+  local job = redis.pcall('HMGET', key, 'state', 'enc', 'payload', 'attempt', 'stalls')
   if job.err then
     redis.call('LREM', KEYS[1], 1, id)
     redis.call('ZADD', KEYS[2], now_ms, id)
@@ -96,10 +99,10 @@ local function start(key, id)
     redis.call('HSET', key, 'state', 'failed', 'finished_ms', now_ms, 'error_kind', 'decode',
       'error', 'not a valid job: state ' .. (state and ('"' .. state .. '"') or 'missing'))
     redis.call('PEXPIRE', key, ttl_ms)
-    tell(key, job[2], id, 'failed')
+    tell(key, id, 'failed')
     return {'gone', 'failed'}
   end
-  local stalls = tonumber(job[6]) or 0
+  local stalls = tonumber(job[5]) or 0
   if state == 'active' then
     stalls = stalls + 1
     if stalls > max_stalls then
@@ -110,12 +113,12 @@ local function start(key, id)
       redis.call('ZADD', KEYS[2], now_ms, id)
       redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -dead_max - 1)
       redis.call('PEXPIRE', key, ttl_ms)
-      tell(key, job[2], id, 'dead')
+      tell(key, id, 'dead')
       return {'dead'}
     end
   end
-  local attempt, stalled, fence = int((tonumber(job[5]) or 0) + 1), int(stalls), int(token)
-  if job[6] == stalled or (not job[6] and stalls == 0) then
+  local attempt, stalled, fence = int((tonumber(job[4]) or 0) + 1), int(stalls), int(token)
+  if job[5] == stalled or (not job[5] and stalls == 0) then
     -- Stalls unchanged (0 is the default when the field is missing).
     redis.call('HSET', key, 'state', 'active', 'token', fence, 'attempt', attempt,
       'started_ms', now_ms, 'worker', worker)
@@ -123,7 +126,7 @@ local function start(key, id)
     redis.call('HSET', key, 'state', 'active', 'token', fence, 'attempt', attempt,
       'stalls', stalled, 'started_ms', now_ms, 'worker', worker)
   end
-  return {'run', job[3] or '', job[4] or '', attempt, stalled, fence}
+  return {'run', job[2] or '', job[3] or '', attempt, stalled, fence}
 end
 
 -- From pending: the longest run of the expected IDs (oldest first) still at
