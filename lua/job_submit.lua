@@ -1,6 +1,6 @@
 #!lua
 -- name: job_submit
--- version: 4
+-- version: 5
 -- Recoverable and reliable modes: stores one or more jobs, each in its own
 -- hash in state "queued", and appends their IDs to the queue's pending
 -- list, all at once. In recoverable mode it also pushes one ticket per job
@@ -58,10 +58,21 @@ for i = 1, n do
   if (lease ~= '0' or attempts ~= '1') and (not tonumber(lease) or (tonumber(attempts) or 0) < 1) then
     return redis.error_reply('JQ_BAD_ARGS lease ms and max attempts must be numbers, max attempts >= 1')
   end
-  if seen[id] or redis.call('EXISTS', KEYS[3 + i]) == 1 then
+  if seen[id] then
     return redis.error_reply('JQ_DUPLICATE ' .. id)
   end
   seen[id] = true
+end
+-- Existing IDs: one EXISTS per thousand keys; find which only when one does.
+for first = 4, 3 + n, 1000 do
+  local last = math.min(first + 999, 3 + n)
+  if redis.call('EXISTS', unpack(KEYS, first, last)) > 0 then
+    for k = first, last do
+      if redis.call('EXISTS', KEYS[k]) == 1 then
+        return redis.error_reply('JQ_DUPLICATE ' .. ARGV[2 + 6 * (k - 4) + 1])
+      end
+    end
+  end
 end
 -- Numbers go to Redis as decimal strings made once: Redis formats a Lua
 -- number argument with "%.17g", which costs more than the command itself.

@@ -316,7 +316,7 @@ mod tests {
         ("job_release", 2, "a8bdf1e310ed14f5078839b8b6751b1bf1c2409a"),
         ("job_requeue_stale", 1, "428e9aee6bc089ec43b669493619d01e1197ca23"),
         ("job_start", 8, "4e3afcc4cf083c287ed64499d197ae97174a015b"),
-        ("job_submit", 4, "6822b7ceda8927b1edc02fa7f393b081cccf23ca"),
+        ("job_submit", 5, "8d1eec3fbd36387655357f5606d39c9f3023becc"),
         ("job_watch", 3, "db3b5e5905289d398d173c785b8696006e32cb90"),
         ("queue_register", 1, "aa74a74df04db0536b0cfb3a4761413dcb759208"),
         ("reliable_find_dead", 1, "d27a14eabb1c3d8aad1491ec3d630cb2e439944d"),
