@@ -330,10 +330,10 @@ impl Queue {
                 let jobs: Vec<NewJob> = chunk
                     .iter()
                     .map(|(id, bytes, options)| NewJob {
-                        id: id.clone(),
+                        id,
                         enc: self.encoding.as_str(),
-                        payload: bytes.clone(),
-                        client: self.client.inner.id.clone(),
+                        payload: bytes,
+                        client: &self.client.inner.id,
                         lease: options.lease,
                         max_attempts: options.max_attempts.max(1),
                     })

@@ -91,18 +91,18 @@ pub(crate) fn simple_dead(keys: &QueueKeys, record: &[u8], max: usize) -> Call {
 }
 
 /// A job to store with `job_submit`.
-pub(crate) struct NewJob {
-    pub id: String,
+pub(crate) struct NewJob<'a> {
+    pub id: &'a str,
     pub enc: &'static str,
-    pub payload: Vec<u8>,
+    pub payload: &'a [u8],
     /// The client to notify ("" for none).
-    pub client: String,
+    pub client: &'a str,
     pub lease: Option<Duration>,
     pub max_attempts: u32,
 }
 
 /// `job_submit`: stores jobs and queues their IDs.
-pub(crate) fn job_submit(keys: &QueueKeys, mode: Mode, jobs: &[NewJob]) -> Call {
+pub(crate) fn job_submit(keys: &QueueKeys, mode: Mode, jobs: &[NewJob<'_>]) -> Call {
     let mut call = scripts::get(Name::JobSubmit)
         .call()
         .key(keys.meta())
@@ -111,14 +111,14 @@ pub(crate) fn job_submit(keys: &QueueKeys, mode: Mode, jobs: &[NewJob]) -> Call 
         .arg(mode.as_str())
         .arg(PROTOCOL_VERSION.to_string());
     for job in jobs {
-        call = call.key(keys.job(&job.id));
+        call = call.key(keys.job(job.id));
     }
     for job in jobs {
         call = call
-            .arg(&job.id)
+            .arg(job.id)
             .arg(job.enc)
-            .arg(&job.payload)
-            .arg(&job.client)
+            .arg(job.payload)
+            .arg(job.client)
             .arg(job.lease.map_or_else(|| "0".to_owned(), ms))
             .arg(job.max_attempts.max(1).to_string());
     }
