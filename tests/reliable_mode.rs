@@ -278,3 +278,44 @@ async fn graceful_shutdown_returns_unfinished_jobs_to_the_queue_at_once() {
     }
     second.stop().await;
 }
+
+#[tokio::test]
+async fn a_job_whose_outcome_cannot_be_recorded_is_taken_up_again_while_the_worker_runs() {
+    let server = RedisServer::start();
+    let q = queue_name("unrecorded");
+    let client = Client::connect(config(&server)).await.unwrap();
+    let queue = client.queue(&q, Mode::Reliable).await.unwrap();
+    let url = server.url();
+    // The handler replaces its own job's hash with a string: job_finish
+    // then fails (WRONGTYPE) and the outcome is not recorded.
+    let worker = spawn_built(reliable(config(&server), &q), move |job: Job<String>| {
+        let url = url.clone();
+        async move {
+            let mut con = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let _: () = con
+                .set(format!("jq:{{{}}}:job:{}", job.queue, job.id), "not a hash")
+                .unwrap();
+            Ok::<_, std::convert::Infallible>(job.payload)
+        }
+    })
+    .await;
+    // Submitted once the worker waits on BLMOVE: its start-up look at its
+    // in-flight list is over.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let handle = queue.submit("x").await.unwrap();
+    let id = handle.id().to_owned();
+    let mut con = server.connection();
+    let dead_jobs = format!("jq:{{{q}}}:dead_jobs");
+    // Without waiting for the worker to leave: the job is found in the
+    // in-flight list and started again, which dead-letters the broken key.
+    eventually("the job was dead-lettered", || {
+        let dead: Vec<String> = con.zrange(&dead_jobs, 0, -1).unwrap();
+        dead == vec![id.clone()]
+    })
+    .await;
+    let lists: Vec<String> = con.keys(format!("jq:{{{q}}}:inflight:*")).unwrap();
+    assert!(lists.is_empty(), "{lists:?}");
+    let stats = worker.stop().await;
+    assert_eq!(stats.completed, 0);
+    drop(handle);
+}
