@@ -122,6 +122,63 @@ async fn a_worker_killed_between_blmove_and_start_has_its_job_recovered() {
     worker.stop().await;
 }
 
+/// The CLIENT ID of the connection blocked in BLMOVE, if one is.
+fn blocked_in_blmove(server: &RedisServer) -> Option<String> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut server.connection())
+        .unwrap();
+    list.lines()
+        .find(|l| l.contains("cmd=blmove"))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_owned)
+}
+
+/// While the worker is blocked in BLMOVE: creates job `id` and moves it into
+/// the worker's in-flight list in one transaction, as if its BLMOVE had
+/// moved it, then kills the blocked connection, so that the reply is lost.
+fn lose_a_move_reply(server: &RedisServer, q: &str, worker_id: &str, id: &str, payload: &str) {
+    let mut con = server.connection();
+    let submit = job_async_redis::scripts::all()
+        .iter()
+        .find(|s| s.name() == "job_submit")
+        .unwrap();
+    let base = format!("jq:{{{q}}}");
+    let (): () = redis::pipe()
+        .atomic()
+        .cmd("EVALSHA")
+        .arg(submit.sha1())
+        .arg(4)
+        .arg(format!("{base}:meta"))
+        .arg(format!("{base}:pending"))
+        .arg(format!("{base}:tickets"))
+        .arg(format!("{base}:job:{id}"))
+        .arg("reliable")
+        .arg("1")
+        .arg(id)
+        .arg("msgpack")
+        .arg(rmp_serde::to_vec(payload).unwrap())
+        .arg("")
+        .arg("0")
+        .arg("1")
+        .ignore()
+        .cmd("LMOVE")
+        .arg(format!("{base}:pending"))
+        .arg(format!("{base}:inflight:{worker_id}"))
+        .arg("RIGHT")
+        .arg("LEFT")
+        .ignore()
+        .query(&mut con)
+        .unwrap();
+    let blocked = blocked_in_blmove(server).expect("still blocked: the ID never reached pending");
+    let _: () = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&blocked)
+        .query(&mut con)
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_move_whose_reply_was_lost_is_found_and_run() {
     let server = RedisServer::start();
@@ -137,60 +194,11 @@ async fn a_move_whose_reply_was_lost_is_found_and_run() {
     let task = tokio::spawn(worker.run(reverse));
     let client = Client::connect(config(&server)).await.unwrap();
     let queue = client.queue(&q, Mode::Reliable).await.unwrap();
-    let mut con = server.connection();
-    let blocked = || {
-        let list: String = redis::cmd("CLIENT")
-            .arg("LIST")
-            .query(&mut server.connection())
-            .unwrap();
-        list.lines()
-            .find(|l| l.contains("cmd=blmove"))
-            .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
-            .map(str::to_owned)
-    };
-    eventually("the worker blocks in BLMOVE", || blocked().is_some()).await;
-    // Create a job and move its ID into the worker's in-flight list in one
-    // transaction, as if its BLMOVE had moved it and the reply had been lost
-    // with the connection; then drop that connection.
-    let submit = job_async_redis::scripts::all()
-        .iter()
-        .find(|s| s.name() == "job_submit")
-        .unwrap();
-    let payload = rmp_serde::to_vec("lost").unwrap();
-    let base = format!("jq:{{{q}}}");
-    let (): () = redis::pipe()
-        .atomic()
-        .cmd("EVALSHA")
-        .arg(submit.sha1())
-        .arg(4)
-        .arg(format!("{base}:meta"))
-        .arg(format!("{base}:pending"))
-        .arg(format!("{base}:tickets"))
-        .arg(format!("{base}:job:orphan-1"))
-        .arg("reliable")
-        .arg("1")
-        .arg("orphan-1")
-        .arg("msgpack")
-        .arg(payload)
-        .arg("")
-        .arg("0")
-        .arg("1")
-        .ignore()
-        .cmd("LMOVE")
-        .arg(format!("{base}:pending"))
-        .arg(format!("{base}:inflight:{worker_id}"))
-        .arg("RIGHT")
-        .arg("LEFT")
-        .ignore()
-        .query(&mut con)
-        .unwrap();
-    let blocked_id = blocked().expect("still blocked: the ID never reached pending");
-    let _: () = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("ID")
-        .arg(&blocked_id)
-        .query(&mut con)
-        .unwrap();
+    eventually("the worker blocks in BLMOVE", || {
+        blocked_in_blmove(&server).is_some()
+    })
+    .await;
+    lose_a_move_reply(&server, &q, &worker_id, "orphan-1", "lost");
     let result: String = queue
         .job("orphan-1")
         .await
@@ -201,6 +209,98 @@ async fn a_move_whose_reply_was_lost_is_found_and_run() {
     assert_eq!(result, "tsol");
     shutdown.shutdown();
     assert_eq!(task.await.unwrap().unwrap().completed, 1);
+}
+
+#[tokio::test]
+async fn a_lost_move_reply_is_found_even_while_a_backlog_keeps_the_worker_from_blocking() {
+    let server = RedisServer::start();
+    let q = queue_name("lost-reply-backlog");
+    let worker = Worker::builder(config(&server))
+        .mode(Mode::Reliable)
+        .queue(&q)
+        .concurrency(1)
+        .build()
+        .await
+        .unwrap();
+    let worker_id = worker.id().to_owned();
+    let shutdown = worker.shutdown_handle();
+    let task = tokio::spawn(worker.run(|job: Job<String>| async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        reverse(job).await
+    }));
+    let client = Client::connect(config(&server)).await.unwrap();
+    let queue = client.queue(&q, Mode::Reliable).await.unwrap();
+    // Past its first block (500 ms), whose fresh connection made it look at
+    // its in-flight list anyway: now it blocks on a connection it has had.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    eventually("the worker blocks in BLMOVE", || {
+        blocked_in_blmove(&server).is_some()
+    })
+    .await;
+    // Two seconds of work, submitted and set aside in one transaction (the
+    // blocked BLMOVE never sees it), to be put back right after the
+    // blocked connection dies.
+    let submit = job_async_redis::scripts::all()
+        .iter()
+        .find(|s| s.name() == "job_submit")
+        .unwrap();
+    let base = format!("jq:{{{q}}}");
+    let mut call = redis::cmd("EVALSHA");
+    call.arg(submit.sha1())
+        .arg(3 + 40)
+        .arg(format!("{base}:meta"))
+        .arg(format!("{base}:pending"))
+        .arg(format!("{base}:tickets"));
+    for i in 0..40 {
+        call.arg(format!("{base}:job:backlog-{i}"));
+    }
+    call.arg("reliable").arg("1");
+    for i in 0..40 {
+        call.arg(format!("backlog-{i}"))
+            .arg("msgpack")
+            .arg(rmp_serde::to_vec("work").unwrap())
+            .arg("")
+            .arg("0")
+            .arg("1");
+    }
+    let mut con = server.connection();
+    let (): () = redis::pipe()
+        .atomic()
+        .add_command(call)
+        .ignore()
+        .cmd("RENAME")
+        .arg(format!("{base}:pending"))
+        .arg(format!("{base}:aside"))
+        .ignore()
+        .query(&mut con)
+        .unwrap();
+    lose_a_move_reply(&server, &q, &worker_id, "orphan-2", "lost");
+    // The worker pauses 50 ms after its connection dropped; by then the
+    // backlog is back, and the worker does not block (nor reopen that
+    // connection) until it is done.
+    let (): () = redis::cmd("RENAME")
+        .arg(format!("{base}:aside"))
+        .arg(format!("{base}:pending"))
+        .query(&mut con)
+        .unwrap();
+    let result: String = queue
+        .job("orphan-2")
+        .await
+        .unwrap()
+        .result_timeout(Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(result, "tsol");
+    let pending: usize = con.llen(format!("{base}:pending")).unwrap();
+    assert!(pending > 0, "the orphan ran only after the backlog");
+    eventually("the backlog is done", || {
+        let pending: usize = con.llen(format!("{base}:pending")).unwrap();
+        let inflight: Vec<String> = con.keys(format!("{base}:inflight:*")).unwrap();
+        pending == 0 && inflight.is_empty()
+    })
+    .await;
+    shutdown.shutdown();
+    assert_eq!(task.await.unwrap().unwrap().completed, 41);
 }
 
 #[tokio::test]
