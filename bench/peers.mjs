@@ -58,83 +58,79 @@ const phases = [];
 const single = Math.floor(jobs / 5);
 const name = `peer-${which}-${Date.now()}`;
 
+// The phases, the same for every peer: `peer` says how to add one job, add
+// a chunk of jobs, process `total` jobs (resolving when all are done), get
+// ready for round trips (untimed, optional), and do one round trip.
+async function runPhases(peer) {
+  async function measure(label, n, work, extra = () => ({})) {
+    const before = await counters();
+    const t = performance.now();
+    const out = await work();
+    const after = await counters();
+    phases.push(phase(label, n, t, before, after, extra(before, after, out)));
+  }
+  await measure('enqueue (single)', single, () => inFlight(single, 50, peer.addOne));
+  const batched = Math.ceil(jobs / chunk) * chunk;
+  await measure('enqueue (batch)', batched, async () => {
+    for (let n = 0; n < batched; n += chunk) await peer.addChunk();
+  }, (before, after) => ({ memory_bytes_per_queued_job: (after.dataset - before.dataset) / batched }));
+  await measure('process backlog', single + batched, () => peer.process(single + batched));
+  await peer.prepareRoundTrips?.();
+  await measure('round trip', roundTrips, async () => {
+    const latencies = [];
+    for (let i = 0; i < roundTrips; i++) {
+      const s = performance.now();
+      await peer.roundTrip(i);
+      latencies.push(performance.now() - s);
+    }
+    return latencies;
+  }, (_before, _after, latencies) => ({ latency_ms: percentiles(latencies) }));
+}
+
 if (which === 'bullmq') {
-  const connection = { url, maxRetriesPerRequest: null };
-  const queue = new Queue(name, { connection: new IORedis(url, { maxRetriesPerRequest: null }) });
+  const redis = () => new IORedis(url, { maxRetriesPerRequest: null });
+  const queue = new Queue(name, { connection: redis() });
   const opts = { removeOnComplete: { count: 1000 } };
-  let before = await counters();
-  let t = performance.now();
-  await inFlight(single, 50, (i) => queue.add('job', { i }, opts));
-  phases.push(phase('enqueue (single)', single, t, before, await counters()));
-  before = await counters();
-  t = performance.now();
-  let batched = 0;
-  while (batched < jobs) {
-    await queue.addBulk(Array.from({ length: chunk }, (_, i) => ({ name: 'job', data: { i }, opts })));
-    batched += chunk;
-  }
-  let after = await counters();
-  phases.push(phase('enqueue (batch)', batched, t, before, after, { memory_bytes_per_queued_job: (after.dataset - before.dataset) / batched }));
-  const total = single + batched;
-  let done = 0;
-  before = await counters();
-  t = performance.now();
-  const worker = new Worker(name, async () => {}, { concurrency, connection: new IORedis(url, { maxRetriesPerRequest: null }) });
-  await new Promise((resolve) => worker.on('completed', () => { if (++done === total) resolve(); }));
-  phases.push(phase('process backlog', total, t, before, await counters()));
-  const events = new QueueEvents(name, { connection: new IORedis(url, { maxRetriesPerRequest: null }) });
-  await events.waitUntilReady();
-  before = await counters();
-  t = performance.now();
-  const latencies = [];
-  for (let i = 0; i < roundTrips; i++) {
-    const s = performance.now();
-    const job = await queue.add('job', { i }, opts);
-    await job.waitUntilFinished(events);
-    latencies.push(performance.now() - s);
-  }
-  phases.push(phase('round trip', roundTrips, t, before, await counters(), { latency_ms: percentiles(latencies) }));
+  let worker;
+  let events;
+  await runPhases({
+    addOne: (i) => queue.add('job', { i }, opts),
+    addChunk: () => queue.addBulk(Array.from({ length: chunk }, (_, i) => ({ name: 'job', data: { i }, opts }))),
+    process: (total) => new Promise((resolve) => {
+      let done = 0;
+      worker = new Worker(name, async () => {}, { concurrency, connection: redis() });
+      worker.on('completed', () => { if (++done === total) resolve(); });
+    }),
+    prepareRoundTrips: async () => {
+      events = new QueueEvents(name, { connection: redis() });
+      await events.waitUntilReady();
+    },
+    roundTrip: async (i) => {
+      const job = await queue.add('job', { i }, opts);
+      await job.waitUntilFinished(events);
+    },
+  });
   await worker.close();
   await events.close();
   await queue.close();
-  void connection;
 } else if (which === 'bee') {
-  const redis = { url };
-  const queue = new BeeQueue(name, { redis, removeOnSuccess: true, getEvents: true, activateDelayedJobs: false });
+  const queue = new BeeQueue(name, { redis: { url }, removeOnSuccess: true, getEvents: true, activateDelayedJobs: false });
   await queue.ready();
-  let before = await counters();
-  let t = performance.now();
-  await inFlight(single, 50, (i) => queue.createJob({ i }).save());
-  phases.push(phase('enqueue (single)', single, t, before, await counters()));
-  before = await counters();
-  t = performance.now();
-  let batched = 0;
-  while (batched < jobs) {
-    await queue.saveAll(Array.from({ length: chunk }, (_, i) => queue.createJob({ i })));
-    batched += chunk;
-  }
-  let after = await counters();
-  phases.push(phase('enqueue (batch)', batched, t, before, after, { memory_bytes_per_queued_job: (after.dataset - before.dataset) / batched }));
-  const total = single + batched;
-  let done = 0;
-  before = await counters();
-  t = performance.now();
-  const finished = new Promise((resolve) => queue.on('succeeded', () => { if (++done === total) resolve(); }));
-  queue.process(concurrency, async () => {});
-  await finished;
-  phases.push(phase('process backlog', total, t, before, await counters()));
-  before = await counters();
-  t = performance.now();
-  const latencies = [];
-  for (let i = 0; i < roundTrips; i++) {
-    const s = performance.now();
-    const job = queue.createJob({ i });
-    const result = new Promise((resolve) => job.on('succeeded', resolve));
-    await job.save();
-    await result;
-    latencies.push(performance.now() - s);
-  }
-  phases.push(phase('round trip', roundTrips, t, before, await counters(), { latency_ms: percentiles(latencies) }));
+  await runPhases({
+    addOne: (i) => queue.createJob({ i }).save(),
+    addChunk: () => queue.saveAll(Array.from({ length: chunk }, (_, i) => queue.createJob({ i }))),
+    process: (total) => new Promise((resolve) => {
+      let done = 0;
+      queue.on('succeeded', () => { if (++done === total) resolve(); });
+      queue.process(concurrency, async () => {});
+    }),
+    roundTrip: async (i) => {
+      const job = queue.createJob({ i });
+      const result = new Promise((resolve) => job.on('succeeded', resolve));
+      await job.save();
+      await result;
+    },
+  });
   await queue.close();
 } else {
   console.error('--which bullmq|bee');

@@ -126,6 +126,17 @@ fn target(args: &Args) -> Target {
     }
 }
 
+/// A no-op handler that counts the jobs it ran in `done`.
+fn counting(
+    done: &Arc<AtomicUsize>,
+) -> impl Fn(Job<usize>) -> std::future::Ready<Result<(), String>> + Clone + Send + Sync + 'static {
+    let done = done.clone();
+    move |_job: Job<usize>| {
+        done.fetch_add(1, Ordering::Relaxed);
+        std::future::ready(Ok(()))
+    }
+}
+
 fn counters(primaries: &[String]) -> Counters {
     let mut total = Counters::default();
     for url in primaries {
@@ -282,13 +293,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // 3. Process the backlog with a no-op handler.
     progress("processing the backlog");
     let done = Arc::new(AtomicUsize::new(0));
-    let handler = {
-        let done = done.clone();
-        move |_job: Job<usize>| {
-            done.fetch_add(1, Ordering::Relaxed);
-            async { Ok::<_, String>(()) }
-        }
-    };
+    let handler = counting(&done);
     let before = counters(&target.primaries);
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -428,13 +433,7 @@ async fn soak(
     };
     let ttl = Duration::from_millis(args.result_ttl_ms.unwrap_or(86_400_000));
     let done = Arc::new(AtomicUsize::new(0));
-    let handler = {
-        let done = done.clone();
-        move |_job: Job<usize>| {
-            done.fetch_add(1, Ordering::Relaxed);
-            async { Ok::<_, String>(()) }
-        }
-    };
+    let handler = counting(&done);
     let worker = Worker::builder(config.clone())
         .mode(mode)
         .concurrency(args.concurrency)

@@ -341,11 +341,12 @@ async fn run_cluster(
 /// message per client for all of that client's jobs in the batch).
 fn dispatch(waiters: &WaiterMap, payload: &[u8]) {
     let is_array = matches!(payload.first(), Some(0x90..=0x9f | 0xdc | 0xdd));
-    let replies: Vec<Reply> = match if is_array {
-        unpack(payload, "reply message")
+    let replies = if is_array {
+        unpack::<Vec<Reply>>(payload, "reply message")
     } else {
-        unpack(payload, "reply message").map(|one| vec![one])
-    } {
+        unpack::<Reply>(payload, "reply message").map(|one| vec![one])
+    };
+    let replies = match replies {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "ignoring an undecodable reply message");

@@ -363,8 +363,9 @@ pub(crate) fn finish_batch_results(
     keys: &QueueKeys,
     items: &[BatchItem],
     replies: Vec<String>,
-) -> Vec<Result<String, Error>> {
-    items
+) -> Result<Vec<Result<String, Error>>, Error> {
+    one_per_job(&replies, items.len(), "job_finish_batch reply")?;
+    Ok(items
         .iter()
         .zip(replies)
         .map(|(item, reply)| match reply.split_once(' ') {
@@ -377,7 +378,7 @@ pub(crate) fn finish_batch_results(
             )),
             _ => Ok(reply),
         })
-        .collect()
+        .collect())
 }
 
 /// `job_release`: gives a running job back to its queue unfinished.

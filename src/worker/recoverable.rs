@@ -423,7 +423,7 @@ async fn record(
     }
     let call = transitions::job_finish_batch(keys, (mode, claim), items, ttl, sharded);
     let replies: Vec<String> = persist(&shared.con, &call, keys, None).await?;
-    Ok(transitions::finish_batch_results(keys, items, replies))
+    transitions::finish_batch_results(keys, items, replies)
 }
 
 /// Most outcomes in one `job_finish_batch` call.
