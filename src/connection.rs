@@ -132,27 +132,73 @@ pub(crate) fn backend(config: &Config) -> Result<Backend, Error> {
     Ok(Backend::Single(Client::open(info)?))
 }
 
-/// Opens the shared connection for non-blocking calls and loads the scripts
-/// (on every primary of a cluster).
+/// Opens the shared connection for non-blocking calls, waits for a server
+/// that is still loading its dataset, and loads the scripts (on every
+/// primary of a cluster).
 pub(crate) async fn shared(backend: &Backend, config: &Config) -> Result<Conn, Error> {
-    let mut con = match backend {
-        Backend::Single(client) => {
-            let manager_config = ConnectionManagerConfig::new()
-                .set_response_timeout(Some(config.command_timeout))
-                .set_connection_timeout(Some(config.connect_timeout))
-                .set_min_delay(Duration::from_millis(20))
-                .set_max_delay(Duration::from_secs(1))
-                .set_number_of_retries(6);
-            Conn::Single(
-                client
-                    .get_connection_manager_with_config(manager_config)
-                    .await?,
-            )
-        }
-        Backend::Cluster(client) => Conn::Cluster(client.get_async_connection().await?),
-    };
+    let mut con = plain(backend, config).await?;
     crate::scripts::load_all(&mut con).await?;
     Ok(con)
+}
+
+/// Opens the shared connection for non-blocking calls and waits (up to the
+/// command timeout) until the server answers: a server that is loading its
+/// dataset answers `LOADING` to everything else meanwhile.
+pub(crate) async fn plain(backend: &Backend, config: &Config) -> Result<Conn, Error> {
+    let started = std::time::Instant::now();
+    let mut con = loop {
+        let opened = match backend {
+            Backend::Single(client) => {
+                let manager_config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(config.command_timeout))
+                    .set_connection_timeout(Some(config.connect_timeout))
+                    .set_min_delay(Duration::from_millis(20))
+                    .set_max_delay(Duration::from_secs(1))
+                    .set_number_of_retries(6);
+                client
+                    .get_connection_manager_with_config(manager_config)
+                    .await
+                    .map(Conn::Single)
+            }
+            Backend::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+        };
+        match opened {
+            Ok(con) => break con,
+            Err(e) if is_loading(&e) => wait_loading(started, config, &e).await?,
+            Err(e) => return Err(Error::Redis(e)),
+        }
+    };
+    loop {
+        match redis::cmd("PING").query_async::<Value>(&mut con).await {
+            Ok(_) => return Ok(con),
+            Err(e) if is_loading(&e) => wait_loading(started, config, &e).await?,
+            Err(e) => return Err(Error::Redis(e)),
+        }
+    }
+}
+
+/// True when the server (or a node) is still loading its dataset.
+fn is_loading(e: &redis::RedisError) -> bool {
+    e.code() == Some("LOADING") || e.to_string().contains("LOADING")
+}
+
+/// Sleeps a little before asking a loading server again, or gives up with
+/// [`Error::Unavailable`] once the command timeout has passed.
+async fn wait_loading(
+    started: std::time::Instant,
+    config: &Config,
+    e: &redis::RedisError,
+) -> Result<(), Error> {
+    let waited = started.elapsed();
+    if waited >= config.command_timeout {
+        tracing::warn!(error = %e, "redis is still loading its dataset");
+        return Err(Error::Unavailable {
+            reason: "LOADING: the server is loading its dataset".into(),
+            waited,
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Ok(())
 }
 
 /// Opens a connection for blocking calls that block up to `config.block_timeout`.

@@ -171,6 +171,44 @@ pub enum Error {
         wanted: i64,
     },
 
+    /// A key of a queue holds another Redis type than the protocol says (or
+    /// a counter holds text): data written by another program or a bug.
+    /// Nothing was written. Workers log and count it, retry that queue with
+    /// backoff and keep serving their other queues.
+    #[error("key {key:?} holds a {found}, but the protocol needs a {expected} there")]
+    WrongType {
+        /// The key (empty when Redis did not say which).
+        key: String,
+        /// What the protocol needs: `hash`, `list`, `zset`, `string` or
+        /// `integer` (a counter).
+        expected: String,
+        /// What the key holds.
+        found: String,
+    },
+
+    /// The library's scripts are not in the server's script cache and this
+    /// connection may not load them (its ACL user lacks `SCRIPT LOAD`, as in
+    /// the profile that keeps application credentials from running arbitrary
+    /// Lua). An operator loads them with [`crate::load_scripts`] (after every
+    /// restart, failover or `SCRIPT FLUSH`).
+    #[error(
+        "the library's scripts are not loaded and this user may not load them: {missing:?}; an operator must run job_async_redis::load_scripts (or SCRIPT LOAD each file of lua/) with credentials that may"
+    )]
+    ScriptsNotLoaded {
+        /// Names of the scripts found missing.
+        missing: Vec<String>,
+    },
+
+    /// Redis did not become usable in time: it was still loading its
+    /// dataset, or could not be reached, for the whole wait.
+    #[error("redis not available after {waited:?}: {reason}")]
+    Unavailable {
+        /// The last reason, short (for example `LOADING`).
+        reason: String,
+        /// How long the library waited.
+        waited: Duration,
+    },
+
     /// The queue has no metadata (it was deleted, or Redis lost its data).
     /// Clients and workers register the queue again and retry once.
     #[error("queue {queue:?} is not registered")]
@@ -238,6 +276,9 @@ pub(crate) fn from_code(
     queue: &str,
     job_id: Option<&str>,
 ) -> Error {
+    // Words are taken from the left for codes whose arguments we wrote
+    // ourselves; values read from Redis (a queue's mode, a key name) may
+    // contain spaces and are taken as a whole.
     let mut words = detail.split_whitespace();
     let mut two = || -> (String, String) {
         (
@@ -247,19 +288,28 @@ pub(crate) fn from_code(
     };
     match code {
         "JQ_MODE_MISMATCH" => {
-            let (existing, requested) = two();
+            let (existing, requested) = last_word(detail);
             Error::ModeMismatch {
                 queue: queue.to_owned(),
-                existing,
-                requested,
+                existing: existing.to_owned(),
+                requested: requested.to_owned(),
             }
         }
         "JQ_PROTOCOL_MISMATCH" => {
-            let (existing, requested) = two();
+            let (existing, requested) = last_word(detail);
             Error::ProtocolMismatch {
                 queue: queue.to_owned(),
-                existing,
-                requested,
+                existing: existing.to_owned(),
+                requested: requested.to_owned(),
+            }
+        }
+        "JQ_WRONGTYPE" => {
+            let (rest, found) = last_word(detail);
+            let (key, expected) = last_word(rest);
+            Error::WrongType {
+                key: key.to_owned(),
+                expected: expected.to_owned(),
+                found: found.to_owned(),
             }
         }
         "JQ_QUEUE_UNKNOWN" => Error::QueueNotRegistered {
@@ -286,6 +336,15 @@ pub(crate) fn from_code(
             code: code.to_owned(),
             message: detail.to_owned(),
         },
+    }
+}
+
+/// Splits `text` at its last space: (everything before, the last word).
+fn last_word(text: &str) -> (&str, &str) {
+    let text = text.trim_end();
+    match text.rsplit_once(' ') {
+        Some((rest, last)) => (rest.trim_end(), last),
+        None => ("", text),
     }
 }
 

@@ -35,3 +35,4 @@ pub use worker::{ShutdownHandle, Worker, WorkerBuilder, WorkerStats};
 /// The redis crate this library is built on, re-exported so that users get
 /// the matching version.
 pub use redis;
+pub use scripts::load_scripts;

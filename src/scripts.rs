@@ -8,6 +8,8 @@ use std::sync::OnceLock;
 use include_dir::{Dir, include_dir};
 use redis::{RedisError, RedisResult, ServerErrorKind, Value, aio::ConnectionLike};
 
+use crate::error::Error;
+
 static LUA_DIR: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/lua");
 
 /// One embedded Lua script.
@@ -175,23 +177,50 @@ pub(crate) fn get(name: Name) -> &'static LuaScript {
 
 /// Loads every script into the server's script cache (SCRIPT LOAD). Calls
 /// recover from NOSCRIPT by themselves; loading up front saves that round
-/// trip and checks early that the connection may run scripts.
-pub(crate) async fn load_all<C: ConnectionLike>(con: &mut C) -> RedisResult<()> {
+/// trip. Returns false, without error, when this connection may not load
+/// scripts (NOPERM: an operator loads them, see [`load_scripts`]).
+pub(crate) async fn load_all<C: ConnectionLike>(con: &mut C) -> Result<bool, Error> {
     let mut pipe = redis::pipe();
     for s in all() {
         pipe.cmd("SCRIPT").arg("LOAD").arg(s.source);
     }
-    let shas: Vec<String> = pipe.query_async(con).await?;
+    let shas: Vec<String> = match pipe.query_async(con).await {
+        Ok(shas) => shas,
+        Err(e) if is_noperm(&e) => return Ok(false),
+        Err(e) => return Err(Error::Redis(e)),
+    };
     for (s, sha) in all().iter().zip(&shas) {
         if *sha != s.sha1 {
-            return Err(RedisError::from((
+            return Err(Error::Redis(RedisError::from((
                 redis::ErrorKind::Client,
                 "SCRIPT LOAD returned an unexpected SHA1",
                 format!("{}: expected {}, got {sha}", s.name, s.sha1),
-            )));
+            ))));
         }
     }
-    Ok(())
+    Ok(true)
+}
+
+/// Loads every script of the library into the script cache of the server
+/// (or of every primary of a cluster) that `config` names, with the
+/// credentials of its URL. For deployments whose application users may not
+/// load scripts (see [`crate::acl_rules`]): an operator runs this after every
+/// restart, failover or `SCRIPT FLUSH`, since Redis does not keep or
+/// replicate its script cache.
+///
+/// # Errors
+/// [`Error::ScriptsNotLoaded`] when these credentials may not load scripts
+/// either; [`Error::Redis`] when Redis cannot be reached.
+pub async fn load_scripts(config: &crate::Config) -> Result<(), Error> {
+    let backend = crate::connection::backend(config)?;
+    let mut con = crate::connection::plain(&backend, config).await?;
+    if load_all(&mut con).await? {
+        Ok(())
+    } else {
+        Err(Error::ScriptsNotLoaded {
+            missing: all().iter().map(|s| s.name.to_owned()).collect(),
+        })
+    }
 }
 
 /// How many times a call is sent when Redis answers NOSCRIPT.
@@ -238,8 +267,10 @@ impl Call {
 
     /// Runs the call. On NOSCRIPT it loads the script and runs the call
     /// again, up to [`NOSCRIPT_ATTEMPTS`] times (the cache can be flushed
-    /// again between the load and the retry).
-    pub(crate) async fn invoke<T, C>(&self, con: &mut C) -> RedisResult<T>
+    /// again between the load and the retry). When the connection may not
+    /// load scripts (NOPERM), the answer is [`Error::ScriptsNotLoaded`].
+    /// Other failures are [`Error::Redis`], for the caller to map.
+    pub(crate) async fn invoke<T, C>(&self, con: &mut C) -> Result<T, Error>
     where
         T: redis::FromRedisValue,
         C: ConnectionLike,
@@ -250,16 +281,29 @@ impl Call {
             match cmd.query_async(con).await {
                 Err(e) if is_noscript(&e) && attempt < NOSCRIPT_ATTEMPTS => {
                     attempt += 1;
-                    redis::cmd("SCRIPT")
+                    let loaded: RedisResult<()> = redis::cmd("SCRIPT")
                         .arg("LOAD")
                         .arg(self.script.source)
                         .exec_async(con)
-                        .await?;
+                        .await;
+                    match loaded {
+                        Err(e) if is_noperm(&e) => {
+                            return Err(Error::ScriptsNotLoaded {
+                                missing: vec![self.script.name.to_owned()],
+                            });
+                        }
+                        Err(e) => return Err(Error::Redis(e)),
+                        Ok(()) => {}
+                    }
                 }
-                other => return other,
+                other => return other.map_err(Error::Redis),
             }
         }
     }
+}
+
+fn is_noperm(err: &RedisError) -> bool {
+    err.code() == Some("NOPERM")
 }
 
 /// Runs many calls in one pipeline (one round trip). The reply has one result
@@ -270,7 +314,7 @@ impl Call {
 pub(crate) async fn invoke_pipeline<C: ConnectionLike>(
     con: &mut C,
     calls: &[Call],
-) -> RedisResult<Vec<RedisResult<Value>>> {
+) -> Result<Vec<RedisResult<Value>>, Error> {
     let mut results = send_pipeline(con, calls.iter()).await?;
     for _ in 1..NOSCRIPT_ATTEMPTS {
         let retry: Vec<usize> = (0..calls.len())
@@ -279,7 +323,14 @@ pub(crate) async fn invoke_pipeline<C: ConnectionLike>(
         if retry.is_empty() {
             break;
         }
-        load_all(con).await?;
+        if !load_all(con).await? {
+            let mut missing: Vec<String> = retry
+                .iter()
+                .map(|&i| calls[i].script.name.to_owned())
+                .collect();
+            missing.dedup();
+            return Err(Error::ScriptsNotLoaded { missing });
+        }
         let again = send_pipeline(con, retry.iter().map(|&i| &calls[i])).await?;
         for (i, r) in retry.into_iter().zip(again) {
             results[i] = r;

@@ -28,9 +28,10 @@ pub(crate) async fn run<T: redis::FromRedisValue>(
     keys: &QueueKeys,
     job_id: Option<&str>,
 ) -> Result<T, Error> {
-    call.invoke(&mut con.clone())
-        .await
-        .map_err(|e| from_script(e, call.script().name(), keys.queue(), job_id))
+    call.invoke(&mut con.clone()).await.map_err(|e| match e {
+        Error::Redis(e) => from_script(e, call.script().name(), keys.queue(), job_id),
+        other => other,
+    })
 }
 
 /// `queue_register`: records or checks the queue's mode and protocol version.

@@ -3,10 +3,15 @@
 //!
 //! A worker opens two connections: one multiplexed connection for script
 //! calls (and its heartbeat and sweeps), and one blocking connection for its
-//! fetch loop. The mode-specific parts live in `simple` and `recoverable`.
+//! fetch loop. Each mode's file (`simple`, `recoverable`, `reliable`) holds
+//! only how that mode takes jobs and keeps them alive; `attempt` runs a
+//! stored job from its start decision to its outcome, `finisher` records
+//! outcomes, `execute` runs the handler, `fetch` owns the blocking pop.
 
+mod attempt;
 mod execute;
 mod fetch;
+mod finisher;
 mod recoverable;
 mod reliable;
 mod simple;
@@ -290,11 +295,11 @@ pub(crate) struct Shared {
     pub finished: CancellationToken,
     pub counters: Counters,
     /// Recoverable and reliable modes: the jobs this worker is running.
-    pub active: recoverable::Active,
+    pub active: attempt::Active,
     /// Reliable mode: when the heartbeat last succeeded.
     pub last_beat: std::sync::Mutex<Option<Instant>>,
     /// Recoverable and reliable modes: where outcomes go to be recorded.
-    pub finisher: tokio::sync::mpsc::UnboundedSender<recoverable::FinishRequest>,
+    pub finisher: tokio::sync::mpsc::UnboundedSender<finisher::FinishRequest>,
     /// Recoverable and reliable modes: outcome-recording calls in flight.
     pub recording: std::sync::atomic::AtomicUsize,
     /// Set when an outcome could not be recorded (reliable mode: the fetch
@@ -365,7 +370,7 @@ impl Worker {
             hard_stop: CancellationToken::new(),
             finished: CancellationToken::new(),
             counters: Counters::default(),
-            active: recoverable::Active::default(),
+            active: attempt::Active::default(),
             last_beat: std::sync::Mutex::new(None),
             finisher,
             recording: std::sync::atomic::AtomicUsize::new(0),
@@ -378,7 +383,7 @@ impl Worker {
             Mode::Reliable => reliable::background(&shared),
         };
         background.push(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
-            recoverable::finisher(shared.clone(), finish_requests),
+            finisher::finisher(shared.clone(), finish_requests),
         )));
         let mut tasks = JoinSet::new();
         let fetched = match self.mode {

@@ -17,8 +17,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 
+use super::attempt::{spawn_started, start_settings};
 use super::fetch::{Fetcher, pause};
-use super::recoverable::{spawn_started, start_settings};
 use super::{Backoff, Counters, Shared, take_slots};
 use crate::error::Error;
 use crate::keys::QueueKeys;

@@ -1,0 +1,232 @@
+//! One attempt of a stored job (recoverable and reliable modes), after a
+//! mode's fetch strategy has claimed it: act on the start script's decision,
+//! run the handler, and hand the outcome to be recorded. Also the registry of
+//! running attempts that heartbeats and orphan detection read.
+//!
+//! Each mode's file holds only how it takes jobs (and keeps them alive);
+//! everything from "the start script said run" to "the outcome is recorded"
+//! is here and in `finisher`.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
+use tokio::task::JoinSet;
+
+use super::execute::{self, Input, Outcome};
+use super::finisher::{FinishRequest, Recording, record};
+use super::{Counters, Shared, persist};
+use crate::error::Error;
+use crate::keys::QueueKeys;
+use crate::mode::Mode;
+use crate::transitions::{self, BatchItem, OwnedFinish, Start, StartSettings};
+
+/// The running jobs of this worker, for the heartbeat: queue name -> job ID
+/// -> fencing token.
+#[derive(Default)]
+pub(crate) struct Active(Mutex<HashMap<String, HashMap<String, String>>>);
+
+impl Active {
+    pub(crate) fn insert(&self, queue: &str, id: &str, token: &str) {
+        let mut map = self.0.lock().expect("active jobs lock");
+        map.entry(queue.to_owned())
+            .or_default()
+            .insert(id.to_owned(), token.to_owned());
+    }
+    /// Forgets the attempt of `id` under `token`; a newer attempt of the
+    /// same job (same ID, another token) stays.
+    pub(crate) fn remove(&self, queue: &str, id: &str, token: &str) {
+        let mut map = self.0.lock().expect("active jobs lock");
+        if let Some(jobs) = map.get_mut(queue)
+            && jobs.get(id).is_some_and(|t| t == token)
+        {
+            jobs.remove(id);
+        }
+    }
+    pub(crate) fn of(&self, queue: &str) -> Vec<(String, String)> {
+        let map = self.0.lock().expect("active jobs lock");
+        map.get(queue)
+            .map(|jobs| jobs.iter().map(|(i, t)| (i.clone(), t.clone())).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Runs a started job in a task of its own, holding `permit` while its
+/// handler runs, and keeps it in the active registry (heartbeat, orphan
+/// detection) until its outcome is recorded. Shared by recoverable and
+/// reliable modes.
+pub(crate) fn spawn_started(
+    shared: &Arc<Shared>,
+    tasks: &mut JoinSet<()>,
+    (mode, keys): (Mode, &Arc<QueueKeys>),
+    (id, token): (String, String),
+    start: Start,
+    permit: OwnedSemaphorePermit,
+) {
+    shared.active.insert(keys.queue(), &id, &token);
+    let (shared, keys) = (shared.clone(), keys.clone());
+    tasks.spawn(async move {
+        run_started(&shared, mode, &keys, (&id, &token), start, permit).await;
+        shared.active.remove(keys.queue(), &id, &token);
+    });
+}
+
+/// The settings `job_start` and `reliable_start` need.
+pub(crate) fn start_settings(shared: &Shared) -> StartSettings<'_> {
+    StartSettings {
+        lease: shared.settings.lease,
+        max_stalls: shared.settings.max_stalls,
+        worker_id: &shared.id,
+        result_ttl: shared.settings.result_ttl,
+        dead_max: shared.settings.dead_letter_max,
+        sharded: shared.con.is_cluster(),
+    }
+}
+
+/// Acts on a start decision: runs the job and records its outcome, or counts
+/// a dead-lettered job. The job's slot is free again as soon as its handler
+/// has returned: the next job can start while the outcome is being recorded
+/// (the ID stays in its claim, lease or in-flight list, until then).
+async fn run_started(
+    shared: &Shared,
+    mode: Mode,
+    keys: &Arc<QueueKeys>,
+    (id, token): (&str, &str),
+    start: Start,
+    permit: OwnedSemaphorePermit,
+) {
+    match start {
+        Start::Run {
+            enc,
+            payload,
+            attempt,
+        } => {
+            let input = Input {
+                id: id.to_owned(),
+                queue: keys.queue().to_owned(),
+                enc,
+                payload,
+                attempt,
+            };
+            let outcome = execute::run(&shared.handler, input, &shared.hard_stop).await;
+            drop(permit);
+            // Boxed: keeps the spawned task small (it is moved on spawn).
+            Box::pin(finish(shared, mode, keys, (id, token), outcome)).await;
+        }
+        Start::Dead => {
+            tracing::warn!(job = %id, queue = keys.queue(), "job stalled too often: dead-lettered");
+            Counters::add(&shared.counters.dead_lettered, 1);
+        }
+        Start::Skip(why) => tracing::debug!(job = %id, why, "claimed job not run"),
+        Start::Missed => {}
+    }
+}
+
+/// Records the outcome; an abandoned job (grace period over) goes back to
+/// its queue at once. Shared by recoverable and reliable modes. When no
+/// outcome is being recorded, this one is sent at once (`job_finish`);
+/// otherwise it goes through the worker's finisher, which records all the
+/// outcomes of a queue that are waiting in one `job_finish_batch` call.
+pub(crate) async fn finish(
+    shared: &Shared,
+    mode: Mode,
+    keys: &Arc<QueueKeys>,
+    (id, token): (&str, &str),
+    outcome: Option<Outcome>,
+) {
+    let c = &shared.counters;
+    let Some(outcome) = outcome else {
+        let claim = transitions::claim_key(keys, mode, &shared.id);
+        let call = transitions::job_release(keys, mode, &claim, id, token);
+        match persist::<redis::Value>(&shared.con, &call, keys, Some(id)).await {
+            Ok(_) => Counters::add(&c.returned, 1),
+            Err(e) => {
+                tracing::error!(job = %id, error = %e, "could not give the job back; its lease will run out")
+            }
+        }
+        return;
+    };
+    let completed = matches!(outcome, Outcome::Completed(_));
+    let finish = match outcome {
+        Outcome::Completed(result) => OwnedFinish::Completed(result),
+        o @ Outcome::Failed(..) => {
+            let retry = o.retryable();
+            let Outcome::Failed(failure, message) = o else {
+                unreachable!()
+            };
+            tracing::info!(job = %id, queue = keys.queue(), %failure, message, "job failed");
+            OwnedFinish::Failed {
+                kind: failure.as_str().to_owned(),
+                message,
+                retry,
+            }
+        }
+    };
+    let item = BatchItem {
+        id: id.to_owned(),
+        token: token.to_owned(),
+        finish,
+    };
+    let recorded = if let Some(_idle) = Recording::start_if_idle(shared) {
+        // Nothing is being recorded: send this outcome at once, without
+        // the hop through the finisher (lower latency for lone jobs).
+        let claim = transitions::claim_key(keys, mode, &shared.id);
+        match record(shared, keys, (mode, &claim), std::slice::from_ref(&item)).await {
+            Ok(mut results) => results.pop().expect("one result per outcome"),
+            Err(e) => Err(e),
+        }
+    } else {
+        let (done, result) = oneshot::channel();
+        let request = FinishRequest {
+            keys: keys.clone(),
+            mode,
+            item,
+            done,
+        };
+        match shared.finisher.send(request) {
+            Ok(()) => result
+                .await
+                .unwrap_or_else(|_| Err(Error::Config("the finisher stopped".into()))),
+            Err(_) => Err(Error::Config("the finisher stopped".into())),
+        }
+    };
+    match recorded {
+        Ok(state) if state == "queued" => Counters::add(&c.retried, 1),
+        Ok(_) if completed => Counters::add(&c.completed, 1),
+        Ok(_) => Counters::add(&c.failed, 1),
+        Err(e @ Error::LeaseLost { .. }) => {
+            tracing::warn!(job = %id, error = %e, "outcome refused: a newer attempt owns the job");
+            Counters::add(&c.lease_lost, 1);
+        }
+        Err(Error::NotActive { state, .. }) => {
+            // A retried call whose first try had already landed.
+            tracing::debug!(job = %id, state, "outcome already recorded");
+        }
+        Err(e) => {
+            tracing::error!(job = %id, error = %e, "could not record the outcome; the job will run again");
+            // Recoverable mode: its lease runs out and the sweep requeues it.
+            // Reliable mode: it is still in this worker's in-flight list;
+            // the fetch loop finds it there and starts it again.
+            shared.unrecorded.store(true, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Active;
+
+    #[test]
+    fn an_ended_attempt_does_not_forget_a_newer_attempt_of_the_same_job() {
+        let active = Active::default();
+        active.insert("q", "j1", "1");
+        // The same worker starts the job again (a retry it took back)
+        // before the first attempt's task has ended.
+        active.insert("q", "j1", "2");
+        active.remove("q", "j1", "1");
+        assert_eq!(active.of("q"), vec![("j1".to_owned(), "2".to_owned())]);
+        active.remove("q", "j1", "2");
+        assert!(active.of("q").is_empty());
+    }
+}
