@@ -1,6 +1,6 @@
 //! Payload and result encodings.
 
-use serde::{Serialize, de::DeserializeOwned};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use crate::error::Error;
 
@@ -47,15 +47,48 @@ impl Encoding {
         out.map_err(|message| Error::Encode { what, message })
     }
 
-    /// Deserialises `bytes`; `what` names them in the error.
+    /// Deserialises `bytes`; `what` names them in the error, and the error
+    /// message names the field that did not decode (`at items[2].name: ...`).
     pub fn decode<T: DeserializeOwned>(self, bytes: &[u8], what: &'static str) -> Result<T, Error> {
-        let out = match self {
-            Encoding::MessagePack => rmp_serde::from_slice(bytes).map_err(|e| e.to_string()),
-            Encoding::Json => serde_json::from_slice(bytes).map_err(|e| e.to_string()),
-        };
-        out.map_err(|message| Error::Decode { what, message })
+        match self {
+            Encoding::MessagePack => msgpack_named(bytes, what),
+            Encoding::Json => {
+                let mut de = serde_json::Deserializer::from_slice(bytes);
+                let value =
+                    serde_path_to_error::deserialize(&mut de).map_err(|e| decode_error(what, e))?;
+                de.end().map_err(|e| Error::Decode {
+                    what,
+                    message: e.to_string(),
+                })?;
+                Ok(value)
+            }
+        }
     }
 }
+
+/// Decodes MessagePack, naming the field that did not decode in the error.
+pub(crate) fn msgpack_named<'a, T: Deserialize<'a>>(
+    bytes: &'a [u8],
+    what: &'static str,
+) -> Result<T, Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| decode_error(what, e))
+}
+
+fn decode_error<E: std::fmt::Display>(
+    what: &'static str,
+    e: serde_path_to_error::Error<E>,
+) -> Error {
+    let path = e.path().to_string();
+    let message = if path == "." {
+        e.inner().to_string()
+    } else {
+        format!("at {path}: {}", e.inner())
+    };
+    Error::Decode { what, message }
+}
+
+impl Encoding {}
 
 #[cfg(test)]
 mod tests {
@@ -99,5 +132,16 @@ mod tests {
             }
         ));
         assert_eq!(Encoding::parse("yaml"), None);
+        // The message names the field that did not decode.
+        let wrong = serde_json::json!({"name": "x", "tags": ["a", 7], "counts": {}});
+        for enc in [Encoding::MessagePack, Encoding::Json] {
+            let bytes = enc.encode(&wrong, "payload").unwrap();
+            match enc.decode::<Sample>(&bytes, "payload").unwrap_err() {
+                Error::Decode { message, .. } => {
+                    assert!(message.starts_with("at tags[1]: "), "{message}")
+                }
+                other => panic!("{other}"),
+            }
+        }
     }
 }

@@ -339,6 +339,19 @@ pub(crate) fn from_code(
     }
 }
 
+/// Maps the failure of a plain command on `key`: a `WRONGTYPE` reply
+/// becomes [`Error::WrongType`] naming the key.
+pub(crate) fn on_key(err: RedisError, key: &str, expected: &str) -> Error {
+    if err.code() == Some("WRONGTYPE") {
+        return Error::WrongType {
+            key: key.to_owned(),
+            expected: expected.to_owned(),
+            found: "another type".to_owned(),
+        };
+    }
+    Error::Redis(err)
+}
+
 /// Splits `text` at its last space: (everything before, the last word).
 fn last_word(text: &str) -> (&str, &str) {
     let text = text.trim_end();

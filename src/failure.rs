@@ -43,9 +43,11 @@ impl FailureKind {
         }
     }
 
-    /// Parses a wire string; unknown strings become [`FailureKind::Other`].
+    /// Parses a wire string; unknown strings become [`FailureKind::Other`],
+    /// and a missing (empty) kind becomes `Other("unknown")`.
     pub fn parse(s: &str) -> Self {
         match s {
+            "" => FailureKind::Other("unknown".to_owned()),
             "handler" => FailureKind::Handler,
             "panic" => FailureKind::Panic,
             "decode" => FailureKind::Decode,

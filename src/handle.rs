@@ -87,6 +87,8 @@ impl JobHandle {
         let mut reconnects = stored.reconnects.clone();
         let mut rung = false;
         let mut read = !self.fresh;
+        // How long to wait before reading again after a failed read.
+        let mut retry = Duration::from_millis(50);
         loop {
             if !read {
                 // A job this client just submitted cannot have finished
@@ -94,9 +96,32 @@ impl JobHandle {
                 // the poll interval) before the first read.
                 read = true;
             } else {
-                match transitions::job_watch(&stored.con, &stored.keys, &self.id, &stored.client_id)
-                    .await?
-                {
+                let watched =
+                    transitions::job_watch(&stored.con, &stored.keys, &self.id, &stored.client_id)
+                        .await;
+                let watched = match watched {
+                    Ok(w) => w,
+                    Err(e) if e.is_transient() => {
+                        // A failover, a restart, a server still loading, a
+                        // dropped connection: the job is safe in Redis. Read
+                        // again until it can be read; only the caller's own
+                        // timeout ends the wait.
+                        tracing::debug!(job = %self.id, error = %e, "cannot read the job's state yet; retrying");
+                        tokio::select! {
+                            bell = self.waiter.recv(), if !rung => match bell {
+                                None => return Err(Error::ClientClosed { job_id: self.id }),
+                                Some(reply) if carries_outcome(&reply) => return decode_reply(reply),
+                                Some(_) => rung = true,
+                            },
+                            _ = tokio::time::sleep(retry) => {}
+                        }
+                        retry = (retry * 2).min(Duration::from_secs(1));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                retry = Duration::from_millis(50);
+                match watched {
                     Watch::Completed { enc, result } => return decode_result(&enc, &result),
                     Watch::Failed { kind, message } => {
                         return Err(Error::JobFailed {

@@ -65,6 +65,14 @@ impl QueueKeys {
         format!("{}:job:{id}", self.base)
     }
 
+    /// Hash of one job whose ID is given as bytes (read from Redis, where an
+    /// ID written by another program may not be UTF-8).
+    pub fn job_bytes(&self, id: &[u8]) -> Vec<u8> {
+        let mut key = format!("{}:job:", self.base).into_bytes();
+        key.extend_from_slice(id);
+        key
+    }
+
     /// Recoverable mode: one entry per waiting job, which idle workers block
     /// on (the job IDs themselves are only ever taken by a script).
     pub fn tickets(&self) -> String {
@@ -94,6 +102,20 @@ impl QueueKeys {
     /// Reliable mode: the job IDs a worker has taken and not finished.
     pub fn inflight(&self, worker_id: &str) -> String {
         format!("{}:inflight:{worker_id}", self.base)
+    }
+
+    /// The in-flight list of a worker whose ID is given as bytes (a member
+    /// of the workers set, which another program may have written).
+    pub fn inflight_bytes(&self, worker_id: &[u8]) -> Vec<u8> {
+        let mut key = format!("{}:inflight:", self.base).into_bytes();
+        key.extend_from_slice(worker_id);
+        key
+    }
+
+    /// A worker's wake list: its blocking pop waits on it too (first), and
+    /// the worker pushes to it to end the pop at shutdown.
+    pub fn wake(&self, worker_id: &str) -> String {
+        format!("{}:wake:{worker_id}", self.base)
     }
 
     /// Guard that lets one worker at a time sweep stale leases (recoverable
@@ -148,11 +170,14 @@ mod tests {
             k.sweep(),
             k.workers(),
             k.inflight("w1"),
+            k.wake("w1"),
             k.reply_channel("c1"),
         ] {
             assert!(key.starts_with("jq:{emails}:"), "{key}");
         }
         assert_eq!(k.pending(), "jq:{emails}:pending");
+        assert_eq!(k.job_bytes(b"j\xff"), b"jq:{emails}:job:j\xff");
+        assert_eq!(k.inflight_bytes(b"w1"), k.inflight("w1").into_bytes());
         assert_eq!(k.reply_channel("abc"), "jq:{emails}:reply:abc");
         assert!(k.owns_reply_channel("jq:{emails}:reply:abc"));
         assert!(!k.owns_reply_channel("jq:{emails}:reply:"));

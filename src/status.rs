@@ -90,26 +90,49 @@ impl JobStatus {
         keys: &QueueKeys,
         id: &str,
     ) -> Result<Option<Self>, Error> {
-        let values: Vec<Option<String>> = redis::cmd("HMGET")
-            .arg(keys.job(id))
+        let key = keys.job(id);
+        let values: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+            .arg(&key)
             .arg(&FIELDS[..])
             .query_async(&mut con.clone())
-            .await?;
+            .await
+            .map_err(|e| crate::error::on_key(e, &key, "hash"))?;
+        // Values written by other programs may be anything: text is read
+        // lossily, a number that is not a decimal integer counts as absent.
+        let values: Vec<Option<String>> = values
+            .into_iter()
+            .map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+            .collect();
         let get = |i: usize| values.get(i).cloned().flatten().filter(|v| !v.is_empty());
-        let number = |i: usize| get(i).and_then(|v| v.parse::<u64>().ok());
+        let number = |i: usize| {
+            get(i)
+                .filter(|v| v.len() <= 15 && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        let small = |i: usize, default: u32| {
+            number(i)
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(default)
+        };
         let Some(state) = get(0) else {
             return Ok(None);
         };
         Ok(Some(Self {
             state: JobState::parse(&state),
-            attempt: number(1).unwrap_or(0) as u32,
-            max_attempts: number(2).unwrap_or(1) as u32,
-            stalls: number(3).unwrap_or(0) as u32,
+            attempt: small(1, 0),
+            max_attempts: small(2, 1).max(1),
+            stalls: small(3, 0),
             submitted_ms: number(4),
             started_ms: number(5),
             finished_ms: number(6),
             worker: get(7),
-            error: get(8).map(|kind| (FailureKind::parse(&kind), get(9).unwrap_or_default())),
+            error: match (get(8), get(9)) {
+                (Some(kind), message) => {
+                    Some((FailureKind::parse(&kind), message.unwrap_or_default()))
+                }
+                (None, Some(message)) => Some((FailureKind::parse(""), message)),
+                (None, None) => None,
+            },
         }))
     }
 }

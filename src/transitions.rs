@@ -126,6 +126,11 @@ pub(crate) fn job_submit(keys: &QueueKeys, mode: Mode, jobs: &[NewJob<'_>]) -> C
     call
 }
 
+/// A claimed job: its ID as stored (bytes: another program may have queued
+/// an ID that is not UTF-8; the start script refuses to run such an ID) and
+/// its fencing token.
+pub(crate) type Claim = (Vec<u8>, String);
+
 /// `job_claim`: takes up to `count` IDs with provisional leases. Returns
 /// (id, fencing token) pairs.
 pub(crate) async fn job_claim(
@@ -134,7 +139,7 @@ pub(crate) async fn job_claim(
     count: usize,
     lease: Duration,
     tickets_taken: usize,
-) -> Result<Vec<(String, String)>, Error> {
+) -> Result<Vec<Claim>, Error> {
     let call = scripts::get(Name::JobClaim)
         .call()
         .key(keys.pending())
@@ -144,10 +149,10 @@ pub(crate) async fn job_claim(
         .arg(count.to_string())
         .arg(ms(lease))
         .arg(tickets_taken.to_string());
-    let flat: Vec<String> = run(con, &call, keys, None).await?;
+    let flat: Vec<Vec<u8>> = run(con, &call, keys, None).await?;
     Ok(flat
         .chunks_exact(2)
-        .map(|p| (p[0].clone(), p[1].clone()))
+        .map(|p| (p[0].clone(), String::from_utf8_lossy(&p[1]).into_owned()))
         .collect())
 }
 
@@ -185,7 +190,7 @@ pub(crate) enum Start {
 pub(crate) async fn job_start(
     con: &Conn,
     keys: &QueueKeys,
-    claims: &[(String, String)],
+    claims: &[Claim],
     settings: &StartSettings<'_>,
 ) -> Result<Vec<Start>, Error> {
     let mut call = scripts::get(Name::JobStart)
@@ -199,10 +204,10 @@ pub(crate) async fn job_start(
         .arg(settings.dead_max.to_string())
         .arg(notify(settings.sharded));
     for (id, token) in claims {
-        call = call.key(keys.job(id)).arg(id).arg(token);
+        call = call.key(keys.job_bytes(id)).arg(id).arg(token);
     }
     let lone = match claims {
-        [(id, _)] => Some(id.as_str()),
+        [(id, _)] => std::str::from_utf8(id).ok(),
         _ => None,
     };
     let replies: Vec<Vec<Vec<u8>>> = run(con, &call, keys, lone).await?;
@@ -301,6 +306,15 @@ pub(crate) enum OwnedFinish {
 }
 
 impl OwnedFinish {
+    /// True when `state` is a state `job_finish` leaves a job in for this
+    /// outcome (a failure may be retried: `queued`).
+    pub(crate) fn leaves_state(&self, state: &str) -> bool {
+        match self {
+            OwnedFinish::Completed(_) => state == "completed",
+            OwnedFinish::Failed { .. } => state == "failed" || state == "queued",
+        }
+    }
+
     pub(crate) fn borrowed(&self) -> Finish<'_> {
         match self {
             OwnedFinish::Completed(result) => Finish::Completed(result),
@@ -500,7 +514,7 @@ pub(crate) enum Source {
 pub(crate) async fn reliable_start(
     con: &Conn,
     keys: &QueueKeys,
-    (source, ids): (Source, &[String]),
+    (source, ids): (Source, &[Vec<u8>]),
     settings: &StartSettings<'_>,
 ) -> Result<Vec<(Start, String)>, Error> {
     let mut call = scripts::get(Name::ReliableStart)
@@ -519,10 +533,10 @@ pub(crate) async fn reliable_start(
             Source::Pending => "pending",
         });
     for id in ids {
-        call = call.key(keys.job(id)).arg(id);
+        call = call.key(keys.job_bytes(id)).arg(id);
     }
     let lone = match ids {
-        [id] => Some(id.as_str()),
+        [id] => std::str::from_utf8(id).ok(),
         _ => None,
     };
     let replies: Vec<Vec<Vec<u8>>> = run(con, &call, keys, lone).await?;
@@ -556,13 +570,14 @@ pub(crate) async fn reliable_heartbeat(
 }
 
 /// `reliable_find_dead`: workers whose heartbeat expired, or `None` when
-/// another worker holds the recovery guard.
+/// another worker holds the recovery guard. Worker IDs are bytes: the set
+/// may hold members another program wrote.
 pub(crate) async fn reliable_find_dead(
     con: &Conn,
     keys: &QueueKeys,
     guard: Duration,
     limit: usize,
-) -> Result<Option<Vec<String>>, Error> {
+) -> Result<Option<Vec<Vec<u8>>>, Error> {
     let call = scripts::get(Name::ReliableFindDead)
         .call()
         .key(keys.workers())
@@ -582,14 +597,14 @@ pub(crate) async fn reliable_find_dead(
 pub(crate) async fn reliable_requeue_worker(
     con: &Conn,
     keys: &QueueKeys,
-    worker_id: &str,
+    worker_id: &[u8],
     only_if_dead: bool,
     retention: Duration,
 ) -> Result<Option<u64>, Error> {
     let call = scripts::get(Name::ReliableRequeueWorker)
         .call()
         .key(keys.workers())
-        .key(keys.inflight(worker_id))
+        .key(keys.inflight_bytes(worker_id))
         .key(keys.pending())
         .arg(worker_id)
         .arg(if only_if_dead { "1" } else { "0" })

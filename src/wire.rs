@@ -81,10 +81,7 @@ pub(crate) fn unpack<'a, T: Deserialize<'a>>(
     bytes: &'a [u8],
     what: &'static str,
 ) -> Result<T, Error> {
-    rmp_serde::from_slice(bytes).map_err(|e| Error::Decode {
-        what,
-        message: e.to_string(),
-    })
+    crate::encoding::msgpack_named(bytes, what)
 }
 
 /// Milliseconds since the Unix epoch on this machine's clock.

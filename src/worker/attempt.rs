@@ -52,22 +52,51 @@ impl Active {
     }
 }
 
-/// Runs a started job in a task of its own, holding `permit` while its
-/// handler runs, and keeps it in the active registry (heartbeat, orphan
-/// detection) until its outcome is recorded. Shared by recoverable and
-/// reliable modes.
+/// Acts on a start decision. A job to run runs in a task of its own,
+/// holding `permit` while its handler runs, and stays in the active registry
+/// (heartbeat, orphan detection) until its outcome is recorded; the other
+/// decisions are counted or logged here, and free their slot at once.
+/// Shared by recoverable and reliable modes.
 pub(crate) fn spawn_started(
     shared: &Arc<Shared>,
     tasks: &mut JoinSet<()>,
     (mode, keys): (Mode, &Arc<QueueKeys>),
-    (id, token): (String, String),
+    (id, token): (Vec<u8>, String),
     start: Start,
     permit: OwnedSemaphorePermit,
 ) {
+    let run = match start {
+        Start::Run {
+            enc,
+            payload,
+            attempt,
+        } => (enc, payload, attempt),
+        Start::Dead => {
+            let id = String::from_utf8_lossy(&id);
+            tracing::warn!(job = %id, queue = keys.queue(), "job stalled too often: dead-lettered");
+            Counters::add(&shared.counters.dead_lettered, 1);
+            return;
+        }
+        Start::Skip(why) => {
+            let id = String::from_utf8_lossy(&id);
+            tracing::debug!(job = %id, why, "claimed job not run");
+            return;
+        }
+        Start::Missed => return,
+    };
+    let Ok(id) = String::from_utf8(id) else {
+        // The start scripts never answer "run" for such an ID; were one to,
+        // the job stays claimed and is recovered like a stalled one.
+        tracing::error!(
+            queue = keys.queue(),
+            "a start script answered run for a job ID that is not UTF-8; not running it"
+        );
+        return;
+    };
     shared.active.insert(keys.queue(), &id, &token);
     let (shared, keys) = (shared.clone(), keys.clone());
     tasks.spawn(async move {
-        run_started(&shared, mode, &keys, (&id, &token), start, permit).await;
+        run_started(&shared, mode, &keys, (&id, &token), run, permit).await;
         shared.active.remove(keys.queue(), &id, &token);
     });
 }
@@ -84,43 +113,29 @@ pub(crate) fn start_settings(shared: &Shared) -> StartSettings<'_> {
     }
 }
 
-/// Acts on a start decision: runs the job and records its outcome, or counts
-/// a dead-lettered job. The job's slot is free again as soon as its handler
-/// has returned: the next job can start while the outcome is being recorded
-/// (the ID stays in its claim, lease or in-flight list, until then).
+/// Runs a started job and records its outcome. The job's slot is free again
+/// as soon as its handler has returned: the next job can start while the
+/// outcome is being recorded (the ID stays in its claim, lease or in-flight
+/// list, until then).
 async fn run_started(
     shared: &Shared,
     mode: Mode,
     keys: &Arc<QueueKeys>,
     (id, token): (&str, &str),
-    start: Start,
+    (enc, payload, attempt): (String, Vec<u8>, u32),
     permit: OwnedSemaphorePermit,
 ) {
-    match start {
-        Start::Run {
-            enc,
-            payload,
-            attempt,
-        } => {
-            let input = Input {
-                id: id.to_owned(),
-                queue: keys.queue().to_owned(),
-                enc,
-                payload,
-                attempt,
-            };
-            let outcome = execute::run(&shared.handler, input, &shared.hard_stop).await;
-            drop(permit);
-            // Boxed: keeps the spawned task small (it is moved on spawn).
-            Box::pin(finish(shared, mode, keys, (id, token), outcome)).await;
-        }
-        Start::Dead => {
-            tracing::warn!(job = %id, queue = keys.queue(), "job stalled too often: dead-lettered");
-            Counters::add(&shared.counters.dead_lettered, 1);
-        }
-        Start::Skip(why) => tracing::debug!(job = %id, why, "claimed job not run"),
-        Start::Missed => {}
-    }
+    let input = Input {
+        id: id.to_owned(),
+        queue: keys.queue().to_owned(),
+        enc,
+        payload,
+        attempt,
+    };
+    let outcome = execute::run(&shared.handler, input, &shared.hard_stop).await;
+    drop(permit);
+    // Boxed: keeps the spawned task small (it is moved on spawn).
+    Box::pin(finish(shared, mode, keys, (id, token), outcome)).await;
 }
 
 /// Records the outcome; an abandoned job (grace period over) goes back to
@@ -199,9 +214,12 @@ pub(crate) async fn finish(
             tracing::warn!(job = %id, error = %e, "outcome refused: a newer attempt owns the job");
             Counters::add(&c.lease_lost, 1);
         }
-        Err(Error::NotActive { state, .. }) => {
-            // A retried call whose first try had already landed.
-            tracing::debug!(job = %id, state, "outcome already recorded");
+        Err(e @ Error::NotActive { .. }) => {
+            // Finished or put back by someone else under this attempt's
+            // token (a retried call whose earlier try landed is recognised
+            // by `record` and counted above).
+            tracing::warn!(job = %id, error = %e, "outcome refused: someone else finished the job under this attempt's token");
+            Counters::add(&c.outcome_refused, 1);
         }
         Err(e) => {
             tracing::error!(job = %id, error = %e, "could not record the outcome; the job will run again");

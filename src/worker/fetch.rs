@@ -1,5 +1,16 @@
-//! The worker's blocking pop (BLMPOP) on its own connection.
+//! The worker's blocking waits (BLMPOP, BLMOVE) on a connection of their
+//! own.
+//!
+//! Shutdown must not lose what a blocking command already took. A BLMPOP
+//! also waits on the worker's wake list (`<prefix>:{<queue>}:wake:<worker>`,
+//! its first key): shutdown pushes to it, so the pop returns at once and is
+//! still read to the end. A reliable worker's BLMOVE cannot wait on a second
+//! list; at shutdown it is abandoned and its connection dropped: an ID it
+//! moved anyway is in the worker's in-flight list, which the worker puts back
+//! when it leaves and which recovery passes keep looking at afterwards (see
+//! protocol.md, `reliable_requeue_worker`). No `CLIENT UNBLOCK` is needed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::connection::Conn;
@@ -8,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Backoff, Shared};
 use crate::connection;
 use crate::error::{Error, is_transient};
+use crate::keys::QueueKeys;
 
 /// Entries popped from one list: the list's key and the entries.
 pub(crate) type Popped = (String, Vec<Vec<u8>>);
@@ -15,9 +27,7 @@ pub(crate) type Popped = (String, Vec<Vec<u8>>);
 /// Owns the worker's blocking connection, reconnecting when it drops.
 #[derive(Default)]
 pub(crate) struct Fetcher {
-    /// The blocking connection, and its CLIENT ID on a single server (used
-    /// to wake it at shutdown; on a cluster the block runs out instead).
-    blocking: Option<(Conn, Option<i64>)>,
+    blocking: Option<Conn>,
     backoff: Backoff,
     reconnected: bool,
     /// On a cluster, the keys of one blocking call must share a slot: with
@@ -29,48 +39,77 @@ pub(crate) struct Fetcher {
 /// several queues.
 const CLUSTER_TURN: Duration = Duration::from_millis(100);
 
+/// How long a wake list lives if the worker dies before deleting it.
+const WAKE_TTL_MS: u64 = 60_000;
+
 impl Fetcher {
     /// One BLMPOP of up to `count` entries from the first non-empty list of
-    /// `keys` (in that order), blocking up to the configured block timeout.
-    /// See [`Fetcher::block`] for what `Ok(None)` means.
+    /// `key_of(queue)` over `queues` (in that order), blocking up to the
+    /// configured block timeout. `Ok(None)`: nothing arrived (timeout,
+    /// shutdown, or a dropped connection, see [`Fetcher::take_reconnected`]).
+    ///
+    /// # Errors
+    /// [`Error::WrongType`] naming the list when one of them holds another
+    /// Redis type; other errors that retrying will not fix.
     pub(crate) async fn pop(
         &mut self,
         shared: &Shared,
-        keys: &[String],
+        queues: &[&Arc<QueueKeys>],
+        key_of: impl Fn(&QueueKeys) -> String,
         count: usize,
     ) -> Result<Option<Popped>, Error> {
-        let (keys, timeout) = if shared.con.is_cluster() && keys.len() > 1 {
-            self.rotation = (self.rotation + 1) % keys.len();
+        let (queues, timeout) = if shared.con.is_cluster() && queues.len() > 1 {
+            self.rotation = (self.rotation + 1) % queues.len();
             let turn = shared.config.block_timeout.min(CLUSTER_TURN);
-            (&keys[self.rotation..=self.rotation], turn)
+            (&queues[self.rotation..=self.rotation], turn)
         } else {
-            (keys, shared.config.block_timeout)
+            (queues, shared.config.block_timeout)
         };
+        let Some(first) = queues.first() else {
+            return Ok(None);
+        };
+        let wake = first.wake(&shared.id);
+        let lists: Vec<String> = queues.iter().map(|q| key_of(q)).collect();
         let mut cmd = redis::cmd("BLMPOP");
         cmd.arg(timeout.as_secs_f64())
-            .arg(keys.len())
-            .arg(keys)
+            .arg(lists.len() + 1)
+            .arg(&wake)
+            .arg(&lists)
             .arg("RIGHT")
             .arg("COUNT")
             .arg(count);
-        Ok(self.block::<Option<Popped>>(shared, &cmd).await?.flatten())
+        match self.block::<Option<Popped>>(shared, &cmd, true).await {
+            Ok(Some(Some((key, _)))) if key == wake => Ok(None),
+            Ok(popped) => Ok(popped.flatten()),
+            Err(Error::Redis(e)) if e.code() == Some("WRONGTYPE") => {
+                Err(wrong_type(shared, &lists, "list").await)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// One BLMOVE of the oldest entry of `from` to the head of `to`, blocking
-    /// up to the configured block timeout.
+    /// up to the configured block timeout. At shutdown the command is
+    /// abandoned (see the module's documentation) and `Ok(None)` returned.
     pub(crate) async fn moved(
         &mut self,
         shared: &Shared,
         from: &str,
         to: &str,
-    ) -> Result<Option<String>, Error> {
+    ) -> Result<Option<Vec<u8>>, Error> {
         let mut cmd = redis::cmd("BLMOVE");
         cmd.arg(from)
             .arg(to)
             .arg("RIGHT")
             .arg("LEFT")
             .arg(shared.config.block_timeout.as_secs_f64());
-        Ok(self.block::<Option<String>>(shared, &cmd).await?.flatten())
+        match self.block::<Option<Vec<u8>>>(shared, &cmd, false).await {
+            Ok(moved) => Ok(moved.flatten()),
+            Err(Error::Redis(e)) if e.code() == Some("WRONGTYPE") => {
+                Err(wrong_type(shared, &[from.to_owned(), to.to_owned()], "list").await)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// True once after the fetch connection dropped (and when it was first
@@ -81,21 +120,22 @@ impl Fetcher {
 
     /// Sends a blocking command on the fetch connection. Returns `Ok(None)`
     /// after a dropped connection (it reconnects on the next call, after a
-    /// backoff); otherwise the command's reply.
+    /// backoff) or an abandoned command; otherwise the command's reply.
     ///
-    /// When shutdown is requested meanwhile, the command is woken with
-    /// CLIENT UNBLOCK and still awaited: dropping it could lose entries the
-    /// server already moved. Callers must handle entries returned after
-    /// shutdown.
+    /// When shutdown is requested meanwhile: with `wakeable` (the command
+    /// waits on the wake list too) the wake list is pushed to and the reply
+    /// still awaited, since the command may already have taken entries;
+    /// otherwise the command is abandoned and the connection dropped.
     async fn block<T: redis::FromRedisValue>(
         &mut self,
         shared: &Shared,
         cmd: &redis::Cmd,
+        wakeable: bool,
     ) -> Result<Option<T>, Error> {
         if self.blocking.is_none() {
-            match open(shared).await {
-                Ok(b) => {
-                    self.blocking = Some(b);
+            match connection::blocking(&shared.client, &shared.config).await {
+                Ok(con) => {
+                    self.blocking = Some(con);
                     self.reconnected = true;
                 }
                 Err(e) if e.is_transient() => {
@@ -107,33 +147,22 @@ impl Fetcher {
             }
         }
         let result = {
-            let (con, client_id) = self.blocking.as_mut().expect("opened above");
-            let client_id = *client_id;
+            let con = self.blocking.as_mut().expect("opened above");
             let call = cmd.query_async::<T>(con);
             tokio::pin!(call);
             tokio::select! {
-                result = &mut call => result,
-                _ = shared.shutdown.cancelled(), if client_id.is_none() => call.await,
-                _ = shared.shutdown.cancelled(), if client_id.is_some() => {
-                    // The command may not be blocking yet when the first
-                    // UNBLOCK arrives (UNBLOCK then answers 0): repeat.
-                    loop {
-                        let unblock: redis::RedisResult<i64> = redis::cmd("CLIENT")
-                            .arg("UNBLOCK")
-                            .arg(client_id.expect("checked above"))
-                            .query_async(&mut shared.con.clone())
-                            .await;
-                        if let Err(e) = unblock {
-                            tracing::debug!(error = %e, "CLIENT UNBLOCK failed; waiting for the block to time out");
-                            break call.await;
-                        }
-                        tokio::select! {
-                            result = &mut call => break result,
-                            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                        }
-                    }
+                result = &mut call => Some(result),
+                _ = shared.shutdown.cancelled(), if wakeable => {
+                    wake(shared).await;
+                    Some(call.await)
                 }
+                _ = shared.shutdown.cancelled(), if !wakeable => None,
             }
+        };
+        let Some(result) = result else {
+            // Abandoned: dropping the connection ends the command.
+            self.blocking = None;
+            return Ok(None);
         };
         match result {
             Ok(reply) => {
@@ -155,13 +184,56 @@ impl Fetcher {
     }
 }
 
-async fn open(shared: &Shared) -> Result<(Conn, Option<i64>), Error> {
-    let mut con = connection::blocking(&shared.client, &shared.config).await?;
-    if con.is_cluster() {
-        return Ok((con, None));
+/// Pushes to every wake list of this worker, ending its blocking pop.
+async fn wake(shared: &Shared) {
+    let mut pipe = redis::pipe();
+    for q in &shared.queues {
+        let key = q.wake(&shared.id);
+        pipe.cmd("LPUSH").arg(&key).arg("1").ignore();
+        pipe.cmd("PEXPIRE").arg(&key).arg(WAKE_TTL_MS).ignore();
     }
-    let id: i64 = redis::cmd("CLIENT").arg("ID").query_async(&mut con).await?;
-    Ok((con, Some(id)))
+    if let Err(e) = pipe.exec_async(&mut shared.con.clone()).await {
+        tracing::debug!(error = %e, "could not push to the wake list; the pop ends at its timeout");
+    }
+}
+
+/// Deletes this worker's wake lists (after its fetch loop has ended).
+pub(crate) async fn forget_wake_lists(shared: &Shared) {
+    let mut con = shared.con.clone();
+    for q in &shared.queues {
+        let deleted: redis::RedisResult<i64> = redis::cmd("DEL")
+            .arg(q.wake(&shared.id))
+            .query_async(&mut con)
+            .await;
+        if let Err(e) = deleted {
+            tracing::debug!(error = %e, "could not delete a wake list; it expires by itself");
+        }
+    }
+}
+
+/// Finds which of `keys` holds another type than `expected`, after a
+/// command on them answered WRONGTYPE.
+async fn wrong_type(shared: &Shared, keys: &[String], expected: &str) -> Error {
+    let mut con = shared.con.clone();
+    for key in keys {
+        let found: redis::RedisResult<String> =
+            redis::cmd("TYPE").arg(key).query_async(&mut con).await;
+        if let Ok(found) = found
+            && found != expected
+            && found != "none"
+        {
+            return Error::WrongType {
+                key: key.clone(),
+                expected: expected.to_owned(),
+                found,
+            };
+        }
+    }
+    Error::WrongType {
+        key: keys.join(" "),
+        expected: expected.to_owned(),
+        found: "another type".to_owned(),
+    }
 }
 
 /// Sleeps for `delay`, or less when shutdown is requested.

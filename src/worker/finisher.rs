@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Shared, persist};
+use super::{Shared, persist_counting};
 use crate::error::Error;
 use crate::keys::QueueKeys;
 use crate::mode::Mode;
@@ -51,6 +51,9 @@ pub(crate) struct FinishRequest {
 
 /// Sends one call for `items` (all of one queue): `job_finish` for a lone
 /// outcome, `job_finish_batch` for several; retries transient failures.
+/// When a call had to be sent again and a job is then found already
+/// finished in the very state this outcome gives it, the earlier try landed
+/// (its reply was lost): that is this outcome, recorded.
 pub(super) async fn record(
     shared: &Shared,
     keys: &QueueKeys,
@@ -58,7 +61,7 @@ pub(super) async fn record(
     items: &[BatchItem],
 ) -> Result<Vec<Result<String, Error>>, Error> {
     let (ttl, sharded) = (shared.settings.result_ttl, shared.con.is_cluster());
-    if let [item] = items {
+    let (results, resent) = if let [item] = items {
         let finish = item.finish.borrowed();
         let call = transitions::job_finish(
             keys,
@@ -69,16 +72,35 @@ pub(super) async fn record(
             ttl,
             sharded,
         );
-        return match persist::<String>(&shared.con, &call, keys, Some(&item.id)).await {
+        let (result, resent) =
+            persist_counting::<String>(&shared.con, &call, keys, Some(&item.id)).await;
+        let result = match result {
             Err(
                 e @ (Error::JobNotFound { .. } | Error::LeaseLost { .. } | Error::NotActive { .. }),
-            ) => Ok(vec![Err(e)]),
-            other => Ok(vec![Ok(other?)]),
+            ) => Err(e),
+            other => Ok(other?),
         };
+        (vec![result], resent)
+    } else {
+        let call = transitions::job_finish_batch(keys, (mode, claim), items, ttl, sharded);
+        let (replies, resent) =
+            persist_counting::<Vec<String>>(&shared.con, &call, keys, None).await;
+        (
+            transitions::finish_batch_results(keys, items, replies?)?,
+            resent,
+        )
+    };
+    if !resent {
+        return Ok(results);
     }
-    let call = transitions::job_finish_batch(keys, (mode, claim), items, ttl, sharded);
-    let replies: Vec<String> = persist(&shared.con, &call, keys, None).await?;
-    transitions::finish_batch_results(keys, items, replies)
+    Ok(items
+        .iter()
+        .zip(results)
+        .map(|(item, result)| match result {
+            Err(Error::NotActive { state, .. }) if item.finish.leaves_state(&state) => Ok(state),
+            other => other,
+        })
+        .collect())
 }
 
 /// Most outcomes in one `job_finish_batch` call.

@@ -12,6 +12,7 @@ mod attempt;
 mod execute;
 mod fetch;
 mod finisher;
+mod health;
 mod recoverable;
 mod reliable;
 mod simple;
@@ -225,6 +226,15 @@ pub struct WorkerStats {
     /// Recoverable mode: outcomes refused because a newer attempt owned the
     /// job (this worker had stalled past its lease).
     pub lease_lost: u64,
+    /// Outcomes refused because the job had already been finished (or put
+    /// back) by someone else under this attempt's own token: another program
+    /// that holds the queue's credentials, or a bug. Each is logged.
+    pub outcome_refused: u64,
+    /// Failures of a queue that retrying at once cannot fix (a key of the
+    /// wrong Redis type, a corrupt counter, a script refusal): each is
+    /// logged, and the queue is rested with backoff while the others are
+    /// served.
+    pub queue_errors: u64,
 }
 
 #[derive(Default)]
@@ -235,6 +245,8 @@ pub(crate) struct Counters {
     dead_lettered: AtomicU64,
     returned: AtomicU64,
     lease_lost: AtomicU64,
+    outcome_refused: AtomicU64,
+    queue_errors: AtomicU64,
 }
 
 impl Counters {
@@ -251,6 +263,8 @@ impl Counters {
             dead_lettered: get(&self.dead_lettered),
             returned: get(&self.returned),
             lease_lost: get(&self.lease_lost),
+            outcome_refused: get(&self.outcome_refused),
+            queue_errors: get(&self.queue_errors),
         }
     }
 }
@@ -294,6 +308,8 @@ pub(crate) struct Shared {
     /// Cancelled when every job task has ended: stop heartbeats and sweeps.
     pub finished: CancellationToken,
     pub counters: Counters,
+    /// Queues rested after failures.
+    pub health: health::Health,
     /// Recoverable and reliable modes: the jobs this worker is running.
     pub active: attempt::Active,
     /// Reliable mode: when the heartbeat last succeeded.
@@ -345,10 +361,15 @@ impl Worker {
     /// that does not decode as `P` fails the job the same way, without
     /// calling the handler. The worker carries on in every case.
     ///
+    /// Nothing in Redis makes a worker stop: an entry or a job that is not
+    /// valid fails or is dead-lettered on its own, and a queue whose keys
+    /// hold what the protocol forbids is rested with backoff (logged, and
+    /// counted in [`WorkerStats::queue_errors`]) while the others are served.
+    ///
     /// # Errors
-    /// [`Error::Redis`] when Redis refuses the worker's calls for a reason
-    /// that retrying cannot fix (for example an ACL that forbids them).
-    /// Dropped connections are retried, never returned.
+    /// [`Error::Redis`] when the worker's own credentials may not do what it
+    /// needs (`NOPERM`, `NOAUTH`, `WRONGPASS`). Dropped connections are
+    /// retried, never returned.
     pub async fn run<P, R, E, F, Fut>(self, handler: F) -> Result<WorkerStats, Error>
     where
         P: DeserializeOwned + Send + 'static,
@@ -370,6 +391,7 @@ impl Worker {
             hard_stop: CancellationToken::new(),
             finished: CancellationToken::new(),
             counters: Counters::default(),
+            health: health::Health::default(),
             active: attempt::Active::default(),
             last_beat: std::sync::Mutex::new(None),
             finisher,
@@ -391,6 +413,9 @@ impl Worker {
             Mode::Recoverable => recoverable::fetch_loop(&shared, &mut tasks).await,
             Mode::Reliable => reliable::fetch_loop(&shared, &mut tasks).await,
         };
+        if self.mode != Mode::Reliable {
+            fetch::forget_wake_lists(&shared).await;
+        }
         let drain = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(shared.settings.grace_period, drain)
             .await
@@ -448,6 +473,49 @@ pub(crate) fn queue_of(
         .expect("BLMPOP returns one of the keys it was given")
 }
 
+/// The queues not resting, in priority order. When every queue is resting,
+/// waits until the first may be tried again (or shutdown) and returns none.
+pub(crate) async fn queues_to_serve(shared: &Shared) -> Vec<&Arc<QueueKeys>> {
+    let serving = shared.health.serving(&shared.queues);
+    if serving.is_empty() {
+        let rest = shared
+            .health
+            .next_retry()
+            .unwrap_or(Duration::from_millis(100));
+        fetch::pause(&shared.shutdown, rest).await;
+    }
+    serving
+}
+
+/// After `what` failed with `error` on the queues whose `key_of` keys the
+/// failed command used: rests the queue the error names (a wrong type), or
+/// else every one of them.
+pub(crate) fn rest_queues_of<T: AsRef<QueueKeys>>(
+    shared: &Shared,
+    queues: &[&T],
+    key_of: impl Fn(&QueueKeys) -> String,
+    what: &str,
+    error: &Error,
+) {
+    let named = match error {
+        Error::WrongType { key, .. } => queues
+            .iter()
+            .find(|q| key_of(q.as_ref()) == *key)
+            .map(|q| q.as_ref().queue().to_owned()),
+        _ => None,
+    };
+    match named {
+        Some(queue) => shared.health.failed(&shared.counters, &queue, what, error),
+        None => {
+            for q in queues {
+                shared
+                    .health
+                    .failed(&shared.counters, q.as_ref().queue(), what, error);
+            }
+        }
+    }
+}
+
 /// Exponential backoff from 50 ms to 2 s.
 #[derive(Default)]
 pub(crate) struct Backoff(u32);
@@ -471,14 +539,27 @@ pub(crate) async fn persist<T: redis::FromRedisValue>(
     keys: &QueueKeys,
     job_id: Option<&str>,
 ) -> Result<T, Error> {
+    persist_counting(con, call, keys, job_id).await.0
+}
+
+/// [`persist`], and whether the call was sent more than once (an earlier
+/// try may then have run without its reply arriving).
+pub(crate) async fn persist_counting<T: redis::FromRedisValue>(
+    con: &Conn,
+    call: &Call,
+    keys: &QueueKeys,
+    job_id: Option<&str>,
+) -> (Result<T, Error>, bool) {
     let started = Instant::now();
     let mut backoff = Backoff::default();
+    let mut resent = false;
     loop {
         match transitions::run(con, call, keys, job_id).await {
             Err(e) if e.is_transient() && started.elapsed() < PERSIST_PATIENCE => {
                 tokio::time::sleep(backoff.next()).await;
+                resent = true;
             }
-            other => return other,
+            other => return (other, resent),
         }
     }
 }

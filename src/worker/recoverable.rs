@@ -16,11 +16,12 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::attempt::{spawn_started, start_settings};
 use super::fetch::{Fetcher, pause};
-use super::{Backoff, Shared, queue_of, take_slots};
+use super::health::is_fatal;
+use super::{Backoff, Shared, queue_of, queues_to_serve, rest_queues_of, take_slots};
 use crate::error::Error;
 use crate::keys::QueueKeys;
 use crate::mode::Mode;
-use crate::transitions;
+use crate::transitions::{self, Claim};
 
 /// Most jobs one sweep call requeues.
 const SWEEP_LIMIT: usize = 1000;
@@ -35,10 +36,14 @@ pub(crate) fn background(shared: &Arc<Shared>) -> Vec<AbortOnDropHandle<()>> {
     ]
 }
 
-/// Claims and runs jobs while there are free slots, until shutdown.
+/// A claimed job of one queue: the queue, the ID as stored, the token.
+type Claimed = (Arc<QueueKeys>, Vec<u8>, String);
+
+/// Claims and runs jobs while there are free slots, until shutdown. A queue
+/// whose calls fail for a reason retrying at once cannot fix is rested while
+/// the others are served.
 pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) -> Result<(), Error> {
     let slots = Arc::new(Semaphore::new(shared.settings.concurrency));
-    let tickets: Vec<String> = shared.queues.iter().map(|q| q.tickets()).collect();
     let mut fetcher = Fetcher::default();
     let mut backoff = Backoff::default();
     // After a claim round that drained every queue, the next round waits for
@@ -49,19 +54,22 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
         let Some(mut permits) = take_slots(shared, &slots).await else {
             return Ok(());
         };
-        let claimed_now = if drained {
-            Ok(Vec::new())
+        let serving = queues_to_serve(shared).await;
+        if serving.is_empty() {
+            continue;
+        }
+        let mut claimed = if drained {
+            Vec::new()
         } else {
-            claim_in_order(shared, permits.len()).await
-        };
-        let mut claimed = match claimed_now {
-            Ok(c) => c,
-            Err(e) if e.is_transient() => {
-                tracing::warn!(worker = %shared.id, error = %e, "claim failed; retrying");
-                pause(&shared.shutdown, backoff.next()).await;
-                continue;
+            match claim_in_order(shared, &serving, permits.len()).await {
+                Ok(c) => c,
+                Err(e) if is_fatal(&e) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(worker = %shared.id, error = %e, "claim failed; retrying");
+                    pause(&shared.shutdown, backoff.next()).await;
+                    continue;
+                }
             }
-            Err(e) => return Err(e),
         };
         backoff.reset();
         drained = claimed.len() < permits.len();
@@ -69,9 +77,19 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
             // Every queue is empty: wait for a ticket. After a timeout, ask
             // the queues again (a ticket can be lost with a worker that died
             // right after popping it).
-            let Some((key, popped)) = fetcher.pop(shared, &tickets, 1).await? else {
-                drained = false;
-                continue;
+            let popped = fetcher.pop(shared, &serving, |q| q.tickets(), 1).await;
+            let (key, popped) = match popped {
+                Ok(Some(popped)) => popped,
+                Ok(None) => {
+                    drained = false;
+                    continue;
+                }
+                Err(e) if is_fatal(&e) => return Err(e),
+                Err(e) => {
+                    rest_queues_of(shared, &serving, |q| q.tickets(), "wait for tickets", &e);
+                    drained = false;
+                    continue;
+                }
             };
             let keys = queue_of(shared, &key, |q| q.tickets());
             if shared.shutdown.is_cancelled() {
@@ -85,13 +103,20 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
             let lease = shared.settings.lease;
             match transitions::job_claim(&shared.con, &keys, permits.len(), lease, 1).await {
                 Ok(jobs) => {
+                    shared.health.recovered(keys.queue());
                     claimed = jobs
                         .into_iter()
                         .map(|(id, token)| (keys.clone(), id, token))
                         .collect()
                 }
+                Err(e) if is_fatal(&e) => return Err(e),
                 Err(e) if e.is_transient() => continue,
-                Err(e) => return Err(e),
+                Err(e) => {
+                    shared
+                        .health
+                        .failed(&shared.counters, keys.queue(), "claim", &e);
+                    continue;
+                }
             }
         }
         start_claimed(shared, tasks, claimed, &mut permits).await;
@@ -104,7 +129,7 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
 async fn start_claimed(
     shared: &Arc<Shared>,
     tasks: &mut JoinSet<()>,
-    mut claimed: Vec<(Arc<QueueKeys>, String, String)>,
+    mut claimed: Vec<Claimed>,
     permits: &mut Vec<OwnedSemaphorePermit>,
 ) {
     let settings = start_settings(shared);
@@ -116,7 +141,7 @@ async fn start_claimed(
             .unwrap_or(claimed.len());
         let rest = claimed.split_off(split);
         let keys = claimed[0].0.clone();
-        let claims: Vec<(String, String)> = claimed
+        let claims: Vec<Claim> = claimed
             .into_iter()
             .map(|(_, id, token)| (id, token))
             .collect();
@@ -137,30 +162,48 @@ async fn start_claimed(
                     );
                 }
             }
-            Err(e) => {
+            Err(e) if e.is_transient() => {
                 tracing::warn!(queue = %queue, jobs = claims.len(), error = %e, "could not start claimed jobs; their leases will run out")
+            }
+            Err(e) => {
+                // Their leases run out and the sweep requeues them.
+                shared
+                    .health
+                    .failed(&shared.counters, &queue, "start claimed jobs", &e);
             }
         }
     }
 }
 
-/// Claims up to `count` jobs, queue by queue in priority order.
+/// Claims up to `count` jobs from the `serving` queues, in priority order. A
+/// queue whose claim is refused is rested and skipped; a transient failure
+/// ends the round with what was claimed, or as an error when nothing was.
 async fn claim_in_order(
     shared: &Shared,
+    serving: &[&Arc<QueueKeys>],
     count: usize,
-) -> Result<Vec<(Arc<QueueKeys>, String, String)>, Error> {
+) -> Result<Vec<Claimed>, Error> {
     let mut claimed = Vec::new();
-    for keys in &shared.queues {
+    for keys in serving {
         let want = count - claimed.len();
         if want == 0 {
             break;
         }
-        let jobs =
-            transitions::job_claim(&shared.con, keys, want, shared.settings.lease, 0).await?;
-        claimed.extend(
-            jobs.into_iter()
-                .map(|(id, token)| (keys.clone(), id, token)),
-        );
+        match transitions::job_claim(&shared.con, keys, want, shared.settings.lease, 0).await {
+            Ok(jobs) => {
+                shared.health.recovered(keys.queue());
+                claimed.extend(
+                    jobs.into_iter()
+                        .map(|(id, token)| (Arc::clone(keys), id, token)),
+                );
+            }
+            Err(e) if is_fatal(&e) => return Err(e),
+            Err(e) if e.is_transient() && claimed.is_empty() => return Err(e),
+            Err(e) if e.is_transient() => break,
+            Err(e) => shared
+                .health
+                .failed(&shared.counters, keys.queue(), "claim", &e),
+        }
     }
     Ok(claimed)
 }
@@ -205,7 +248,12 @@ async fn sweeper(shared: Arc<Shared>) {
                     "requeued jobs whose lease ran out"
                 ),
                 Ok(_) => {}
-                Err(e) => tracing::warn!(queue = keys.queue(), error = %e, "sweep failed"),
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(queue = keys.queue(), error = %e, "sweep failed")
+                }
+                Err(e) => shared
+                    .health
+                    .failed(&shared.counters, keys.queue(), "sweep", &e),
             }
         }
         tokio::select! {

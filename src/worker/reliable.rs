@@ -19,8 +19,9 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::attempt::{spawn_started, start_settings};
 use super::fetch::{Fetcher, pause};
+use super::health::is_fatal;
 use super::{Backoff, Counters, Shared, take_slots};
-use crate::error::Error;
+use crate::error::{Error, on_key};
 use crate::keys::QueueKeys;
 use crate::mode::Mode;
 use crate::transitions::{self, Source, Start};
@@ -68,6 +69,11 @@ fn beat_is_fresh(shared: &Shared) -> bool {
 /// (LRANGE, one per free slot) and takes and starts them in one
 /// `reliable_start` call. When the list looked empty, it blocks on BLMOVE
 /// instead, which moves one ID into the in-flight list atomically.
+///
+/// IDs are handled as bytes (another program may have queued an ID that is
+/// not UTF-8: `reliable_start` dead-letters it). When the queue fails for a
+/// reason retrying at once cannot fix (a key of another Redis type), the
+/// worker rests it with backoff and tries again; it never exits for it.
 pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) -> Result<(), Error> {
     let keys = shared.queues[0].clone();
     let pending = keys.pending();
@@ -77,7 +83,7 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
     let mut backoff = Backoff::default();
     // IDs in our in-flight list that no task runs (a BLMOVE reply lost with
     // a dropped connection, or a start whose reply was lost): started first.
-    let mut unstarted: VecDeque<String> = VecDeque::new();
+    let mut unstarted: VecDeque<Vec<u8>> = VecDeque::new();
     let mut reconcile = false;
     // The pending list looked empty: block on it instead of looking again.
     let mut drained = false;
@@ -86,14 +92,15 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
         let Some(mut permits) = take_slots(shared, &slots).await else {
             return Ok(());
         };
+        if let Some(rest) = shared.health.next_retry() {
+            pause(&shared.shutdown, rest).await;
+            continue;
+        }
         if !beat_is_fresh(shared)
             && let Err(e) = beat(shared, &keys).await
         {
-            if !e.is_transient() {
-                return Err(e);
-            }
             tracing::warn!(worker = %shared.id, error = %e, "heartbeat failed; not taking jobs");
-            pause(&shared.shutdown, backoff.next()).await;
+            setback(shared, &mut backoff, "heartbeat", e).await?;
             continue;
         }
         let dropped = fetcher.take_reconnected();
@@ -101,12 +108,11 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
         if std::mem::take(&mut reconcile) || dropped || unrecorded {
             match find_orphans(shared, &inflight).await {
                 Ok(orphans) => unstarted = orphans.into(),
-                Err(e) if e.is_transient() => {
+                Err(e) => {
                     reconcile = true;
-                    pause(&shared.shutdown, backoff.next()).await;
+                    setback(shared, &mut backoff, "read the in-flight list", e).await?;
                     continue;
                 }
-                Err(e) => return Err(e),
             }
         }
         let (source, mut ids) = if unstarted.is_empty() {
@@ -121,11 +127,10 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
                     drained = seen.len() < permits.len();
                     ids = seen;
                 }
-                Err(e) if e.is_transient() => {
-                    pause(&shared.shutdown, backoff.next()).await;
+                Err(e) => {
+                    setback(shared, &mut backoff, "look at the pending list", e).await?;
                     continue;
                 }
-                Err(e) => return Err(e),
             }
         }
         let source = if ids.is_empty() {
@@ -133,9 +138,13 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
             // in-flight list atomically. An ID moved after shutdown began
             // stays there and is requeued by `leave`.
             drained = false;
-            match fetcher.moved(shared, &pending, &inflight).await? {
-                Some(id) if !shared.shutdown.is_cancelled() => ids.push(id),
-                _ => continue,
+            match fetcher.moved(shared, &pending, &inflight).await {
+                Ok(Some(id)) if !shared.shutdown.is_cancelled() => ids.push(id),
+                Ok(_) => continue,
+                Err(e) => {
+                    setback(shared, &mut backoff, "wait for jobs", e).await?;
+                    continue;
+                }
             }
             Source::InFlight
         } else {
@@ -151,17 +160,17 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
         .await
         {
             Ok(decisions) => decisions,
-            Err(e) if e.is_transient() => {
+            Err(e) => {
                 // The call may have run: whatever it moved is in our
                 // in-flight list, found by the reconciliation.
                 tracing::warn!(worker = %shared.id, error = %e, "could not start jobs; retrying");
                 reconcile = true;
-                pause(&shared.shutdown, backoff.next()).await;
+                setback(shared, &mut backoff, "start jobs", e).await?;
                 continue;
             }
-            Err(e) => return Err(e),
         };
         backoff.reset();
+        shared.health.recovered(keys.queue());
         for (id, (start, token)) in ids.into_iter().zip(decisions) {
             if matches!(start, Start::Missed) {
                 // Another worker took it: look again.
@@ -183,33 +192,56 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
     }
 }
 
+/// After `what` failed with `error`: a fatal error ends the fetch loop; a
+/// transient one waits a backoff; any other rests the queue (logged and
+/// counted), and the loop tries again when the rest is over.
+async fn setback(
+    shared: &Shared,
+    backoff: &mut Backoff,
+    what: &str,
+    error: Error,
+) -> Result<(), Error> {
+    if is_fatal(&error) {
+        return Err(error);
+    }
+    if error.is_transient() {
+        pause(&shared.shutdown, backoff.next()).await;
+    } else {
+        let queue = shared.queues[0].queue();
+        shared.health.failed(&shared.counters, queue, what, &error);
+    }
+    Ok(())
+}
+
 /// The oldest `count` IDs of the pending list, oldest first.
-async fn peek(shared: &Shared, pending: &str, count: usize) -> Result<Vec<String>, Error> {
-    let mut ids: Vec<String> = redis::cmd("LRANGE")
+async fn peek(shared: &Shared, pending: &str, count: usize) -> Result<Vec<Vec<u8>>, Error> {
+    let mut ids: Vec<Vec<u8>> = redis::cmd("LRANGE")
         .arg(pending)
         .arg(-(count as i64))
         .arg(-1)
         .query_async(&mut shared.con.clone())
-        .await?;
+        .await
+        .map_err(|e| on_key(e, pending, "list"))?;
     ids.reverse();
     Ok(ids)
 }
 
 /// IDs in this worker's in-flight list that no task is running, oldest first.
-async fn find_orphans(shared: &Shared, inflight: &str) -> Result<Vec<String>, Error> {
+async fn find_orphans(shared: &Shared, inflight: &str) -> Result<Vec<Vec<u8>>, Error> {
     // The running set first: a job whose task ends meanwhile has left the
     // list by then (its outcome recorded), so it cannot pass for an orphan.
     let running = shared.active.of(shared.queues[0].queue());
-    let listed: Vec<String> = redis::cmd("LRANGE")
+    let listed: Vec<Vec<u8>> = redis::cmd("LRANGE")
         .arg(inflight)
         .arg(0)
         .arg(-1)
         .query_async(&mut shared.con.clone())
-        .await?;
-    let orphans: Vec<String> = listed
+        .await
+        .map_err(|e| on_key(e, inflight, "list"))?;
+    let orphans: Vec<Vec<u8>> = listed
         .into_iter()
         .rev() // oldest first
-        .filter(|id| !running.iter().any(|(r, _)| r == id))
+        .filter(|id| !running.iter().any(|(r, _)| r.as_bytes() == id.as_slice()))
         .collect();
     if !orphans.is_empty() {
         tracing::warn!(worker = %shared.id, count = orphans.len(), "starting jobs whose move or start reply was lost");
@@ -225,7 +257,7 @@ pub(crate) async fn leave(shared: &Shared) {
     match transitions::reliable_requeue_worker(
         &shared.con,
         keys,
-        &shared.id,
+        shared.id.as_bytes(),
         false,
         retention(shared),
     )
@@ -261,7 +293,8 @@ async fn recovery(shared: Arc<Shared>) {
     loop {
         match transitions::reliable_find_dead(&shared.con, &keys, every, RECOVERY_LIMIT).await {
             Ok(Some(dead)) => {
-                for worker in dead.iter().filter(|w| **w != shared.id) {
+                for worker in dead.iter().filter(|w| w.as_slice() != shared.id.as_bytes()) {
+                    let shown = String::from_utf8_lossy(worker);
                     match transitions::reliable_requeue_worker(
                         &shared.con,
                         &keys,
@@ -272,17 +305,26 @@ async fn recovery(shared: Arc<Shared>) {
                     .await
                     {
                         Ok(Some(n)) if n > 0 => {
-                            tracing::warn!(queue = keys.queue(), dead_worker = %worker, requeued = n, "recovered a dead worker's jobs")
+                            tracing::warn!(queue = keys.queue(), dead_worker = %shown, requeued = n, "recovered a dead worker's jobs")
                         }
                         Ok(_) => {}
                         Err(e) => {
-                            tracing::warn!(queue = keys.queue(), error = %e, "recovery failed")
+                            // One worker's list is broken: the others are
+                            // still recovered.
+                            tracing::error!(queue = keys.queue(), dead_worker = %shown, error = %e, "could not recover a dead worker's jobs")
                         }
                     }
                 }
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(queue = keys.queue(), error = %e, "recovery failed"),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(queue = keys.queue(), error = %e, "recovery failed")
+            }
+            Err(e) => {
+                shared
+                    .health
+                    .failed(&shared.counters, keys.queue(), "recover dead workers", &e)
+            }
         }
         tokio::select! {
             _ = shared.finished.cancelled() => return,

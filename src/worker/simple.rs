@@ -8,7 +8,10 @@ use tokio::task::JoinSet;
 
 use super::execute::{self, Input, Outcome};
 use super::fetch::Fetcher;
-use super::{Counters, Shared, persist, queue_of, take_slots};
+use super::health::is_fatal;
+use super::{
+    Backoff, Counters, Shared, persist, queue_of, queues_to_serve, rest_queues_of, take_slots,
+};
 use crate::error::Error;
 use crate::failure::FailureKind;
 use crate::keys::QueueKeys;
@@ -17,20 +20,35 @@ use crate::wire::{
     COMPLETED, DeadRecord, Envelope, FAILED, Reply, WireError, now_ms, pack, unpack,
 };
 
-/// Pops envelopes while there are free slots, until shutdown.
+/// Pops envelopes while there are free slots, until shutdown. A queue whose
+/// pending list cannot be popped (another Redis type) is rested while the
+/// others are served.
 pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) -> Result<(), Error> {
     let slots = Arc::new(Semaphore::new(shared.settings.concurrency));
-    let pending: Vec<String> = shared.queues.iter().map(|q| q.pending()).collect();
     let mut fetcher = Fetcher::default();
     loop {
         while tasks.try_join_next().is_some() {}
         let Some(mut permits) = take_slots(shared, &slots).await else {
             return Ok(());
         };
-        let Some((key, entries)) = fetcher.pop(shared, &pending, permits.len()).await? else {
+        let serving = queues_to_serve(shared).await;
+        if serving.is_empty() {
             continue;
+        }
+        let popped = fetcher
+            .pop(shared, &serving, |q| q.pending(), permits.len())
+            .await;
+        let (key, entries) = match popped {
+            Ok(Some(popped)) => popped,
+            Ok(None) => continue,
+            Err(e) if is_fatal(&e) => return Err(e),
+            Err(e) => {
+                rest_queues_of(shared, &serving, |q| q.pending(), "pop", &e);
+                continue;
+            }
         };
         let keys = queue_of(shared, &key, |q| q.pending());
+        shared.health.recovered(keys.queue());
         if shared.shutdown.is_cancelled() {
             give_back(shared, &keys, entries).await;
             return Ok(());
@@ -173,6 +191,10 @@ async fn send_reply(
 }
 
 /// Keeps an entry that is not a valid job in the queue's dead-letter list.
+/// While that list cannot take it (another Redis type, Redis unreachable),
+/// the queue is rested and the worker keeps trying; at the end of the grace
+/// period the entry goes back to the pending list instead. It is never
+/// dropped while Redis can still take it somewhere.
 async fn dead_letter(shared: &Shared, keys: &QueueKeys, entry: Vec<u8>, reason: String) {
     tracing::warn!(queue = keys.queue(), %reason, "moving an invalid entry to the dead-letter list");
     let record = DeadRecord {
@@ -180,14 +202,33 @@ async fn dead_letter(shared: &Shared, keys: &QueueKeys, entry: Vec<u8>, reason: 
         entry: ByteBuf::from(entry),
         at_ms: now_ms(),
     };
-    let Ok(record) = pack(&record, "dead-letter record") else {
+    let Ok(packed) = pack(&record, "dead-letter record") else {
         return;
     };
-    let call = transitions::simple_dead(keys, &record, shared.settings.dead_letter_max);
-    match persist::<i64>(&shared.con, &call, keys, None).await {
-        Ok(_) => Counters::add(&shared.counters.dead_lettered, 1),
-        Err(e) => {
-            tracing::error!(queue = keys.queue(), error = %e, "could not keep an invalid entry")
+    let call = transitions::simple_dead(keys, &packed, shared.settings.dead_letter_max);
+    let mut backoff = Backoff::default();
+    loop {
+        match persist::<i64>(&shared.con, &call, keys, None).await {
+            Ok(_) => {
+                Counters::add(&shared.counters.dead_lettered, 1);
+                return;
+            }
+            Err(e) => {
+                shared.health.failed(
+                    &shared.counters,
+                    keys.queue(),
+                    "dead-letter an invalid entry",
+                    &e,
+                );
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.next()) => {}
+            _ = shared.hard_stop.cancelled() => {
+                // Out of time: back where it came from, for a later worker.
+                give_back(shared, keys, vec![record.entry.into_vec()]).await;
+                return;
+            }
         }
     }
 }
