@@ -246,6 +246,7 @@ impl Queue {
             client_id: inner.id.clone(),
             poll: inner.config.result_poll_interval,
             reconnects: inner.replies.reconnects(),
+            verify: inner.config.verify_outcomes,
         }
     }
 
@@ -360,11 +361,15 @@ impl Queue {
         }
         results.into_iter().collect::<Result<Vec<()>, Error>>()?;
         if let Some((replicas, timeout)) = self.client.inner.config.wait_for_replicas {
-            let acked: i64 = redis::cmd("WAIT")
-                .arg(replicas)
-                .arg(timeout.as_millis() as u64)
-                .query_async(&mut self.client.inner.con.clone())
-                .await?;
+            let mut wait = redis::cmd("WAIT");
+            wait.arg(replicas).arg(timeout.as_millis() as u64);
+            let acked = connection::on_queue_primary(
+                &mut self.client.inner.con.clone(),
+                &self.keys.meta(),
+                wait,
+            )
+            .await?;
+            let acked: i64 = redis::from_redis_value(acked).map_err(|e| Error::Redis(e.into()))?;
             if acked < i64::from(replicas) {
                 return Err(Error::NotReplicated {
                     acked,

@@ -44,6 +44,12 @@ pub struct Config {
     /// even without a doorbell (which can be missed while a connection is
     /// down, or taken by another watcher). Default 5 s.
     pub result_poll_interval: Duration,
+    /// Recoverable and reliable modes: ignore the outcome that a doorbell
+    /// carries and read it from the job's hash instead (one more read per
+    /// job). Anyone who may publish on the client's reply channel can forge
+    /// a doorbell; the hash can only be changed by holders of the queue's
+    /// credentials (see protocol.md, "Trust model"). Default false.
+    pub verify_outcomes: bool,
     /// PEM certificate(s) of the authority that signed the server's TLS
     /// certificate, for `rediss://` URLs when it is not in the system's
     /// roots. Default none.
@@ -63,6 +69,7 @@ impl Config {
             connect_timeout: Duration::from_secs(5),
             block_timeout: Duration::from_secs(5),
             result_poll_interval: Duration::from_secs(5),
+            verify_outcomes: false,
             wait_for_replicas: None,
             #[cfg(feature = "tls")]
             tls_ca_pem: None,
@@ -108,6 +115,12 @@ impl Config {
     /// Sets [`Config::result_poll_interval`].
     pub fn result_poll_interval(mut self, interval: Duration) -> Self {
         self.result_poll_interval = interval;
+        self
+    }
+
+    /// Sets [`Config::verify_outcomes`].
+    pub fn verify_outcomes(mut self, verify: bool) -> Self {
+        self.verify_outcomes = verify;
         self
     }
 

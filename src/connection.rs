@@ -15,6 +15,7 @@
 //! which the others are discovered. User and password go before the first
 //! host and apply to all nodes.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{
@@ -45,7 +46,59 @@ pub(crate) enum Backend {
 pub(crate) enum Conn {
     Single(ConnectionManager),
     Blocking(MultiplexedConnection),
-    Cluster(ClusterConnection),
+    Cluster(Healing),
+}
+
+/// A cluster connection that is opened again when a call times out.
+///
+/// After a failover the redis crate's cluster connection can keep sending a
+/// slot's calls to a node that no longer answers them: each call then times
+/// out, and since its per-node timeout is also its overall timeout, the
+/// connection never gets to refresh its view of the cluster. A fresh
+/// connection asks the cluster for its topology. Clones share the
+/// connection, and one renewal serves them all.
+#[derive(Clone)]
+pub(crate) struct Healing(Arc<HealingInner>);
+
+struct HealingInner {
+    client: ClusterClient,
+    current: Mutex<(u64, ClusterConnection)>,
+    renewing: tokio::sync::Mutex<()>,
+}
+
+impl Healing {
+    async fn open(client: ClusterClient) -> redis::RedisResult<Self> {
+        let con = client.get_async_connection().await?;
+        Ok(Self(Arc::new(HealingInner {
+            client,
+            current: Mutex::new((0, con)),
+            renewing: tokio::sync::Mutex::new(()),
+        })))
+    }
+
+    fn current(&self) -> (u64, ClusterConnection) {
+        self.0
+            .current
+            .lock()
+            .expect("cluster connection lock")
+            .clone()
+    }
+
+    /// Opens a new connection unless another caller has already replaced
+    /// connection `generation`.
+    async fn renew(&self, generation: u64) {
+        let _one_at_a_time = self.0.renewing.lock().await;
+        if self.current().0 != generation {
+            return;
+        }
+        match self.0.client.get_async_connection().await {
+            Ok(con) => {
+                tracing::warn!("a cluster call timed out: opened a new cluster connection");
+                *self.0.current.lock().expect("cluster connection lock") = (generation + 1, con);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not open a new cluster connection"),
+        }
+    }
 }
 
 impl ConnectionLike for Conn {
@@ -53,7 +106,16 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Blocking(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(h) => {
+                let (generation, mut con) = h.current();
+                Box::pin(async move {
+                    let result = con.req_packed_command(cmd).await;
+                    if result.as_ref().is_err_and(|e| e.is_timeout()) {
+                        h.renew(generation).await;
+                    }
+                    result
+                })
+            }
         }
     }
 
@@ -66,7 +128,16 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Blocking(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(h) => {
+                let (generation, mut con) = h.current();
+                Box::pin(async move {
+                    let result = con.req_packed_commands(pipeline, offset, count).await;
+                    if result.as_ref().is_err_and(|e| e.is_timeout()) {
+                        h.renew(generation).await;
+                    }
+                    result
+                })
+            }
         }
     }
 
@@ -74,7 +145,7 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Blocking(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Cluster(h) => h.current().1.get_db(),
         }
     }
 }
@@ -83,6 +154,36 @@ impl Conn {
     /// True on a cluster.
     pub(crate) fn is_cluster(&self) -> bool {
         matches!(self, Conn::Cluster(_))
+    }
+}
+
+/// Sends `cmd` to the primary that serves `key`'s slot (on a single server,
+/// to the server). For commands about the connection's own writes, such as
+/// WAIT: the redis crate would send a keyless command to every primary of a
+/// cluster and aggregate the replies, which asks the wrong nodes and, after
+/// a failover, left the connection answering nothing but timeouts.
+pub(crate) async fn on_queue_primary(
+    con: &mut Conn,
+    key: &str,
+    cmd: Cmd,
+) -> redis::RedisResult<Value> {
+    match con {
+        Conn::Cluster(h) => {
+            let (generation, mut c) = h.current();
+            use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+            let route = Route::with_key(key, SlotAddr::Master);
+            let result = c
+                .route_command(
+                    cmd,
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                )
+                .await;
+            if result.as_ref().is_err_and(|e| e.is_timeout()) {
+                h.renew(generation).await;
+            }
+            result
+        }
+        other => cmd.query_async(other).await,
     }
 }
 
@@ -160,7 +261,7 @@ pub(crate) async fn plain(backend: &Backend, config: &Config) -> Result<Conn, Er
                     .await
                     .map(Conn::Single)
             }
-            Backend::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+            Backend::Cluster(client) => Healing::open(client.clone()).await.map(Conn::Cluster),
         };
         match opened {
             Ok(con) => break con,
@@ -216,9 +317,7 @@ pub(crate) async fn blocking(backend: &Backend, config: &Config) -> Result<Conn,
             ))
         }
         Backend::Cluster(_) => Ok(Conn::Cluster(
-            cluster_client(config, timeout, None)?
-                .get_async_connection()
-                .await?,
+            Healing::open(cluster_client(config, timeout, None)?).await?,
         )),
     }
 }

@@ -35,6 +35,8 @@ pub(crate) struct Stored {
     pub client_id: String,
     pub poll: Duration,
     pub reconnects: watch::Receiver<u64>,
+    /// Read outcomes from the hash only ([`crate::Config::verify_outcomes`]).
+    pub verify: bool,
 }
 
 impl std::fmt::Debug for JobHandle {
@@ -85,7 +87,6 @@ impl JobHandle {
             };
         };
         let mut reconnects = stored.reconnects.clone();
-        let mut rung = false;
         let mut read = !self.fresh;
         // How long to wait before reading again after a failed read.
         let mut retry = Duration::from_millis(50);
@@ -108,10 +109,12 @@ impl JobHandle {
                         // timeout ends the wait.
                         tracing::debug!(job = %self.id, error = %e, "cannot read the job's state yet; retrying");
                         tokio::select! {
-                            bell = self.waiter.recv(), if !rung => match bell {
+                            bell = self.waiter.recv() => match bell {
                                 None => return Err(Error::ClientClosed { job_id: self.id }),
-                                Some(reply) if carries_outcome(&reply) => return decode_reply(reply),
-                                Some(_) => rung = true,
+                                Some(reply) if !stored.verify && carries_outcome(&reply) => {
+                                    return decode_reply(reply);
+                                }
+                                Some(_) => self.waiter.rearm(),
                             },
                             _ = tokio::time::sleep(retry) => {}
                         }
@@ -140,12 +143,15 @@ impl JobHandle {
                 }
             }
             tokio::select! {
-                bell = self.waiter.recv(), if !rung => {
+                bell = self.waiter.recv() => {
                     match bell {
                         None => return Err(Error::ClientClosed { job_id: self.id }),
-                        // The doorbell carries the outcome: no need to read it.
-                        Some(reply) if carries_outcome(&reply) => return decode_reply(reply),
-                        Some(_) => rung = true,
+                        // The doorbell carries the outcome: no need to read
+                        // it (unless outcomes are verified in the hash).
+                        Some(reply) if !stored.verify && carries_outcome(&reply) => {
+                            return decode_reply(reply);
+                        }
+                        Some(_) => self.waiter.rearm(),
                     }
                 }
                 _ = reconnects.changed() => {}

@@ -52,9 +52,21 @@ pub(crate) struct Waiter {
 }
 
 impl Waiter {
-    /// Waits for the outcome; `None` when the client was closed.
+    /// Waits for the outcome; `None` when the client was closed. After a
+    /// message, call [`Waiter::rearm`] before waiting again.
     pub(crate) async fn recv(&mut self) -> Option<Reply> {
         (&mut self.rx).await.ok()
+    }
+
+    /// Listens for the next message about the same job (after a doorbell
+    /// that did not end the wait: one without the outcome, or one that is
+    /// not trusted).
+    pub(crate) fn rearm(&mut self) {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut map) = self.waiters.lock() {
+            map.insert(self.job_id.clone(), tx);
+        }
+        self.rx = rx;
     }
 }
 

@@ -208,3 +208,137 @@ async fn submit_can_wait_for_replicas() {
         "{err}"
     );
 }
+
+/// Clients awaiting results when their queue's primary fails over (cleanly,
+/// or killed) get every result, none an error: the awaits retry and
+/// re-subscribe; only their own timeout could end them.
+async fn waiting_results_ride_through_a_failover(kill_the_primary: bool) {
+    const JOBS: u64 = 400;
+    let mut cluster = RedisCluster::start();
+    let config = tuned(Config::new(cluster.url()));
+    let ran = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let ran = ran.clone();
+        move |job: Job<u64>| {
+            ran.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                Ok::<_, String>(job.payload * 2)
+            }
+        }
+    };
+    let mut workers = Vec::new();
+    let mut awaits = tokio::task::JoinSet::new();
+    let mut queues = Vec::new();
+    // Submits wait for a replica, so that killing the primary cannot lose
+    // an acknowledged job (Redis replicates asynchronously).
+    let client = Client::connect(config.clone().wait_for_replicas(1, Duration::from_secs(2)))
+        .await
+        .unwrap();
+    for mode in [Mode::Recoverable, Mode::Reliable] {
+        let q = queue_name(mode.as_str());
+        let builder = Worker::builder(config.clone())
+            .mode(mode)
+            .queue(&q)
+            .concurrency(2)
+            .lease(Duration::from_secs(2));
+        workers.push(spawn_built(builder, handler.clone()).await);
+        let queue = client.queue(&q, mode).await.unwrap();
+        let numbers: Vec<u64> = (0..JOBS).collect();
+        for (n, h) in numbers
+            .iter()
+            .zip(queue.submit_many(&numbers).await.unwrap())
+        {
+            let n = *n;
+            awaits
+                .spawn(async move { (n, h.result_timeout::<u64>(Duration::from_secs(90)).await) });
+        }
+        queues.push(q);
+    }
+    eventually("the workers are busy", || ran.load(Ordering::SeqCst) > 50).await;
+    // Both queues on the same shard would be neater; one of them is enough
+    // to fail over: take the first queue's primary.
+    let (primary, replica) =
+        cluster.primary_and_replica_of(&format!("jq:{{{}}}:pending", queues[0]));
+    let (primary_port, replica_port) = (primary.port(), replica.port());
+    if kill_the_primary {
+        let node = cluster
+            .nodes
+            .iter_mut()
+            .find(|n| n.port() == primary_port)
+            .unwrap();
+        node.stop();
+    } else {
+        let _: () = redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .query(&mut replica.connection())
+            .unwrap();
+    }
+    let promoted = cluster
+        .nodes
+        .iter()
+        .find(|n| n.port() == replica_port)
+        .unwrap();
+    eventually("the replica was promoted", || {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut promoted.connection())
+            .unwrap();
+        info.contains("role:master")
+    })
+    .await;
+    let at_failover = ran.load(Ordering::SeqCst);
+    assert!(
+        at_failover < 2 * JOBS as usize,
+        "the failover happened while jobs were still running"
+    );
+    let mut answered = 0;
+    let mut failed = Vec::new();
+    while let Some(joined) = awaits.join_next().await {
+        let (n, result) = joined.unwrap();
+        match result {
+            Ok(doubled) => assert_eq!(doubled, n * 2),
+            Err(e) => failed.push(e),
+        }
+        answered += 1;
+    }
+    if !failed.is_empty() {
+        let checker = Client::connect(config.clone()).await.unwrap();
+        for e in failed.iter().take(3) {
+            if let Error::Timeout { job_id, .. } = e {
+                for (q, mode) in queues.iter().zip([Mode::Recoverable, Mode::Reliable]) {
+                    let queue = checker.queue(q, mode).await.unwrap();
+                    eprintln!("{q} {job_id}: {:?}", queue.status(job_id).await);
+                }
+            }
+        }
+        panic!(
+            "{} awaits failed after the failover; first: {}",
+            failed.len(),
+            failed[0]
+        );
+    }
+    assert_eq!(answered, 2 * JOBS);
+    for w in workers {
+        w.stop().await;
+    }
+    println!(
+        "failover ({}) after {at_failover} handler runs; {} in all",
+        if kill_the_primary {
+            "primary killed"
+        } else {
+            "clean"
+        },
+        ran.load(Ordering::SeqCst)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_results_ride_through_a_clean_failover() {
+    waiting_results_ride_through_a_failover(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_results_ride_through_a_killed_primary() {
+    waiting_results_ride_through_a_failover(true).await;
+}
