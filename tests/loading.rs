@@ -23,8 +23,7 @@ struct Loading(Child);
 
 impl Loading {
     fn start(port: u16, dir: &std::path::Path) -> Self {
-        let bin = std::env::var("JQ_TEST_SERVER").unwrap_or_else(|_| "redis-server".into());
-        let child = Command::new(bin)
+        let child = Command::new(support::redis_server::server_binary())
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(dir)

@@ -1,6 +1,7 @@
 //! A throwaway Redis Cluster: 3 primaries and 3 replicas of `redis-server`
-//! on free loopback ports, created with `redis-cli --cluster create`, and
-//! stopped when dropped.
+//! (or of the binary `JQ_TEST_SERVER` names, see redis_server.rs) on free
+//! loopback ports, created with `redis-cli --cluster create` (Redis 7's
+//! redis-cli creates Valkey clusters too), and stopped when dropped.
 #![allow(dead_code)]
 
 use std::net::TcpListener;

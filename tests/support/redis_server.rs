@@ -1,5 +1,9 @@
 //! A throwaway `redis-server` on a free loopback port, in a temporary
 //! directory, stopped when dropped. Shared by the tests and the examples.
+//!
+//! `JQ_TEST_SERVER` names another server binary to run instead, e.g.
+//! `JQ_TEST_SERVER=$(.ci/valkey.sh) cargo test` runs the tests against the
+//! Valkey that .ci/valkey.sh installs under target/.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -15,6 +19,15 @@ pub struct RedisServer {
 }
 
 const INSTALL_HINT: &str = "redis-server (>= 7.0) was not found on PATH: install it (Debian/Ubuntu: apt-get install redis-server; macOS: brew install redis) or set REDIS_URL";
+
+/// The server binary the tests run: `JQ_TEST_SERVER` when set (a path or a
+/// name on PATH, e.g. a `valkey-server`), else `redis-server`.
+pub fn server_binary() -> String {
+    std::env::var("JQ_TEST_SERVER")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "redis-server".to_owned())
+}
 
 impl RedisServer {
     /// Starts a server with default settings.
@@ -37,7 +50,10 @@ impl RedisServer {
             }
             // Another process took the port between probe and bind: retry.
         }
-        panic!("could not start redis-server on a free port after 10 attempts");
+        panic!(
+            "could not start {} on a free port after 10 attempts",
+            server_binary()
+        );
     }
 
     /// Starts a server on `port` (which must be free).
@@ -48,12 +64,17 @@ impl RedisServer {
             dir: tempfile::tempdir().expect("temporary directory"),
             args: args.iter().map(|s| s.to_string()).collect(),
         };
-        assert!(server.spawn(), "redis-server did not start on port {port}");
+        assert!(
+            server.spawn(),
+            "{} did not start on port {port}",
+            server_binary()
+        );
         server
     }
 
     fn spawn(&mut self) -> bool {
-        let mut cmd = Command::new("redis-server");
+        let binary = server_binary();
+        let mut cmd = Command::new(&binary);
         cmd.arg("--port")
             .arg(self.port.to_string())
             .arg("--bind")
@@ -69,8 +90,15 @@ impl RedisServer {
             .stderr(Stdio::null());
         let child = match cmd.spawn() {
             Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!("{INSTALL_HINT}"),
-            Err(e) => panic!("cannot start redis-server: {e}"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if binary != "redis-server" {
+                    panic!(
+                        "JQ_TEST_SERVER={binary}: no such server binary (unset it to use redis-server)"
+                    )
+                }
+                panic!("{INSTALL_HINT}")
+            }
+            Err(e) => panic!("cannot start {binary}: {e}"),
         };
         self.child = Some(child);
         self.wait_ready()
@@ -92,7 +120,8 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!(
-            "redis-server on port {} did not answer within 10 s",
+            "{} on port {} did not answer within 10 s",
+            server_binary(),
             self.port
         );
     }
@@ -126,7 +155,8 @@ impl RedisServer {
         }
         assert!(
             self.spawn(),
-            "redis-server did not come back on port {}",
+            "{} did not come back on port {}",
+            server_binary(),
             self.port
         );
     }
