@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish
--- version: 7
+-- version: 8
 -- Recoverable and reliable modes: records a job's outcome under its fencing
 -- token, drops its claim (lease or in-flight entry) and rings the client's
 -- doorbell. The doorbell carries the outcome (the same record as a
@@ -18,39 +18,152 @@
 -- KEYS[3]  pending list    <prefix>:{<queue>}:pending
 -- KEYS[4]  tickets list    <prefix>:{<queue>}:tickets  (recoverable only)
 -- ARGV[1]  id
--- ARGV[2]  token           the token job_start accepted
+-- ARGV[2]  token           the token job_start accepted (1 to 999999999999999)
 -- ARGV[3]  status          "completed" | "failed"
 -- ARGV[4]  completed: result bytes (in the job's enc); failed: error kind
 -- ARGV[5]  failed: error message ("" when completed)
 -- ARGV[6]  retry           "1" when a failure may be retried, else "0"
--- ARGV[7]  result ttl ms   how long the finished job's hash is kept
+-- ARGV[7]  result ttl ms   how long the finished job's hash is kept; 1 to 10^12
 -- ARGV[8]  mode            "recoverable" | "reliable"
 -- ARGV[9]  notify          "publish" (default) or "spublish" (sharded pub/sub,
 --                          used on Redis Cluster) for the client's doorbell
 --
 -- Reply:   the job's new state: "completed", "failed" or "queued" (retried).
 -- Errors:  JQ_NO_JOB <id>              no such job (expired or never existed)
---          JQ_LEASE_LOST <current token>  a newer attempt owns the job
+--          JQ_LEASE_LOST <current token>  a newer attempt owns the job (0: the
+--                                         hash has no valid token)
 --          JQ_ALREADY_FINISHED <state>    the job is no longer active (it has an
 --                                         outcome, or was already put back)
+--          JQ_WRONGTYPE <key> <expected type> <found type>  the job key (hash),
+--                                         the claim (zset or list), or, for a
+--                                         retry, pending or tickets (list)
 --          JQ_BAD_ARGS <detail>
+-- Writes nothing when it refuses.
 
-local id, token, status = ARGV[1], ARGV[2], ARGV[3]
-local ttl, mode = tonumber(ARGV[7]), ARGV[8]
-if (status ~= 'completed' and status ~= 'failed') or not ttl or ttl < 1
-    or (mode ~= 'recoverable' and mode ~= 'reliable') then
-  return redis.error_reply('JQ_BAD_ARGS expected status completed or failed, a ttl and a mode')
+-- Strict decimal integer (protocol.md 10, "Numbers"): the value of s when
+-- it matches ^-?[0-9]+$ with at most 15 digits and lies in [lo, hi], else
+-- nil. (tonumber would also take " 1", "1e3", "0x10", "inf" and "nan".)
+local function integer(s, lo, hi)
+  if type(s) ~= 'string' or #s > 16 or not string.find(s, '^%-?[0-9]+$')
+      or (#s == 16 and string.byte(s) ~= 45) then
+    return nil
+  end
+  local v = tonumber(s)
+  if v < lo or v > hi then
+    return nil
+  end
+  return v
 end
-local job = redis.call('HMGET', KEYS[1], 'state', 'token', 'client', 'enc', 'error_kind')
+
+-- Length of the valid UTF-8 sequence (RFC 3629: no overlong forms, no
+-- surrogates, nothing above U+10FFFF) that starts at byte i of s, or 0.
+local function utf8_at(s, i)
+  local c = string.byte(s, i)
+  if c < 0x80 then
+    return 1
+  elseif c >= 0xC2 and c <= 0xDF then
+    local c2 = string.byte(s, i + 1)
+    if c2 and c2 >= 0x80 and c2 <= 0xBF then
+      return 2
+    end
+  elseif c >= 0xE0 and c <= 0xEF then
+    local c2, c3 = string.byte(s, i + 1, i + 2)
+    if c3 and c2 >= (c == 0xE0 and 0xA0 or 0x80) and c2 <= (c == 0xED and 0x9F or 0xBF)
+        and c3 >= 0x80 and c3 <= 0xBF then
+      return 3
+    end
+  elseif c >= 0xF0 and c <= 0xF4 then
+    local c2, c3, c4 = string.byte(s, i + 1, i + 3)
+    if c4 and c2 >= (c == 0xF0 and 0x90 or 0x80) and c2 <= (c == 0xF4 and 0x8F or 0xBF)
+        and c3 >= 0x80 and c3 <= 0xBF and c4 >= 0x80 and c4 <= 0xBF then
+      return 4
+    end
+  end
+  return 0
+end
+
+-- s as a part of an error message, which clients read as UTF-8 text: each
+-- byte that is not part of a valid UTF-8 sequence is written \xHH.
+local function text(s)
+  if not string.find(s, '[\128-\255]') then
+    return s
+  end
+  local out, i, n = {}, 1, #s
+  while i <= n do
+    local len = utf8_at(s, i)
+    if len == 0 then
+      out[#out + 1] = string.format('\\x%02x', string.byte(s, i))
+      i = i + 1
+    else
+      out[#out + 1] = string.sub(s, i, i + len - 1)
+      i = i + len
+    end
+  end
+  return table.concat(out)
+end
+
+-- The refusal when key holds a Redis type other than want (absent is fine).
+local function wrongtype(key, want)
+  local found = redis.call('TYPE', key).ok
+  if found ~= 'none' and found ~= want then
+    return 'JQ_WRONGTYPE ' .. text(key) .. ' ' .. want .. ' ' .. found
+  end
+end
+
+if #KEYS ~= 4 or #ARGV < 8 or #ARGV > 9 then
+  return redis.error_reply('JQ_BAD_ARGS expected 4 keys (job, claim, pending, tickets) and 8 or 9 arguments')
+end
+local id, status, mode = ARGV[1], ARGV[3], ARGV[8]
+local token = integer(ARGV[2], 1, 999999999999999)
+if not token then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[2] token must be an integer from 1 to 999999999999999')
+end
+if status ~= 'completed' and status ~= 'failed' then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[3] status must be completed or failed')
+end
+if ARGV[6] ~= '0' and ARGV[6] ~= '1' then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[6] retry must be 0 or 1')
+end
+local ttl = integer(ARGV[7], 1, 1000000000000)
+if not ttl then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[7] result ttl ms must be an integer from 1 to 1000000000000')
+end
+if mode ~= 'recoverable' and mode ~= 'reliable' then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[8] mode must be recoverable or reliable')
+end
+local notify = ARGV[9] or 'publish'
+if notify ~= 'publish' and notify ~= 'spublish' then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[9] notify must be publish or spublish')
+end
+-- The doorbell goes to <prefix>:{<queue>}:reply:<client>.
+local base = string.match(KEYS[1], '^[^{]*{[^}]+}')
+if not base then
+  return redis.error_reply('JQ_BAD_ARGS KEYS[1] has no {<queue>} hash tag')
+end
+local job = redis.pcall('HMGET', KEYS[1], 'state', 'token', 'client', 'enc', 'error_kind',
+  'attempt', 'max_attempts')
+if job.err then
+  return redis.error_reply(wrongtype(KEYS[1], 'hash') or job.err)
+end
 local state = job[1]
 if not state then
-  return redis.error_reply('JQ_NO_JOB ' .. id)
+  return redis.error_reply('JQ_NO_JOB ' .. text(id))
 end
-if job[2] ~= token then
-  return redis.error_reply('JQ_LEASE_LOST ' .. tostring(job[2]))
+local current = integer(job[2], 0, 999999999999999) or 0
+if current ~= token then
+  return redis.error_reply('JQ_LEASE_LOST ' .. string.format('%d', current))
 end
 if state ~= 'active' then
-  return redis.error_reply('JQ_ALREADY_FINISHED ' .. state)
+  return redis.error_reply('JQ_ALREADY_FINISHED ' .. text(state))
+end
+local retry = status == 'failed' and ARGV[6] == '1'
+  and (integer(job[6], 0, 1000000000) or 0) < (integer(job[7], 1, 1000000) or 1)
+-- Every key it will write, checked before the first write.
+local refusal = wrongtype(KEYS[2], mode == 'reliable' and 'list' or 'zset')
+  or (retry and wrongtype(KEYS[3], 'list'))
+  or (retry and mode == 'recoverable' and wrongtype(KEYS[4], 'list'))
+if refusal then
+  return redis.error_reply(refusal)
 end
 -- Numbers go to Redis as decimal strings made once: Redis formats a Lua
 -- number argument with "%.17g", which costs more than the command itself.
@@ -59,12 +172,11 @@ local ttl_ms = int(ttl)
 local now = redis.call('TIME')
 local now_ms = int(now[1] * 1000 + math.floor(now[2] / 1000))
 if mode == 'reliable' then
-  redis.call('LREM', KEYS[2], -1, id)
+  redis.call('LREM', KEYS[2], '-1', id)
 else
   redis.call('ZREM', KEYS[2], id)
 end
-local attempts = status == 'failed' and ARGV[6] == '1' and redis.call('HMGET', KEYS[1], 'attempt', 'max_attempts')
-if attempts and (tonumber(attempts[1]) or 0) < (tonumber(attempts[2]) or 1) then
+if retry then
   redis.call('HSET', KEYS[1], 'state', 'queued', 'error_kind', ARGV[4], 'error', ARGV[5])
   redis.call('LPUSH', KEYS[3], id)
   if mode == 'recoverable' then
@@ -107,6 +219,6 @@ if job[3] and job[3] ~= '' then
     bell = '\131\162id' .. str(id) .. '\166status\166failed\165error\130\164kind' .. str(ARGV[4])
       .. '\167message' .. str(ARGV[5])
   end
-  redis.call(ARGV[9] == 'spublish' and 'SPUBLISH' or 'PUBLISH', string.match(KEYS[1], '^[^}]*}') .. ':reply:' .. job[3], bell)
+  redis.call(notify == 'spublish' and 'SPUBLISH' or 'PUBLISH', base .. ':reply:' .. job[3], bell)
 end
 return status

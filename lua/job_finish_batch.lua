@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish_batch
--- version: 4
+-- version: 5
 -- Recoverable and reliable modes: job_finish for several jobs of one queue
 -- in one call, so that a busy worker pays the cost of a script call once
 -- for all the jobs that finished meanwhile. Each job is checked and
@@ -14,32 +14,140 @@
 -- KEYS[2]    pending list    <prefix>:{<queue>}:pending
 -- KEYS[3]    tickets list    <prefix>:{<queue>}:tickets  (recoverable only)
 -- KEYS[3+i]  job hash of job i
--- ARGV[1]    result ttl ms
+-- ARGV[1]    result ttl ms   1 to 10^12
 -- ARGV[2]    mode            "recoverable" | "reliable"
 -- ARGV[3]    notify          "publish" or "spublish" (sharded pub/sub)
--- ARGV[4..]  six arguments per job, in KEYS order: id, token, status
---            ("completed" | "failed"), result bytes or failure kind,
---            failure message ("" when completed), retry ("1" | "0")
+-- ARGV[4..]  six arguments per job, in KEYS order: id, token (1 to
+--            999999999999999), status ("completed" | "failed"), result
+--            bytes or failure kind, failure message ("" when completed),
+--            retry ("1" | "0")
 --
 -- Reply:   array with one string per job: its new state ("completed",
 --          "failed" or "queued"), or the error job_finish would have
 --          returned ("JQ_NO_JOB <id>", "JQ_LEASE_LOST <token>",
---          "JQ_ALREADY_FINISHED <state>").
--- Errors:  JQ_BAD_ARGS <detail>   (nothing is written)
+--          "JQ_ALREADY_FINISHED <state>", "JQ_WRONGTYPE <job key> hash
+--          <found type>" when the job key holds another type: nothing of
+--          that job is touched).
+-- Errors:  JQ_WRONGTYPE <key> <expected type> <found type>  the claim (zset
+--          or list), or, when a job of the call may be retried, pending or
+--          tickets (list)
+--          JQ_BAD_ARGS <detail>
+-- Writes nothing when it refuses.
 
-local ttl, mode, notify = tonumber(ARGV[1]), ARGV[2], ARGV[3]
-local n = #KEYS - 3
-if not ttl or ttl < 1 or (mode ~= 'recoverable' and mode ~= 'reliable') or n < 1 or #ARGV ~= 3 + 6 * n then
-  return redis.error_reply('JQ_BAD_ARGS expected ttl, mode, notify and six arguments per job key')
+-- Strict decimal integer (protocol.md 10, "Numbers"): the value of s when
+-- it matches ^-?[0-9]+$ with at most 15 digits and lies in [lo, hi], else
+-- nil. (tonumber would also take " 1", "1e3", "0x10", "inf" and "nan".)
+local function integer(s, lo, hi)
+  if type(s) ~= 'string' or #s > 16 or not string.find(s, '^%-?[0-9]+$')
+      or (#s == 16 and string.byte(s) ~= 45) then
+    return nil
+  end
+  local v = tonumber(s)
+  if v < lo or v > hi then
+    return nil
+  end
+  return v
 end
-for i = 1, n do
-  local status = ARGV[3 + 6 * (i - 1) + 3]
-  if status ~= 'completed' and status ~= 'failed' then
-    return redis.error_reply('JQ_BAD_ARGS status must be completed or failed')
+
+-- Length of the valid UTF-8 sequence (RFC 3629: no overlong forms, no
+-- surrogates, nothing above U+10FFFF) that starts at byte i of s, or 0.
+local function utf8_at(s, i)
+  local c = string.byte(s, i)
+  if c < 0x80 then
+    return 1
+  elseif c >= 0xC2 and c <= 0xDF then
+    local c2 = string.byte(s, i + 1)
+    if c2 and c2 >= 0x80 and c2 <= 0xBF then
+      return 2
+    end
+  elseif c >= 0xE0 and c <= 0xEF then
+    local c2, c3 = string.byte(s, i + 1, i + 2)
+    if c3 and c2 >= (c == 0xE0 and 0xA0 or 0x80) and c2 <= (c == 0xED and 0x9F or 0xBF)
+        and c3 >= 0x80 and c3 <= 0xBF then
+      return 3
+    end
+  elseif c >= 0xF0 and c <= 0xF4 then
+    local c2, c3, c4 = string.byte(s, i + 1, i + 3)
+    if c4 and c2 >= (c == 0xF0 and 0x90 or 0x80) and c2 <= (c == 0xF4 and 0x8F or 0xBF)
+        and c3 >= 0x80 and c3 <= 0xBF and c4 >= 0x80 and c4 <= 0xBF then
+      return 4
+    end
+  end
+  return 0
+end
+
+-- s as a part of an error message, which clients read as UTF-8 text: each
+-- byte that is not part of a valid UTF-8 sequence is written \xHH.
+local function text(s)
+  if not string.find(s, '[\128-\255]') then
+    return s
+  end
+  local out, i, n = {}, 1, #s
+  while i <= n do
+    local len = utf8_at(s, i)
+    if len == 0 then
+      out[#out + 1] = string.format('\\x%02x', string.byte(s, i))
+      i = i + 1
+    else
+      out[#out + 1] = string.sub(s, i, i + len - 1)
+      i = i + len
+    end
+  end
+  return table.concat(out)
+end
+
+-- The refusal when key holds a Redis type other than want (absent is fine).
+local function wrongtype(key, want)
+  local found = redis.call('TYPE', key).ok
+  if found ~= 'none' and found ~= want then
+    return 'JQ_WRONGTYPE ' .. text(key) .. ' ' .. want .. ' ' .. found
   end
 end
+
+local n = #KEYS - 3
+if n < 1 or #ARGV ~= 3 + 6 * n then
+  return redis.error_reply('JQ_BAD_ARGS expected 3 keys (claim, pending, tickets) and a job key per job; 3 arguments and six per job key')
+end
+local mode, notify = ARGV[2], ARGV[3]
+local ttl = integer(ARGV[1], 1, 1000000000000)
+if not ttl then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[1] result ttl ms must be an integer from 1 to 1000000000000')
+end
+if mode ~= 'recoverable' and mode ~= 'reliable' then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[2] mode must be recoverable or reliable')
+end
+if notify ~= 'publish' and notify ~= 'spublish' then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[3] notify must be publish or spublish')
+end
+local tokens, retries = {}, false
+for i = 1, n do
+  local a = 3 + 6 * (i - 1)
+  tokens[i] = integer(ARGV[a + 2], 1, 999999999999999)
+  if not tokens[i] then
+    return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 2) .. '] token must be an integer from 1 to 999999999999999')
+  end
+  local status, retry = ARGV[a + 3], ARGV[a + 6]
+  if status ~= 'completed' and status ~= 'failed' then
+    return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 3) .. '] status must be completed or failed')
+  end
+  if retry ~= '0' and retry ~= '1' then
+    return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 6) .. '] retry must be 0 or 1')
+  end
+  retries = retries or (status == 'failed' and retry == '1')
+end
+-- Doorbells go to <prefix>:{<queue>}:reply:<client>.
+local base = string.match(KEYS[1], '^[^{]*{[^}]+}')
+if not base then
+  return redis.error_reply('JQ_BAD_ARGS KEYS[1] has no {<queue>} hash tag')
+end
+-- Every queue key it may write, checked before the first write.
+local refusal = wrongtype(KEYS[1], mode == 'reliable' and 'list' or 'zset')
+  or (retries and wrongtype(KEYS[2], 'list'))
+  or (retries and mode == 'recoverable' and wrongtype(KEYS[3], 'list'))
+if refusal then
+  return redis.error_reply(refusal)
+end
 local publish = notify == 'spublish' and 'SPUBLISH' or 'PUBLISH'
-local base = string.match(KEYS[4], '^[^}]*}')
 -- Numbers go to Redis as decimal strings made once: Redis formats a Lua
 -- number argument with "%.17g", which costs more than the command itself.
 local function int(n) return string.format('%d', n) end
@@ -67,23 +175,30 @@ local function bin(s) return header(nil, 0xc4, #s) .. s end
 local bells, clients = {}, {}
 
 local function finish(key, id, token, status, a4, a5, retry)
-  local job = redis.call('HMGET', key, 'state', 'token', 'client', 'enc', 'error_kind')
-  if not job[1] then
-    return 'JQ_NO_JOB ' .. id
+  local job = redis.pcall('HMGET', key, 'state', 'token', 'client', 'enc', 'error_kind',
+    'attempt', 'max_attempts')
+  if job.err then
+    -- Not the worker's to fix: refused for this job alone, nothing written.
+    -- Its claim stays, so the sweep or recovery dead-letters it.
+    return 'JQ_WRONGTYPE ' .. text(key) .. ' hash ' .. redis.call('TYPE', key).ok
   end
-  if job[2] ~= token then
-    return 'JQ_LEASE_LOST ' .. tostring(job[2])
+  if not job[1] then
+    return 'JQ_NO_JOB ' .. text(id)
+  end
+  local current = integer(job[2], 0, 999999999999999) or 0
+  if current ~= token then
+    return 'JQ_LEASE_LOST ' .. int(current)
   end
   if job[1] ~= 'active' then
-    return 'JQ_ALREADY_FINISHED ' .. job[1]
+    return 'JQ_ALREADY_FINISHED ' .. text(job[1])
   end
   if mode == 'reliable' then
-    redis.call('LREM', KEYS[1], -1, id)
+    redis.call('LREM', KEYS[1], '-1', id)
   else
     redis.call('ZREM', KEYS[1], id)
   end
-  local attempts = status == 'failed' and retry == '1' and redis.call('HMGET', key, 'attempt', 'max_attempts')
-  if attempts and (tonumber(attempts[1]) or 0) < (tonumber(attempts[2]) or 1) then
+  if status == 'failed' and retry == '1'
+      and (integer(job[6], 0, 1000000000) or 0) < (integer(job[7], 1, 1000000) or 1) then
     redis.call('HSET', key, 'state', 'queued', 'error_kind', a4, 'error', a5)
     redis.call('LPUSH', KEYS[2], id)
     if mode == 'recoverable' then
@@ -120,7 +235,7 @@ end
 local out = {}
 for i = 1, n do
   local a = 3 + 6 * (i - 1)
-  out[i] = finish(KEYS[3 + i], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
+  out[i] = finish(KEYS[3 + i], ARGV[a + 1], tokens[i], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
 end
 for _, client in ipairs(clients) do
   local list = bells[client]

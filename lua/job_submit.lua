@@ -1,6 +1,6 @@
 #!lua
 -- name: job_submit
--- version: 5
+-- version: 6
 -- Recoverable and reliable modes: stores one or more jobs, each in its own
 -- hash in state "queued", and appends their IDs to the queue's pending
 -- list, all at once. In recoverable mode it also pushes one ticket per job
@@ -11,57 +11,180 @@
 -- KEYS[3]    tickets list          <prefix>:{<queue>}:tickets
 -- KEYS[3+i]  job hash of job i     <prefix>:{<queue>}:job:<id i>
 -- ARGV[1]    mode                  "recoverable" | "reliable"
--- ARGV[2]    protocol version      decimal integer
+-- ARGV[2]    protocol version      decimal integer from 1 to 1000000
 -- ARGV[3..]  six arguments per job, in KEYS order:
---            id, enc, payload, client ID to notify ("" for none; at most
---            64 bytes: the outcome is announced on <prefix>:{<queue>}:reply:<client ID>),
---            lease ms ("0": the worker's default), max attempts (>= 1)
+--            id (1 to 256 bytes of valid UTF-8), enc, payload, client ID to
+--            notify ("" for none; at most 64 bytes: the outcome is announced
+--            on <prefix>:{<queue>}:reply:<client ID>), lease ms (0: the
+--            worker's default, else 1 to 10^12), max attempts (1 to 10^6)
 --
 -- Reply:   length of the pending list after the push.
 -- Errors:  JQ_QUEUE_UNKNOWN <meta key>
 --          JQ_MODE_MISMATCH <queue mode> <requested mode>
 --          JQ_PROTOCOL_MISMATCH <queue protocol> <requested protocol>
---          JQ_DUPLICATE <id>     a job with this ID exists, or the ID
---                                appears twice in this call
+--            (a field the metadata lacks is written "(missing)")
+--          JQ_DUPLICATE <id>     a key exists at the job's key (of any type),
+--                                or the ID appears twice in this call
+--          JQ_WRONGTYPE <key> <expected type> <found type>   meta, pending
+--                                or (recoverable mode) tickets
 --          JQ_BAD_ARGS <detail>
 -- Checks every job before writing anything; writes nothing when it refuses.
 
-local meta = redis.call('HMGET', KEYS[1], 'mode', 'protocol')
-if not meta[1] then
-  return redis.error_reply('JQ_QUEUE_UNKNOWN ' .. KEYS[1])
+-- Strict decimal integer (protocol.md 10, "Numbers"): the value of s when
+-- it matches ^-?[0-9]+$ with at most 15 digits and lies in [lo, hi], else
+-- nil. (tonumber would also take " 1", "1e3", "0x10", "inf" and "nan".)
+local function integer(s, lo, hi)
+  if type(s) ~= 'string' or #s > 16 or not string.find(s, '^%-?[0-9]+$')
+      or (#s == 16 and string.byte(s) ~= 45) then
+    return nil
+  end
+  local v = tonumber(s)
+  if v < lo or v > hi then
+    return nil
+  end
+  return v
 end
-if meta[1] ~= ARGV[1] then
-  return redis.error_reply('JQ_MODE_MISMATCH ' .. meta[1] .. ' ' .. ARGV[1])
+
+-- Length of the valid UTF-8 sequence (RFC 3629: no overlong forms, no
+-- surrogates, nothing above U+10FFFF) that starts at byte i of s, or 0.
+local function utf8_at(s, i)
+  local c = string.byte(s, i)
+  if c < 0x80 then
+    return 1
+  elseif c >= 0xC2 and c <= 0xDF then
+    local c2 = string.byte(s, i + 1)
+    if c2 and c2 >= 0x80 and c2 <= 0xBF then
+      return 2
+    end
+  elseif c >= 0xE0 and c <= 0xEF then
+    local c2, c3 = string.byte(s, i + 1, i + 2)
+    if c3 and c2 >= (c == 0xE0 and 0xA0 or 0x80) and c2 <= (c == 0xED and 0x9F or 0xBF)
+        and c3 >= 0x80 and c3 <= 0xBF then
+      return 3
+    end
+  elseif c >= 0xF0 and c <= 0xF4 then
+    local c2, c3, c4 = string.byte(s, i + 1, i + 3)
+    if c4 and c2 >= (c == 0xF0 and 0x90 or 0x80) and c2 <= (c == 0xF4 and 0x8F or 0xBF)
+        and c3 >= 0x80 and c3 <= 0xBF and c4 >= 0x80 and c4 <= 0xBF then
+      return 4
+    end
+  end
+  return 0
 end
-if meta[2] ~= ARGV[2] then
-  return redis.error_reply('JQ_PROTOCOL_MISMATCH ' .. tostring(meta[2]) .. ' ' .. ARGV[2])
+
+-- True when s is valid UTF-8. ASCII, the common case, is one string.find.
+local function utf8(s)
+  if not string.find(s, '[\128-\255]') then
+    return true
+  end
+  local i, n = 1, #s
+  while i <= n do
+    local len = utf8_at(s, i)
+    if len == 0 then
+      return false
+    end
+    i = i + len
+  end
+  return true
 end
-if ARGV[1] ~= 'recoverable' and ARGV[1] ~= 'reliable' then
-  return redis.error_reply('JQ_BAD_ARGS job_submit is for recoverable and reliable modes')
+
+-- s as a part of an error message, which clients read as UTF-8 text: each
+-- byte that is not part of a valid UTF-8 sequence is written \xHH.
+local function text(s)
+  if not string.find(s, '[\128-\255]') then
+    return s
+  end
+  local out, i, n = {}, 1, #s
+  while i <= n do
+    local len = utf8_at(s, i)
+    if len == 0 then
+      out[#out + 1] = string.format('\\x%02x', string.byte(s, i))
+      i = i + 1
+    else
+      out[#out + 1] = string.sub(s, i, i + len - 1)
+      i = i + len
+    end
+  end
+  return table.concat(out)
 end
+
 local n = #KEYS - 3
 if n < 1 or #ARGV ~= 2 + 6 * n then
-  return redis.error_reply('JQ_BAD_ARGS expected six arguments per job key')
+  return redis.error_reply('JQ_BAD_ARGS expected 3 keys (meta, pending, tickets) and a job key per job; a mode, a protocol version and six arguments per job key')
+end
+local mode = ARGV[1]
+if mode ~= 'simple' and mode ~= 'recoverable' and mode ~= 'reliable' then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[1] mode must be simple, recoverable or reliable')
+end
+if not integer(ARGV[2], 1, 1000000) then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[2] protocol version must be an integer from 1 to 1000000')
 end
 local base = string.sub(KEYS[1], 1, -6) -- strip ":meta"
 local seen = {}
+-- Per job, the lease and max attempts to store (nil: the default).
+local leases, attempts = {}, {}
 for i = 1, n do
   local a = 2 + 6 * (i - 1)
   local id = ARGV[a + 1]
-  if id == '' or #id > 256 or KEYS[3 + i] ~= base .. ':job:' .. id then
-    return redis.error_reply('JQ_BAD_ARGS job key ' .. KEYS[3 + i] .. ' does not match id ' .. id)
+  if id == '' or #id > 256 then
+    return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 1) .. '] job ID must be 1 to 256 bytes')
+  end
+  if not utf8(id) then
+    return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 1) .. '] job ID is not valid UTF-8')
+  end
+  if KEYS[3 + i] ~= base .. ':job:' .. id then
+    return redis.error_reply('JQ_BAD_ARGS job key ' .. text(KEYS[3 + i]) .. ' does not match id ' .. id)
   end
   if #ARGV[a + 4] > 64 then
-    return redis.error_reply('JQ_BAD_ARGS client ID longer than 64 bytes')
+    return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 4) .. '] client ID longer than 64 bytes')
   end
-  local lease, attempts = ARGV[a + 5], ARGV[a + 6]
-  if (lease ~= '0' or attempts ~= '1') and (not tonumber(lease) or (tonumber(attempts) or 0) < 1) then
-    return redis.error_reply('JQ_BAD_ARGS lease ms and max attempts must be numbers, max attempts >= 1')
+  local lease, max = ARGV[a + 5], ARGV[a + 6]
+  if lease ~= '0' or max ~= '1' then
+    local lease_n, max_n = integer(lease, 0, 1000000000000), integer(max, 1, 1000000)
+    if not lease_n then
+      return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 5) .. '] lease ms must be an integer from 0 to 1000000000000')
+    end
+    if not max_n then
+      return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 6) .. '] max attempts must be an integer from 1 to 1000000')
+    end
+    if lease_n ~= 0 then
+      leases[i] = string.format('%d', lease_n)
+    end
+    if max_n ~= 1 then
+      attempts[i] = string.format('%d', max_n)
+    end
   end
   if seen[id] then
     return redis.error_reply('JQ_DUPLICATE ' .. id)
   end
   seen[id] = true
+end
+local meta = redis.pcall('HMGET', KEYS[1], 'mode', 'protocol')
+if meta.err then
+  return redis.error_reply('JQ_WRONGTYPE ' .. text(KEYS[1]) .. ' hash ' .. redis.call('TYPE', KEYS[1]).ok)
+end
+if not meta[1] and not meta[2] and redis.call('EXISTS', KEYS[1]) == 0 then
+  return redis.error_reply('JQ_QUEUE_UNKNOWN ' .. text(KEYS[1]))
+end
+if meta[1] ~= mode then
+  return redis.error_reply('JQ_MODE_MISMATCH ' .. (meta[1] and text(meta[1]) or '(missing)') .. ' ' .. mode)
+end
+if meta[2] ~= ARGV[2] then
+  return redis.error_reply('JQ_PROTOCOL_MISMATCH ' .. (meta[2] and text(meta[2]) or '(missing)') .. ' ' .. ARGV[2])
+end
+if mode ~= 'recoverable' and mode ~= 'reliable' then
+  return redis.error_reply('JQ_BAD_ARGS job_submit is for recoverable and reliable modes')
+end
+-- The lists it will push to: refused before anything is written.
+local found = redis.call('TYPE', KEYS[2]).ok
+if found ~= 'none' and found ~= 'list' then
+  return redis.error_reply('JQ_WRONGTYPE ' .. text(KEYS[2]) .. ' list ' .. found)
+end
+if mode == 'recoverable' then
+  found = redis.call('TYPE', KEYS[3]).ok
+  if found ~= 'none' and found ~= 'list' then
+    return redis.error_reply('JQ_WRONGTYPE ' .. text(KEYS[3]) .. ' list ' .. found)
+  end
 end
 -- Existing IDs: one EXISTS per thousand keys; find which only when one does.
 for first = 4, 3 + n, 1000 do
@@ -76,15 +199,14 @@ for first = 4, 3 + n, 1000 do
 end
 -- Numbers go to Redis as decimal strings made once: Redis formats a Lua
 -- number argument with "%.17g", which costs more than the command itself.
-local function int(n) return string.format('%d', n) end
 local now = redis.call('TIME')
-local now_ms = int(now[1] * 1000 + math.floor(now[2] / 1000))
+local now_ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
 for i = 1, n do
   local a = 2 + 6 * (i - 1)
-  local key, client, lease, attempts = KEYS[3 + i], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
+  local key, client, lease, max = KEYS[3 + i], ARGV[a + 4], leases[i], attempts[i]
   -- Fields at their default value (client "", lease_ms 0, max_attempts 1,
   -- attempt, stalls and token 0) are not written: less memory and CPU.
-  if lease == '0' and attempts == '1' then
+  if not lease and not max then
     if client ~= '' then
       redis.call('HSET', key, 'state', 'queued', 'enc', ARGV[a + 2], 'payload', ARGV[a + 3],
         'submitted_ms', now_ms, 'client', client)
@@ -98,13 +220,13 @@ for i = 1, n do
       fields[#fields + 1] = 'client'
       fields[#fields + 1] = client
     end
-    if tonumber(lease) ~= 0 then
+    if lease then
       fields[#fields + 1] = 'lease_ms'
       fields[#fields + 1] = lease
     end
-    if tonumber(attempts) ~= 1 then
+    if max then
       fields[#fields + 1] = 'max_attempts'
-      fields[#fields + 1] = attempts
+      fields[#fields + 1] = max
     end
     redis.call('HSET', key, unpack(fields))
   end
@@ -119,7 +241,7 @@ for first = 1, n, 1000 do
     tickets[#tickets + 1] = '1'
   end
   len = redis.call('LPUSH', KEYS[2], unpack(ids))
-  if ARGV[1] == 'recoverable' then
+  if mode == 'recoverable' then
     redis.call('LPUSH', KEYS[3], unpack(tickets))
   end
 end

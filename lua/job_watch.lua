@@ -1,6 +1,6 @@
 #!lua
 -- name: job_watch
--- version: 3
+-- version: 4
 -- Recoverable mode: a client's look at a job it awaits. When the job has an
 -- outcome, returns it. Otherwise makes the caller the client whose reply
 -- channel will announce the outcome (the latest watcher gets the doorbell;
@@ -16,16 +16,21 @@
 --                                               "invalid" for a hash with no state
 --                                               (a worker will fail it)
 --          {"completed", enc, result}
---          {"failed" | "dead", error kind, error message}
+--          {"failed" | "dead", error kind, error message}   a kind the hash
+--                                               lacks is "unknown"
 --          {"failed", "decode", message}   the job key holds another Redis type
 -- Errors:  JQ_BAD_ARGS <detail>
+-- Writes nothing when it refuses.
 
-if #ARGV ~= 1 or #ARGV[1] > 64 then
-  return redis.error_reply('JQ_BAD_ARGS expected a client ID of at most 64 bytes, or ""')
+if #KEYS ~= 1 or #ARGV ~= 1 then
+  return redis.error_reply('JQ_BAD_ARGS expected 1 key (the job) and 1 argument (client ID)')
+end
+if #ARGV[1] > 64 then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[1] client ID longer than 64 bytes')
 end
 local job = redis.pcall('HMGET', KEYS[1], 'state', 'enc', 'result', 'error_kind', 'error')
 if job.err then
-  return {'failed', 'decode', 'the job key is not a hash: ' .. job.err}
+  return {'failed', 'decode', 'the job key is not a hash: it holds a ' .. redis.call('TYPE', KEYS[1]).ok}
 end
 local state = job[1]
 if not state and redis.call('EXISTS', KEYS[1]) == 0 then
@@ -35,7 +40,7 @@ if state == 'completed' then
   return {state, job[2] or '', job[3] or ''}
 end
 if state == 'failed' or state == 'dead' then
-  return {state, job[4] or '', job[5] or ''}
+  return {state, (job[4] and job[4] ~= '') and job[4] or 'unknown', job[5] or ''}
 end
 if ARGV[1] ~= '' then
   redis.call('HSET', KEYS[1], 'client', ARGV[1])

@@ -1,27 +1,104 @@
 #!lua
 -- name: reliable_heartbeat
--- version: 1
+-- version: 2
 -- Reliable mode: records that a worker is alive until now + TTL. The
 -- worker's heartbeat is the lease of every job in its in-flight list, so
 -- one call keeps all of them.
 --
 -- KEYS[1]  worker set       <prefix>:{<queue>}:workers  (sorted set: worker -> deadline ms)
--- ARGV[1]  worker id
--- ARGV[2]  ttl ms           >= 1
+-- ARGV[1]  worker id        not empty
+-- ARGV[2]  ttl ms           1 to 10^12
 --
 -- Reply:   1 when the worker was registered and alive, 0 when it was not
---          (a new worker, or one whose jobs recovery already took back).
--- Errors:  JQ_BAD_ARGS <detail>
+--          (a new worker, or one whose jobs recovery already took back, or
+--          one that left; a deadline that is not an integer counts as none).
+-- Errors:  JQ_WRONGTYPE <workers key> zset <found type>
+--          JQ_BAD_ARGS <detail>
+-- Writes nothing when it refuses.
 
-local ttl = tonumber(ARGV[2])
-if not ttl or ttl < 1 or ARGV[1] == '' then
-  return redis.error_reply('JQ_BAD_ARGS expected a worker id and ttl ms >= 1')
+-- Strict decimal integer (protocol.md 10, "Numbers"): the value of s when
+-- it matches ^-?[0-9]+$ with at most 15 digits and lies in [lo, hi], else
+-- nil. (tonumber would also take " 1", "1e3", "0x10", "inf" and "nan".)
+local function integer(s, lo, hi)
+  if type(s) ~= 'string' or #s > 16 or not string.find(s, '^%-?[0-9]+$')
+      or (#s == 16 and string.byte(s) ~= 45) then
+    return nil
+  end
+  local v = tonumber(s)
+  if v < lo or v > hi then
+    return nil
+  end
+  return v
+end
+
+-- Length of the valid UTF-8 sequence (RFC 3629: no overlong forms, no
+-- surrogates, nothing above U+10FFFF) that starts at byte i of s, or 0.
+local function utf8_at(s, i)
+  local c = string.byte(s, i)
+  if c < 0x80 then
+    return 1
+  elseif c >= 0xC2 and c <= 0xDF then
+    local c2 = string.byte(s, i + 1)
+    if c2 and c2 >= 0x80 and c2 <= 0xBF then
+      return 2
+    end
+  elseif c >= 0xE0 and c <= 0xEF then
+    local c2, c3 = string.byte(s, i + 1, i + 2)
+    if c3 and c2 >= (c == 0xE0 and 0xA0 or 0x80) and c2 <= (c == 0xED and 0x9F or 0xBF)
+        and c3 >= 0x80 and c3 <= 0xBF then
+      return 3
+    end
+  elseif c >= 0xF0 and c <= 0xF4 then
+    local c2, c3, c4 = string.byte(s, i + 1, i + 3)
+    if c4 and c2 >= (c == 0xF0 and 0x90 or 0x80) and c2 <= (c == 0xF4 and 0x8F or 0xBF)
+        and c3 >= 0x80 and c3 <= 0xBF and c4 >= 0x80 and c4 <= 0xBF then
+      return 4
+    end
+  end
+  return 0
+end
+
+-- s as a part of an error message, which clients read as UTF-8 text: each
+-- byte that is not part of a valid UTF-8 sequence is written \xHH.
+local function text(s)
+  if not string.find(s, '[\128-\255]') then
+    return s
+  end
+  local out, i, n = {}, 1, #s
+  while i <= n do
+    local len = utf8_at(s, i)
+    if len == 0 then
+      out[#out + 1] = string.format('\\x%02x', string.byte(s, i))
+      i = i + 1
+    else
+      out[#out + 1] = string.sub(s, i, i + len - 1)
+      i = i + len
+    end
+  end
+  return table.concat(out)
+end
+
+if #KEYS ~= 1 or #ARGV ~= 2 then
+  return redis.error_reply('JQ_BAD_ARGS expected 1 key (workers) and 2 arguments (worker id, ttl ms)')
+end
+if ARGV[1] == '' then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[1] worker id must not be empty')
+end
+local ttl = integer(ARGV[2], 1, 1000000000000)
+if not ttl then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[2] ttl ms must be an integer from 1 to 1000000000000')
+end
+-- ZSCORE checks the worker set's type before the write.
+local known = redis.pcall('ZSCORE', KEYS[1], ARGV[1])
+if type(known) == 'table' then
+  local found = redis.call('TYPE', KEYS[1]).ok
+  return redis.error_reply(found ~= 'zset' and ('JQ_WRONGTYPE ' .. text(KEYS[1]) .. ' zset ' .. found) or known.err)
 end
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
-local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[1], now_ms + ttl, ARGV[1])
-if known and tonumber(known) >= now_ms then
+redis.call('ZADD', KEYS[1], string.format('%d', now_ms + ttl), ARGV[1])
+local deadline = integer(known, -999999999999999, 999999999999999)
+if deadline and deadline >= now_ms then
   return 1
 end
 return 0

@@ -266,6 +266,17 @@ impl Queue {
                     max,
                 });
             }
+            if u64::from(options.max_attempts) > transitions::MAX_COUNT
+                || options
+                    .lease
+                    .is_some_and(|l| !(1..=transitions::MAX_MS).contains(&l.as_millis()))
+            {
+                return Err(Error::Config(format!(
+                    "max_attempts must be at most {} and lease 1 ms to {} ms",
+                    transitions::MAX_COUNT,
+                    transitions::MAX_MS
+                )));
+            }
             let id = match options.id.clone() {
                 Some(id) if id.is_empty() || id.len() > 256 => {
                     return Err(Error::InvalidName(format!(

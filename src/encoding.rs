@@ -66,12 +66,20 @@ impl Encoding {
     }
 }
 
+/// How deeply MessagePack data may nest (arrays and maps), as serde_json's
+/// limit for JSON.
+pub(crate) const MAX_DEPTH: usize = 128;
+
 /// Decodes MessagePack, naming the field that did not decode in the error.
 pub(crate) fn msgpack_named<'a, T: Deserialize<'a>>(
     bytes: &'a [u8],
     what: &'static str,
 ) -> Result<T, Error> {
     let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    // As serde_json: deeper data is refused rather than risk the stack of
+    // the task that decodes it (rmp-serde's own limit, 1,024, overflows a
+    // tokio worker's stack in debug builds).
+    de.set_max_depth(MAX_DEPTH);
     serde_path_to_error::deserialize(&mut de).map_err(|e| decode_error(what, e))
 }
 

@@ -20,7 +20,9 @@ mod transitions;
 mod wire;
 mod worker;
 
+#[allow(deprecated)]
 pub use acl::acl_rules;
+pub use acl::{AclProfile, AclRole};
 pub use client::{Client, JobOptions, Queue};
 pub use config::Config;
 pub use encoding::Encoding;

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use include_dir::{Dir, include_dir};
 use redis::{RedisError, RedisResult, ServerErrorKind, Value, aio::ConnectionLike};
 
+use crate::connection::Conn;
 use crate::error::Error;
 
 static LUA_DIR: Dir<'_> = include_dir!("$CARGO_MANIFEST_DIR/lua");
@@ -179,15 +180,33 @@ pub(crate) fn get(name: Name) -> &'static LuaScript {
 /// recover from NOSCRIPT by themselves; loading up front saves that round
 /// trip. Returns false, without error, when this connection may not load
 /// scripts (NOPERM: an operator loads them, see [`load_scripts`]).
-pub(crate) async fn load_all<C: ConnectionLike>(con: &mut C) -> Result<bool, Error> {
-    let mut pipe = redis::pipe();
-    for s in all() {
-        pipe.cmd("SCRIPT").arg("LOAD").arg(s.source);
-    }
-    let shas: Vec<String> = match pipe.query_async(con).await {
+pub(crate) async fn load_all(con: &mut Conn) -> Result<bool, Error> {
+    let loaded: RedisResult<Vec<String>> = if con.is_cluster() {
+        // One command each: the cluster connection sends SCRIPT LOAD to
+        // every node (a pipeline would reach only one).
+        let mut shas = Vec::new();
+        for s in all() {
+            match redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(s.source)
+                .query_async(con)
+                .await
+            {
+                Ok(sha) => shas.push(sha),
+                Err(e) => return load_failed(e),
+            }
+        }
+        Ok(shas)
+    } else {
+        let mut pipe = redis::pipe();
+        for s in all() {
+            pipe.cmd("SCRIPT").arg("LOAD").arg(s.source);
+        }
+        pipe.query_async(con).await
+    };
+    let shas = match loaded {
         Ok(shas) => shas,
-        Err(e) if is_noperm(&e) => return Ok(false),
-        Err(e) => return Err(Error::Redis(e)),
+        Err(e) => return load_failed(e),
     };
     for (s, sha) in all().iter().zip(&shas) {
         if *sha != s.sha1 {
@@ -201,10 +220,19 @@ pub(crate) async fn load_all<C: ConnectionLike>(con: &mut C) -> Result<bool, Err
     Ok(true)
 }
 
+/// A failed SCRIPT LOAD: NOPERM means "not ours to load" (false).
+fn load_failed(e: RedisError) -> Result<bool, Error> {
+    if is_noperm(&e) {
+        Ok(false)
+    } else {
+        Err(Error::Redis(e))
+    }
+}
+
 /// Loads every script of the library into the script cache of the server
 /// (or of every primary of a cluster) that `config` names, with the
 /// credentials of its URL. For deployments whose application users may not
-/// load scripts (see [`crate::acl_rules`]): an operator runs this after every
+/// load scripts (see [`crate::AclProfile::script_loading`]): an operator runs this after every
 /// restart, failover or `SCRIPT FLUSH`, since Redis does not keep or
 /// replicate its script cache.
 ///
@@ -311,8 +339,8 @@ fn is_noperm(err: &RedisError) -> bool {
 /// restart; some of them when SCRIPT FLUSH ran while the pipeline was being
 /// served) did not run: the scripts are loaded and just those calls are sent
 /// again, up to [`NOSCRIPT_ATTEMPTS`] times in all.
-pub(crate) async fn invoke_pipeline<C: ConnectionLike>(
-    con: &mut C,
+pub(crate) async fn invoke_pipeline(
+    con: &mut Conn,
     calls: &[Call],
 ) -> Result<Vec<RedisResult<Value>>, Error> {
     let mut results = send_pipeline(con, calls.iter()).await?;
@@ -360,24 +388,24 @@ mod tests {
     /// the new line here and to protocol.md.
     #[rustfmt::skip]
     const LOCK: &[(&str, u32, &str)] = &[
-        ("job_claim", 2, "29d75acb8e3e3fd7953328354901e67e5f991b06"),
-        ("job_extend", 1, "db82ab5ed1a6fbb32b5edfa00951586441173ee2"),
-        ("job_finish", 7, "c072e39fc09782f3b462583468bb311eb2e2c1f0"),
-        ("job_finish_batch", 4, "724ce3c9a6e50e5bb196cc0cc1dd17cde23b700c"),
-        ("job_release", 2, "a8bdf1e310ed14f5078839b8b6751b1bf1c2409a"),
-        ("job_requeue_stale", 1, "428e9aee6bc089ec43b669493619d01e1197ca23"),
-        ("job_start", 8, "4e3afcc4cf083c287ed64499d197ae97174a015b"),
-        ("job_submit", 5, "8d1eec3fbd36387655357f5606d39c9f3023becc"),
-        ("job_watch", 3, "db3b5e5905289d398d173c785b8696006e32cb90"),
-        ("queue_register", 1, "aa74a74df04db0536b0cfb3a4761413dcb759208"),
-        ("reliable_find_dead", 1, "d27a14eabb1c3d8aad1491ec3d630cb2e439944d"),
-        ("reliable_heartbeat", 1, "a3b4bda2afcc28c4878090463c06d0db01a234e2"),
-        ("reliable_requeue_worker", 1, "4a4660792f7ebe9e52fe0cd85ae72fbb7e1426d0"),
-        ("reliable_start", 8, "ec84809a78ac96a6a8ed75606dde95b2a2267d78"),
-        ("simple_dead", 1, "463e756357db9b3a9c6f3a46ff7941bc2186c0d9"),
-        ("simple_reply", 2, "43dffc522fa7d290af01b5893a67ea7f119cc07d"),
-        ("simple_requeue", 1, "1feac4b22e851b1c566a812d385be245c959dc33"),
-        ("simple_submit", 1, "a368c7ca312b8193fd6f97a1ebca210a3863e81c"),
+        ("job_claim", 3, "adde030a39570d7b6674cc21117703874a2681dc"),
+        ("job_extend", 2, "4b2a83c69f65eb415e7242c38c00848dfa0fd1a7"),
+        ("job_finish", 8, "617ec96e3a7432a8859d2d0acfcf43d9f0614723"),
+        ("job_finish_batch", 5, "c46bc13ec1294c350e93578ee2f8a7f892c7fe95"),
+        ("job_release", 3, "49206001d49c9e6155840cd50a13219a7410d37a"),
+        ("job_requeue_stale", 2, "73e22f275cc2694a66abea6918415f7aba3c9f26"),
+        ("job_start", 9, "50e974f29bfa856be8a2f063f0879f220390e433"),
+        ("job_submit", 6, "4667749685e68e79765d0dce21ff8a739e96da32"),
+        ("job_watch", 4, "de9c6d01ecd545c7672f1c9b205a50244a0b9b1d"),
+        ("queue_register", 2, "fd73ede4309ea76b73388f4137b6e3c1f13478f9"),
+        ("reliable_find_dead", 2, "322dc3ad60b2574712bf513d46ba0ca446061eff"),
+        ("reliable_heartbeat", 2, "d43811e5b44947674f0de766e7c5a8d47bd0e20e"),
+        ("reliable_requeue_worker", 2, "56228e68de1160c06ab69d3563f1ad3a74685a80"),
+        ("reliable_start", 9, "6bb181c1d4845300d17eedf8cdc6ddca4e123add"),
+        ("simple_dead", 2, "ca9bc35c0414a36b4dd218779cc9cda24d2c638b"),
+        ("simple_reply", 3, "4906ec10e835b1dfae306c3e2b3afa84566e03df"),
+        ("simple_requeue", 2, "808db420f9cfed6ce38126e98dc0f2af0b28f966"),
+        ("simple_submit", 2, "4f4c462ddc3990a17065834d20abdebc3ee609b3"),
     ];
 
     #[test]

@@ -17,8 +17,18 @@ fn notify(sharded: bool) -> &'static str {
     if sharded { "spublish" } else { "publish" }
 }
 
+/// The longest duration a script accepts, in ms (protocol.md, "Numbers").
+pub(crate) const MAX_MS: u128 = 1_000_000_000_000;
+/// The largest count, max stalls or max attempts a script accepts.
+pub(crate) const MAX_COUNT: u64 = 1_000_000;
+/// The largest dead-letter maximum a script accepts.
+pub(crate) const MAX_DEAD: u64 = 1_000_000_000;
+
+/// A duration as scripts take it: whole ms, from 1 to [`MAX_MS`] (settings
+/// are checked against that range when they are made; derived durations
+/// are clamped).
 fn ms(d: Duration) -> String {
-    d.as_millis().max(1).to_string()
+    d.as_millis().clamp(1, MAX_MS).to_string()
 }
 
 /// Runs `call`, mapping refusals to typed errors.

@@ -17,13 +17,39 @@ fn suite() -> Json {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// An argument: a string (with `<Q>` replaced) or `{"hex": ...}` bytes.
+/// An argument: a string (with `<Q>` replaced), `{"hex": ...}` bytes, or
+/// `{"concat": [...]}`, the bytes of its parts one after the other.
 fn arg(value: &Json, queue: &str) -> Vec<u8> {
     match value {
         Json::String(s) => s.replace("<Q>", queue).into_bytes(),
+        Json::Object(o) if o.contains_key("concat") => o["concat"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|part| arg(part, queue))
+            .collect(),
         Json::Object(o) => hex::decode(o["hex"].as_str().unwrap()).unwrap(),
         other => other.to_string().into_bytes(),
     }
+}
+
+/// Every key of the scenario's queue: (name, type, DUMP of the value,
+/// whether it has a TTL), sorted by name. Two equal snapshots mean that
+/// nothing was written in between.
+fn keyspace(con: &mut redis::Connection, queue: &str) -> Vec<(Vec<u8>, String, Vec<u8>, bool)> {
+    let mut keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+        .arg(format!("*{{{queue}}}*"))
+        .query(con)
+        .unwrap();
+    keys.sort();
+    keys.into_iter()
+        .map(|key| {
+            let kind: String = redis::cmd("TYPE").arg(&key).query(con).unwrap();
+            let dump: Vec<u8> = redis::cmd("DUMP").arg(&key).query(con).unwrap();
+            let pttl: i64 = redis::cmd("PTTL").arg(&key).query(con).unwrap();
+            (key, kind, dump, pttl >= 0)
+        })
+        .collect()
 }
 
 fn matches(expected: &Json, actual: &Value, queue: &str) -> bool {
@@ -33,6 +59,7 @@ fn matches(expected: &Json, actual: &Value, queue: &str) -> bool {
         (Json::Number(n), Value::Int(i)) => n.as_i64() == Some(*i),
         (Json::String(_) | Json::Object(_), Value::BulkString(b)) => arg(expected, queue) == *b,
         (Json::String(s), Value::SimpleString(t)) => s == t,
+        (Json::String(s), Value::Okay) => s == "OK",
         (Json::Array(e), Value::Array(a)) => {
             e.len() == a.len() && e.iter().zip(a).all(|(e, a)| matches(e, a, queue))
         }
@@ -56,6 +83,11 @@ fn the_conformance_suite_passes() {
                 std::thread::sleep(std::time::Duration::from_millis(ms.as_u64().unwrap()));
                 continue;
             }
+            let before = step
+                .get("writes_nothing")
+                .and_then(Json::as_bool)
+                .unwrap_or(false)
+                .then(|| keyspace(&mut con, &queue));
             let result: redis::RedisResult<Value> = if let Some(script) = step.get("script") {
                 let script = job_async_redis::scripts::all()
                     .iter()
@@ -83,6 +115,15 @@ fn the_conformance_suite_passes() {
                 (None, Ok(value)) => matches(&step["reply"], value, &queue),
                 _ => false,
             };
+            if let Some(before) = before {
+                let after = keyspace(&mut con, &queue);
+                if before != after {
+                    failures.push(format!(
+                        "{name}, step {}: {step}\n  wrote something: before {before:?}\n  after {after:?}",
+                        number + 1
+                    ));
+                }
+            }
             if !ok {
                 failures.push(format!(
                     "{name}, step {}: {step}\n  got {result:?}",
@@ -112,6 +153,7 @@ fn the_suite_covers_every_script_and_error_code() {
         "JQ_NO_JOB",
         "JQ_LEASE_LOST",
         "JQ_ALREADY_FINISHED",
+        "JQ_WRONGTYPE",
         "JQ_BAD_ARGS",
     ] {
         assert!(text.contains(code), "no step expects {code}");

@@ -54,21 +54,93 @@ fn every_script_has_a_section() {
     }
 }
 
+/// Section 14's rules, wrapped as protocol.md shows them.
+fn wrapped(rules: &[String]) -> String {
+    let mut lines = vec![String::new()];
+    for rule in rules {
+        let line = lines.last_mut().unwrap();
+        if !line.is_empty() && line.len() + 1 + rule.len() > 76 {
+            lines.push(rule.clone());
+        } else {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(rule);
+        }
+    }
+    lines.join("\n")
+}
+
 #[test]
-fn the_acl_list_matches_acl_rules() {
+fn the_acl_profiles_match_acl_profile_rules() {
+    use job_async_redis::{AclProfile, AclRole};
     let doc = protocol_md();
     let section = doc
-        .split(". Least privilege\n")
+        .split("\n## 14. ")
         .nth(1)
-        .unwrap()
+        .expect("protocol.md has a section 14 (least privilege)")
         .split("\n## ")
         .next()
         .unwrap();
-    let rules = job_async_redis::acl_rules("<prefix>");
-    for rule in rules.split(' ') {
+    // Each profile's rules are the code block after `<!-- acl: <label> -->`.
+    let profiles = [
+        ("client-and-worker", AclProfile::new("<prefix>")),
+        ("client", AclProfile::new("<prefix>").role(AclRole::Client)),
+        ("worker", AclProfile::new("<prefix>").role(AclRole::Worker)),
+        (
+            "client-and-worker, one queue",
+            AclProfile::new("<prefix>").queue("<queue>"),
+        ),
+        (
+            "client, one queue",
+            AclProfile::new("<prefix>")
+                .role(AclRole::Client)
+                .queue("<queue>"),
+        ),
+    ];
+    for (label, profile) in profiles {
+        let rules = profile.rules().unwrap();
+        let documented: Vec<&str> = section
+            .split(&format!("<!-- acl: {label} -->"))
+            .nth(1)
+            .and_then(|after| after.split("```").nth(1))
+            .unwrap_or_else(|| {
+                panic!("protocol.md section 14 lacks the profile <!-- acl: {label} -->")
+            })
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            documented,
+            rules,
+            "protocol.md section 14, profile {label}: the block must read\n{}",
+            wrapped(&rules)
+        );
+    }
+    // The table of commands: one row per command, marking the roles that
+    // have it.
+    let client = AclProfile::new("<prefix>").role(AclRole::Client).commands();
+    let worker = AclProfile::new("<prefix>").role(AclRole::Worker).commands();
+    let mut rows = Vec::new();
+    for line in section.lines().filter(|l| l.starts_with("| `+")) {
+        // `\|` is a pipe inside a cell (`+cluster\|slots`).
+        let line = line.replace("\\|", "\u{0}");
+        let cells: Vec<String> = line
+            .trim_matches('|')
+            .split('|')
+            .map(|c| c.trim().replace('\u{0}', "|"))
+            .collect();
+        let command = cells[0].trim_matches('`');
+        assert_eq!(
+            (cells[1] == "yes", cells[2] == "yes"),
+            (client.contains(&command), worker.contains(&command)),
+            "protocol.md section 14: row {command} (client, worker)"
+        );
+        rows.push(command.to_owned());
+    }
+    for command in AclProfile::new("<prefix>").commands() {
         assert!(
-            section.contains(rule),
-            "protocol.md section 11 lacks {rule}"
+            rows.iter().any(|r| r == command),
+            "protocol.md section 14 has no row for {command}"
         );
     }
 }

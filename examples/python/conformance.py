@@ -12,7 +12,10 @@ from jobqueue import LUA_DIR
 
 
 def to_bytes(value, queue):
-    """An argument or an expected reply, as bytes (or a list, int, None)."""
+    """An argument or an expected reply, as bytes (or a list, int, None).
+    {"concat": [...]} stands for the bytes of its parts one after the other."""
+    if isinstance(value, dict) and "concat" in value:
+        return b"".join(to_bytes(part, queue) for part in value["concat"])
     if isinstance(value, dict) and "hex" in value:
         return bytes.fromhex(value["hex"])
     if isinstance(value, str):
@@ -32,6 +35,14 @@ def matches(expected, actual, queue):
     return expected == actual
 
 
+def keyspace(r, queue):
+    """Every key of the scenario's queue: (name, type, DUMP of the value,
+    whether it has a TTL), sorted. Two equal snapshots mean that nothing was
+    written in between."""
+    return [(key, r.type(key), r.dump(key), r.pttl(key) >= 0)
+            for key in sorted(r.keys(f"*{{{queue}}}*"))]
+
+
 def replay(url, path):
     suite = json.load(open(path, encoding="utf-8"))
     r = redis.Redis.from_url(url)
@@ -43,6 +54,7 @@ def replay(url, path):
             if "sleep_ms" in step:
                 time.sleep(step["sleep_ms"] / 1000)
                 continue
+            before = keyspace(r, queue) if step.get("writes_nothing") else None
             try:
                 if "script" in step:
                     keys = [to_bytes(k, queue) for k in step["keys"]]
@@ -57,6 +69,12 @@ def replay(url, path):
                 ok = error == step["error"]
             else:
                 ok = error is None and matches(step["reply"], actual, queue)
+            if before is not None:
+                after = keyspace(r, queue)
+                if after != before:
+                    failures += 1
+                    print(f"FAIL {scenario['name']} step {number} {step}: wrote something: "
+                          f"before {before!r} after {after!r}")
             if not ok:
                 failures += 1
                 print(f"FAIL {scenario['name']} step {number} {step}: got {actual!r} error {error!r}")

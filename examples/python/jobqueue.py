@@ -111,9 +111,15 @@ class Keys:
         raise AttributeError(name)
 
     def job(self, job_id):
+        """A job's key. An ID read from Redis is bytes, and may not be
+        UTF-8 (another program wrote it): the key is built from its bytes."""
+        if isinstance(job_id, bytes):
+            return self.base.encode() + b":job:" + job_id
         return f"{self.base}:job:{job_id}"
 
     def inflight(self, worker_id):
+        if isinstance(worker_id, bytes):
+            return self.base.encode() + b":inflight:" + worker_id
         return f"{self.base}:inflight:{worker_id}"
 
     def reply(self, client_id):
@@ -271,7 +277,9 @@ class Worker:
                     break
         finally:
             if self.mode == "reliable":
-                # Leave: anything still in flight goes back at once.
+                # Leave: anything still in flight goes back at once, and the
+                # worker is marked dead (recovery finds anything moved into
+                # its list later; the retention then forgets it).
                 self.scripts("reliable_requeue_worker", [self.keys.workers, self.keys.inflight(self.id), self.keys.pending],
                              [self.id, "0", "60000"])
         return done
@@ -279,6 +287,7 @@ class Worker:
     def execute(self, job_id, enc, body, attempt):
         """Decodes, runs the handler, encodes: ("completed", bytes) or
         ("failed", kind, message, retryable)."""
+        job_id = text(job_id)  # the start scripts run UTF-8 IDs only
         try:
             payload = decode(enc, body)
         except Exception as e:  # noqa: BLE001 - any undecodable input fails the job
@@ -335,8 +344,10 @@ class Worker:
         else:
             dead = self.scripts("reliable_find_dead", [k.workers, k.sweep], [str(self.lease_ms // 2), "100"])
             if isinstance(dead, list):
-                for worker in (text(w) for w in dead):
-                    if worker != self.id:
+                # Worker IDs are bytes: the set may hold members another
+                # program wrote.
+                for worker in dead:
+                    if worker != self.id.encode():
                         self.scripts("reliable_requeue_worker", [k.workers, k.inflight(worker), k.pending],
                                      [worker, "1", str(self.lease_ms * 10)])
 
@@ -351,7 +362,8 @@ class Worker:
             claimed = self.scripts("job_claim", claim_keys, ["1", str(self.lease_ms), "1"])
             if not claimed:
                 return 0
-        job_id, token = text(claimed[0]), text(claimed[1])
+        # The ID as bytes: job_start never runs one that is not UTF-8.
+        job_id, token = claimed[0], text(claimed[1])
         start = self.scripts("job_start", [k.leases, k.dead_jobs, k.job(job_id)],
                              [str(self.lease_ms), str(self.max_stalls), self.id, str(self.ttl), str(self.dead_max),
                               "publish", job_id, token])[0]
@@ -385,14 +397,15 @@ class Worker:
         inflight = k.inflight(self.id)
         # One slot: look at the oldest ID waiting and take it with the
         # start; when nothing waits, block on BLMOVE.
+        # IDs stay bytes: reliable_start never runs one that is not UTF-8.
         seen = self.r.lrange(k.pending, -1, -1)
         if seen:
-            source, job_id = "pending", text(seen[0])
+            source, job_id = "pending", seen[0]
         else:
             moved = self.r.execute_command("BLMOVE", k.pending, inflight, "RIGHT", "LEFT", self.block_s)
             if moved is None:
                 return 0
-            source, job_id = "inflight", text(moved)
+            source, job_id = "inflight", moved
         start = self.scripts("reliable_start", [inflight, k.dead_jobs, k.fence, k.pending, k.job(job_id)],
                              [str(self.max_stalls), self.id, str(self.ttl), str(self.dead_max), "publish",
                               source, job_id])[0]

@@ -220,6 +220,10 @@ pub(crate) async fn finish(
             // by `record` and counted above).
             tracing::warn!(job = %id, error = %e, "outcome refused: someone else finished the job under this attempt's token");
             Counters::add(&c.outcome_refused, 1);
+            // Reliable mode: the ID is still in this worker's in-flight
+            // list; the fetch loop hands it to `reliable_start` again, which
+            // decides what its state now calls for.
+            shared.unrecorded.store(true, Ordering::Release);
         }
         Err(e) => {
             tracing::error!(job = %id, error = %e, "could not record the outcome; the job will run again");

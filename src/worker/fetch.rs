@@ -82,6 +82,17 @@ impl Fetcher {
             Ok(Some(Some((key, _)))) if key == wake => Ok(None),
             Ok(popped) => Ok(popped.flatten()),
             Err(Error::Redis(e)) if e.code() == Some("WRONGTYPE") => {
+                if is_wrong_type(shared, &wake, "list").await {
+                    // The wake list is this worker's own: someone wrote
+                    // something else there. Delete it and carry on.
+                    tracing::error!(key = %wake, "the wake list held another type: deleted");
+                    super::Counters::add(&shared.counters.queue_errors, 1);
+                    let _: redis::RedisResult<i64> = redis::cmd("DEL")
+                        .arg(&wake)
+                        .query_async(&mut shared.con.clone())
+                        .await;
+                    return Ok(None);
+                }
                 Err(wrong_type(shared, &lists, "list").await)
             }
             Err(e) => Err(e),
@@ -211,17 +222,24 @@ pub(crate) async fn forget_wake_lists(shared: &Shared) {
     }
 }
 
+/// The type `key` holds when it is neither `expected` nor missing.
+async fn type_if_wrong(shared: &Shared, key: &str, expected: &str) -> Option<String> {
+    let found: redis::RedisResult<String> = redis::cmd("TYPE")
+        .arg(key)
+        .query_async(&mut shared.con.clone())
+        .await;
+    found.ok().filter(|f| f != expected && f != "none")
+}
+
+async fn is_wrong_type(shared: &Shared, key: &str, expected: &str) -> bool {
+    type_if_wrong(shared, key, expected).await.is_some()
+}
+
 /// Finds which of `keys` holds another type than `expected`, after a
 /// command on them answered WRONGTYPE.
 async fn wrong_type(shared: &Shared, keys: &[String], expected: &str) -> Error {
-    let mut con = shared.con.clone();
     for key in keys {
-        let found: redis::RedisResult<String> =
-            redis::cmd("TYPE").arg(key).query_async(&mut con).await;
-        if let Ok(found) = found
-            && found != expected
-            && found != "none"
-        {
+        if let Some(found) = type_if_wrong(shared, key, expected).await {
             return Error::WrongType {
                 key: key.clone(),
                 expected: expected.to_owned(),

@@ -161,15 +161,28 @@ impl WorkerBuilder {
                 "a reliable-mode worker serves one queue (BLMOVE has one source): run one worker per queue".into(),
             ));
         }
-        if s.concurrency == 0 || s.dead_letter_max == 0 {
-            return Err(Error::Config(
-                "concurrency and dead_letter_max must be positive".into(),
-            ));
+        use transitions::{MAX_COUNT, MAX_DEAD, MAX_MS};
+        let count_ok = |n: u64, max: u64| (1..=max).contains(&n);
+        if !count_ok(s.concurrency as u64, MAX_COUNT)
+            || !count_ok(s.dead_letter_max as u64, MAX_DEAD)
+        {
+            return Err(Error::Config(format!(
+                "concurrency must be 1 to {MAX_COUNT} and dead_letter_max 1 to {MAX_DEAD}"
+            )));
         }
-        if s.lease < Duration::from_millis(30) || s.result_ttl < Duration::from_millis(1) {
-            return Err(Error::Config(
-                "lease must be at least 30 ms and result_ttl positive".into(),
-            ));
+        if u64::from(s.max_stalls) > MAX_COUNT {
+            return Err(Error::Config(format!(
+                "max_stalls must be at most {MAX_COUNT}"
+            )));
+        }
+        let ms_ok = |d: Duration, min: u128| (min..=MAX_MS).contains(&d.as_millis());
+        if !ms_ok(s.lease, 30)
+            || !ms_ok(s.result_ttl, 1)
+            || s.sweep_interval.is_some_and(|d| !ms_ok(d, 1))
+        {
+            return Err(Error::Config(format!(
+                "lease must be 30 ms to {MAX_MS} ms, result_ttl and sweep_interval 1 ms to {MAX_MS} ms"
+            )));
         }
         let queues = self
             .queues

@@ -241,6 +241,11 @@ async fn sweeper(shared: Arc<Shared>) {
     let every = shared.settings.sweep_every();
     loop {
         for keys in &shared.queues {
+            if shared.health.is_resting(keys.queue()) {
+                // Failed lately: try again when its rest is over (failing
+                // again meanwhile would only lengthen the rest).
+                continue;
+            }
             match transitions::job_requeue_stale(&shared.con, keys, every, SWEEP_LIMIT).await {
                 Ok(Some(n)) if n > 0 => tracing::warn!(
                     queue = keys.queue(),

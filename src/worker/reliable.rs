@@ -291,7 +291,13 @@ async fn recovery(shared: Arc<Shared>) {
     let keys = shared.queues[0].clone();
     let every = shared.settings.sweep_every();
     loop {
-        match transitions::reliable_find_dead(&shared.con, &keys, every, RECOVERY_LIMIT).await {
+        let found = if shared.health.is_resting(keys.queue()) {
+            // Failed lately: try again when its rest is over.
+            Ok(None)
+        } else {
+            transitions::reliable_find_dead(&shared.con, &keys, every, RECOVERY_LIMIT).await
+        };
+        match found {
             Ok(Some(dead)) => {
                 for worker in dead.iter().filter(|w| w.as_slice() != shared.id.as_bytes()) {
                     let shown = String::from_utf8_lossy(worker);

@@ -1,6 +1,7 @@
 //! Shared test helpers.
 #![allow(dead_code)]
 
+pub mod hostile;
 pub mod redis_cluster;
 pub mod redis_server;
 
