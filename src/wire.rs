@@ -9,20 +9,52 @@ use serde_bytes::ByteBuf;
 use crate::error::Error;
 
 /// A job as pushed on a simple-mode pending list.
+///
+/// Reading follows protocol.md section 6: a required field of the wrong
+/// type makes the envelope invalid; an optional one (`reply`,
+/// `submitted_ms`) counts as absent; `payload` may be bin or str.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Envelope {
     /// Job ID, unique per queue (a UUID v4 in this implementation).
     pub id: String,
     /// Channel to publish the outcome on; absent when nobody waits.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient"
+    )]
     pub reply: Option<String>,
     /// Encoding of `payload` (and of the result): `msgpack` or `json`.
     pub enc: String,
     /// The job's payload.
     pub payload: ByteBuf,
     /// Submission time, milliseconds since the Unix epoch (client clock).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_ms")]
     pub submitted_ms: u64,
+}
+
+/// An optional field: a value of another type counts as absent
+/// (protocol.md section 6, "a mistyped optional field").
+fn lenient<'de, D, T>(de: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either<T> {
+        Valid(T),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Option::<Either<T>>::deserialize(de)? {
+        Some(Either::Valid(v)) => Some(v),
+        _ => None,
+    })
+}
+
+/// [`lenient`] for an optional time in ms, absent meaning 0.
+fn lenient_ms<'de, D: serde::Deserializer<'de>>(de: D) -> Result<u64, D::Error> {
+    Ok(lenient(de)?.unwrap_or(0))
 }
 
 /// Outcome status on the wire.
@@ -38,13 +70,25 @@ pub(crate) struct Reply {
     /// `completed` or `failed`.
     pub status: String,
     /// Encoding of `result`, when there is one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient"
+    )]
     pub enc: Option<String>,
     /// The handler's result, when `status` is `completed`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient"
+    )]
     pub result: Option<ByteBuf>,
     /// Why the job failed, when `status` is `failed`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient"
+    )]
     pub error: Option<WireError>,
 }
 
@@ -189,6 +233,64 @@ mod tests {
         // Doorbells are written by Lua: decode only.
         let bell: Reply = unpack(&vector("recoverable/reliable doorbell"), "doorbell").unwrap();
         assert_eq!((bell.id.as_str(), bell.status.as_str()), ("j1", COMPLETED));
+    }
+
+    fn packed(fields: Vec<(&str, rmpv::Value)>) -> Vec<u8> {
+        let map = rmpv::Value::Map(fields.into_iter().map(|(k, v)| (k.into(), v)).collect());
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, &map).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_mistyped_optional_field_counts_as_absent_and_a_str_payload_is_read() {
+        // submitted_ms as float64 (what some MessagePack libraries write),
+        // reply as an integer, payload as str, keys in another order.
+        let bytes = packed(vec![
+            ("payload", "\"hi\"".into()),
+            ("submitted_ms", rmpv::Value::F64(1.764e12)),
+            ("enc", "json".into()),
+            ("reply", 7.into()),
+            ("id", "j1".into()),
+            ("unknown", rmpv::Value::Nil),
+        ]);
+        let env: Envelope = unpack(&bytes, "envelope").unwrap();
+        assert_eq!(
+            (env.id.as_str(), env.reply, env.submitted_ms),
+            ("j1", None, 0)
+        );
+        assert_eq!(env.payload.as_slice(), b"\"hi\"");
+        // Any integer width is read.
+        for ms in [rmpv::Value::from(7u8), rmpv::Value::from(1_764_345_600_000u64)] {
+            let bytes = packed(vec![
+                ("id", "j1".into()),
+                ("enc", "json".into()),
+                ("payload", rmpv::Value::Binary(b"1".to_vec())),
+                ("submitted_ms", ms.clone()),
+            ]);
+            let env: Envelope = unpack(&bytes, "envelope").unwrap();
+            assert_eq!(env.submitted_ms, ms.as_u64().unwrap());
+        }
+        // A required field of the wrong type still makes it invalid, and
+        // the message names the field.
+        let bytes = packed(vec![
+            ("id", 5.into()),
+            ("enc", "json".into()),
+            ("payload", rmpv::Value::Binary(b"1".to_vec())),
+        ]);
+        match unpack::<Envelope>(&bytes, "envelope").unwrap_err() {
+            Error::Decode { message, .. } => assert!(message.contains("id"), "{message}"),
+            other => panic!("{other}"),
+        }
+        // Reply messages: mistyped optional fields are absent.
+        let bytes = packed(vec![
+            ("id", "j1".into()),
+            ("status", "failed".into()),
+            ("enc", 3.into()),
+            ("error", "not a map".into()),
+        ]);
+        let reply: Reply = unpack(&bytes, "reply").unwrap();
+        assert!(reply.enc.is_none() && reply.error.is_none());
     }
 
     #[test]
