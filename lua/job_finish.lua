@@ -1,12 +1,14 @@
 #!lua
 -- name: job_finish
--- version: 8
+-- version: 9
 -- Recoverable and reliable modes: records a job's outcome under its fencing
 -- token, drops its claim (lease or in-flight entry) and rings the client's
 -- doorbell. The doorbell carries the outcome (the same record as a
 -- simple-mode reply), so that a waiting client need not read the hash; the
 -- hash stays the source of truth. A failure with
--- attempts left (and RETRY = 1) goes to the back of its queue instead.
+-- attempts left (and RETRY = 1) goes to the back of its queue instead; its ID
+-- is pushed only when the claim still held it (a sweep or a recovery that
+-- already put the ID back after the lease ran out must not make it twice).
 -- A completed job's payload is emptied; a failed job keeps it.
 -- A completion from a worker whose job was taken over by a newer attempt is
 -- refused; a late completion when nobody else started the job is accepted.
@@ -171,16 +173,21 @@ local function int(n) return string.format('%d', n) end
 local ttl_ms = int(ttl)
 local now = redis.call('TIME')
 local now_ms = int(now[1] * 1000 + math.floor(now[2] / 1000))
+-- Still claimed? Not when the sweep (or recovery) already put the ID back
+-- on pending after the lease ran out: then it must not be queued twice.
+local claimed
 if mode == 'reliable' then
-  redis.call('LREM', KEYS[2], '-1', id)
+  claimed = redis.call('LREM', KEYS[2], '-1', id)
 else
-  redis.call('ZREM', KEYS[2], id)
+  claimed = redis.call('ZREM', KEYS[2], id)
 end
 if retry then
   redis.call('HSET', KEYS[1], 'state', 'queued', 'error_kind', ARGV[4], 'error', ARGV[5])
-  redis.call('LPUSH', KEYS[3], id)
-  if mode == 'recoverable' then
-    redis.call('LPUSH', KEYS[4], '1')
+  if claimed > 0 then
+    redis.call('LPUSH', KEYS[3], id)
+    if mode == 'recoverable' then
+      redis.call('LPUSH', KEYS[4], '1')
+    end
   end
   return 'queued'
 end

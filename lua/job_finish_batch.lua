@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish_batch
--- version: 5
+-- version: 6
 -- Recoverable and reliable modes: job_finish for several jobs of one queue
 -- in one call, so that a busy worker pays the cost of a script call once
 -- for all the jobs that finished meanwhile. Each job is checked and
@@ -192,17 +192,22 @@ local function finish(key, id, token, status, a4, a5, retry)
   if job[1] ~= 'active' then
     return 'JQ_ALREADY_FINISHED ' .. text(job[1])
   end
+  -- Still claimed? Not when the sweep (or recovery) already put the ID
+  -- back on pending: then it must not be queued twice.
+  local claimed
   if mode == 'reliable' then
-    redis.call('LREM', KEYS[1], '-1', id)
+    claimed = redis.call('LREM', KEYS[1], '-1', id)
   else
-    redis.call('ZREM', KEYS[1], id)
+    claimed = redis.call('ZREM', KEYS[1], id)
   end
   if status == 'failed' and retry == '1'
       and (integer(job[6], 0, 1000000000) or 0) < (integer(job[7], 1, 1000000) or 1) then
     redis.call('HSET', key, 'state', 'queued', 'error_kind', a4, 'error', a5)
-    redis.call('LPUSH', KEYS[2], id)
-    if mode == 'recoverable' then
-      redis.call('LPUSH', KEYS[3], '1')
+    if claimed > 0 then
+      redis.call('LPUSH', KEYS[2], id)
+      if mode == 'recoverable' then
+        redis.call('LPUSH', KEYS[3], '1')
+      end
     end
     return 'queued'
   end

@@ -1,9 +1,11 @@
 #!lua
 -- name: job_release
--- version: 3
+-- version: 4
 -- Recoverable and reliable modes: gives a running job back to the front of its queue at
 -- once, without counting a stall or an attempt: its worker is shutting down
 -- and will not finish it. Refused when the job is not active under the token.
+-- The ID is pushed only when the claim still held it (a sweep or a recovery
+-- may already have put it back after the lease ran out).
 --
 -- KEYS[1]  job hash        <prefix>:{<queue>}:job:<id>
 -- KEYS[2]  claim           recoverable: lease set <prefix>:{<queue>}:leases
@@ -127,11 +129,18 @@ end
 -- The attempt is given back (an invalid count is absent: 0).
 local attempt = integer(job[3], 0, 1000000000) or 0
 redis.call('HSET', KEYS[1], 'state', 'queued', 'attempt', string.format('%d', math.max(attempt - 1, 0)))
+-- Still claimed? Not when the sweep (or recovery) already put the ID back
+-- on pending after the lease ran out: then it must not be queued twice.
+local claimed
 if mode == 'reliable' then
-  redis.call('LREM', KEYS[2], '1', id)
+  claimed = redis.call('LREM', KEYS[2], '1', id)
 else
-  redis.call('ZREM', KEYS[2], id)
-  redis.call('LPUSH', KEYS[4], '1')
+  claimed = redis.call('ZREM', KEYS[2], id)
 end
-redis.call('RPUSH', KEYS[3], id)
+if claimed > 0 then
+  if mode == 'recoverable' then
+    redis.call('LPUSH', KEYS[4], '1')
+  end
+  redis.call('RPUSH', KEYS[3], id)
+end
 return 1

@@ -390,9 +390,9 @@ mod tests {
     const LOCK: &[(&str, u32, &str)] = &[
         ("job_claim", 3, "adde030a39570d7b6674cc21117703874a2681dc"),
         ("job_extend", 2, "4b2a83c69f65eb415e7242c38c00848dfa0fd1a7"),
-        ("job_finish", 8, "617ec96e3a7432a8859d2d0acfcf43d9f0614723"),
-        ("job_finish_batch", 5, "c46bc13ec1294c350e93578ee2f8a7f892c7fe95"),
-        ("job_release", 3, "49206001d49c9e6155840cd50a13219a7410d37a"),
+        ("job_finish", 9, "9aae0a34c2b51912430453296e8e088461936c8b"),
+        ("job_finish_batch", 6, "93c33b42d5cab885e83794de9b2875dfe63d0d39"),
+        ("job_release", 4, "8208523f166a206f6919757b89b0a7fd6416ae90"),
         ("job_requeue_stale", 2, "73e22f275cc2694a66abea6918415f7aba3c9f26"),
         ("job_start", 9, "50e974f29bfa856be8a2f063f0879f220390e433"),
         ("job_submit", 6, "4667749685e68e79765d0dce21ff8a739e96da32"),

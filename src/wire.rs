@@ -13,49 +13,202 @@ use crate::error::Error;
 /// Reading follows protocol.md section 6: a required field of the wrong
 /// type makes the envelope invalid; an optional one (`reply`,
 /// `submitted_ms`) counts as absent; `payload` may be bin or str.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct Envelope {
     /// Job ID, unique per queue (a UUID v4 in this implementation).
     pub id: String,
     /// Channel to publish the outcome on; absent when nobody waits.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "lenient"
-    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reply: Option<String>,
     /// Encoding of `payload` (and of the result): `msgpack` or `json`.
     pub enc: String,
     /// The job's payload.
     pub payload: ByteBuf,
     /// Submission time, milliseconds since the Unix epoch (client clock).
-    #[serde(default, deserialize_with = "lenient_ms")]
     pub submitted_ms: u64,
 }
 
-/// An optional field: a value of another type counts as absent
-/// (protocol.md section 6, "a mistyped optional field").
-fn lenient<'de, D, T>(de: D) -> Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
-{
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Either<T> {
-        Valid(T),
-        Other(serde::de::IgnoredAny),
-    }
-    Ok(match Option::<Either<T>>::deserialize(de)? {
-        Some(Either::Valid(v)) => Some(v),
-        _ => None,
-    })
+// Reading records (protocol.md section 6.4): keys in any order; keys that
+// are not str, and unknown keys, are skipped; a key given twice, or a
+// required field missing or of the wrong type, makes the record invalid; an
+// optional field of the wrong type counts as absent. Derived deserializers
+// would read an integer key as a field's index, hence these by hand.
+
+/// A record's map key: a str, or anything else (skipped with its value).
+enum Key {
+    Str(String),
+    Other,
 }
 
-/// [`lenient`] for an optional time in ms, absent meaning 0.
-fn lenient_ms<'de, D: serde::Deserializer<'de>>(de: D) -> Result<u64, D::Error> {
-    Ok(lenient(de)?.unwrap_or(0))
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Str(String),
+            Other(serde::de::IgnoredAny),
+        }
+        Ok(match Either::deserialize(de)? {
+            Either::Str(s) => Key::Str(s),
+            Either::Other(_) => Key::Other,
+        })
+    }
 }
+
+/// An optional field's value: another type counts as absent.
+struct Lenient<T>(Option<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either<T> {
+            Valid(T),
+            Other(serde::de::IgnoredAny),
+        }
+        Ok(Lenient(match Either::<T>::deserialize(de)? {
+            Either::Valid(v) => Some(v),
+            Either::Other(_) => None,
+        }))
+    }
+}
+
+/// Reads a record's map: `field` is called with each str key and reads its
+/// value (returning false for a key it does not know, whose value is then
+/// skipped); a key given twice is an error.
+fn read_record<'de, A: serde::de::MapAccess<'de>>(
+    mut map: A,
+    mut field: impl FnMut(&str, &mut A) -> Result<bool, A::Error>,
+) -> Result<(), A::Error> {
+    let mut seen: Vec<String> = Vec::new();
+    while let Some(key) = map.next_key::<Key>()? {
+        match key {
+            Key::Str(name) => {
+                if seen.contains(&name) {
+                    return Err(serde::de::Error::custom(format_args!(
+                        "key {name:?} given twice"
+                    )));
+                }
+                if !field(&name, &mut map)? {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+                seen.push(name);
+            }
+            Key::Other => {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Implements `Deserialize` for a record from a map, with `$body` turning
+/// the map into the record.
+macro_rules! record {
+    ($ty:ty, $what:literal, |$map:ident| $body:block) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str($what)
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        $map: A,
+                    ) -> Result<$ty, A::Error> {
+                        $body
+                    }
+                }
+                de.deserialize_map(V)
+            }
+        }
+    };
+}
+
+fn required<T, E: serde::de::Error>(value: Option<T>, name: &'static str) -> Result<T, E> {
+    value.ok_or_else(|| E::missing_field(name))
+}
+
+record!(Envelope, "a job envelope (a map)", |map| {
+    let (mut id, mut reply, mut enc, mut payload, mut submitted_ms) =
+        (None, None, None, None, None);
+    read_record(map, |name, map| {
+        match name {
+            "id" => id = Some(map.next_value::<String>()?),
+            "reply" => reply = map.next_value::<Lenient<String>>()?.0,
+            "enc" => enc = Some(map.next_value::<String>()?),
+            "payload" => payload = Some(map.next_value::<ByteBuf>()?),
+            "submitted_ms" => submitted_ms = map.next_value::<Lenient<u64>>()?.0,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    Ok(Envelope {
+        id: required(id, "id")?,
+        reply,
+        enc: required(enc, "enc")?,
+        payload: required(payload, "payload")?,
+        submitted_ms: submitted_ms.unwrap_or(0),
+    })
+});
+
+record!(Reply, "a reply message (a map)", |map| {
+    let (mut id, mut status, mut enc, mut result, mut error) = (None, None, None, None, None);
+    read_record(map, |name, map| {
+        match name {
+            "id" => id = Some(map.next_value::<String>()?),
+            "status" => status = Some(map.next_value::<String>()?),
+            "enc" => enc = map.next_value::<Lenient<String>>()?.0,
+            "result" => result = map.next_value::<Lenient<ByteBuf>>()?.0,
+            "error" => error = map.next_value::<Lenient<WireError>>()?.0,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    Ok(Reply {
+        id: required(id, "id")?,
+        status: required(status, "status")?,
+        enc,
+        result,
+        error,
+    })
+});
+
+record!(WireError, "an error record (a map)", |map| {
+    let (mut kind, mut message) = (None, None);
+    read_record(map, |name, map| {
+        match name {
+            "kind" => kind = Some(map.next_value::<String>()?),
+            "message" => message = Some(map.next_value::<String>()?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    Ok(WireError {
+        kind: required(kind, "kind")?,
+        message: required(message, "message")?,
+    })
+});
+
+record!(DeadRecord, "a dead-letter record (a map)", |map| {
+    let (mut reason, mut entry, mut at_ms) = (None, None, None);
+    read_record(map, |name, map| {
+        match name {
+            "reason" => reason = Some(map.next_value::<String>()?),
+            "entry" => entry = Some(map.next_value::<ByteBuf>()?),
+            "at_ms" => at_ms = Some(map.next_value::<u64>()?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    })?;
+    Ok(DeadRecord {
+        reason: required(reason, "reason")?,
+        entry: required(entry, "entry")?,
+        at_ms: required(at_ms, "at_ms")?,
+    })
+});
 
 /// Outcome status on the wire.
 pub(crate) const COMPLETED: &str = "completed";
@@ -63,37 +216,25 @@ pub(crate) const COMPLETED: &str = "completed";
 pub(crate) const FAILED: &str = "failed";
 
 /// A job's outcome as published on a reply channel.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct Reply {
     /// Job ID.
     pub id: String,
     /// `completed` or `failed`.
     pub status: String,
     /// Encoding of `result`, when there is one.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "lenient"
-    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub enc: Option<String>,
     /// The handler's result, when `status` is `completed`.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "lenient"
-    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<ByteBuf>,
     /// Why the job failed, when `status` is `failed`.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "lenient"
-    )]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<WireError>,
 }
 
 /// A failure as recorded on the wire.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct WireError {
     /// See [`crate::FailureKind`].
     pub kind: String,
@@ -102,7 +243,7 @@ pub(crate) struct WireError {
 }
 
 /// A dead-letter record for a list entry that no worker could run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub(crate) struct DeadRecord {
     /// Why the entry could not be run.
     pub reason: String,
@@ -120,9 +261,10 @@ pub(crate) fn pack<T: Serialize>(record: &T, what: &'static str) -> Result<Vec<u
     })
 }
 
-/// Decodes a protocol record.
-pub(crate) fn unpack<'a, T: Deserialize<'a>>(
-    bytes: &'a [u8],
+/// Decodes a protocol record: exactly one MessagePack value (bytes after
+/// it make the record invalid).
+pub(crate) fn unpack<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
     what: &'static str,
 ) -> Result<T, Error> {
     crate::encoding::msgpack_named(bytes, what)
@@ -261,7 +403,10 @@ mod tests {
         );
         assert_eq!(env.payload.as_slice(), b"\"hi\"");
         // Any integer width is read.
-        for ms in [rmpv::Value::from(7u8), rmpv::Value::from(1_764_345_600_000u64)] {
+        for ms in [
+            rmpv::Value::from(7u8),
+            rmpv::Value::from(1_764_345_600_000u64),
+        ] {
             let bytes = packed(vec![
                 ("id", "j1".into()),
                 ("enc", "json".into()),

@@ -277,3 +277,239 @@ fn the_interop_payload_matches_its_golden_vector() {
         Sample::new()
     );
 }
+
+/// The golden vectors (tests/conformance/vectors.json).
+fn vectors() -> Vec<serde_json::Value> {
+    let file: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(manifest_dir().join("tests/conformance/vectors.json")).unwrap(),
+    )
+    .unwrap();
+    file["vectors"].as_array().unwrap().clone()
+}
+
+/// What a conforming reader makes of a record vector: its `read`, or its
+/// `value` when it has none (null: the record is invalid).
+fn read_of(vector: &serde_json::Value) -> &serde_json::Value {
+    vector.get("read").unwrap_or(&vector["value"])
+}
+
+/// `{"hex": ...}` as bytes.
+fn hex_bytes(value: &serde_json::Value) -> Vec<u8> {
+    hex::decode(value["hex"].as_str().unwrap()).unwrap()
+}
+
+/// The value of `key` in a MessagePack map.
+fn field<'a>(map: &'a rmpv::Value, key: &str) -> Option<&'a rmpv::Value> {
+    map.as_map()?
+        .iter()
+        .find(|(k, _)| k.as_str() == Some(key))
+        .map(|(_, v)| v)
+}
+
+/// protocol.md section 6.4 from the worker's side: every envelope vector is
+/// pushed as is on a simple-mode queue served by a Rust worker. A valid one
+/// runs (and its reply arrives when it has one, so a float `submitted_ms`,
+/// a str payload, keys in another order or a mistyped `reply` never
+/// dead-letter it); an invalid one is dead-lettered exactly as popped, and
+/// its client is told when the vector says it can be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_worker_reads_every_envelope_vector() {
+    use futures_util::StreamExt;
+    use redis::AsyncCommands;
+
+    let server = RedisServer::start();
+    let (ran_tx, mut ran) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let builder = Worker::builder(config(&server))
+        .mode(Mode::Simple)
+        .queue("emails")
+        .concurrency(1);
+    let worker = spawn_built(builder, move |job: Job<serde_json::Value>| {
+        let ran = ran_tx.clone();
+        async move {
+            let _ = ran.send(job.id.clone());
+            Ok::<_, String>(job.payload)
+        }
+    })
+    .await;
+    let redis_client = redis::Client::open(server.url()).unwrap();
+    let mut pubsub = redis_client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe("jq:{emails}:reply:c7").await.unwrap();
+    let mut messages = Box::pin(pubsub.into_on_message());
+    let mut con = redis_client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let wait = Duration::from_secs(5);
+    let mut failures = Vec::new();
+    for v in vectors().iter().filter(|v| v["record"] == "envelope") {
+        let name = v["name"].as_str().unwrap();
+        let bytes = hex::decode(v["msgpack"].as_str().unwrap()).unwrap();
+        let read = read_of(v);
+        // Forget what earlier vectors left behind.
+        while let Ok(Some(_)) =
+            tokio::time::timeout(Duration::from_millis(50), messages.next()).await
+        {}
+        while ran.try_recv().is_ok() {}
+        let dead_before: usize = con.llen("jq:{emails}:dead").await.unwrap();
+        let _: usize = con.lpush("jq:{emails}:pending", &bytes).await.unwrap();
+        // The next message about the job with `status`, if one comes.
+        let mut message_with = async |status: &str| {
+            tokio::time::timeout(wait, async {
+                while let Some(msg) = messages.next().await {
+                    let payload = msg.get_payload_bytes().to_vec();
+                    let Ok(reply) = rmpv::decode::read_value(&mut payload.as_slice()) else {
+                        continue;
+                    };
+                    if field(&reply, "status").and_then(|s| s.as_str()) == Some(status) {
+                        return Some(reply);
+                    }
+                }
+                None
+            })
+            .await
+            .ok()
+            .flatten()
+        };
+        if read.is_null() {
+            if v["told"] == true {
+                match message_with("failed").await {
+                    Some(reply)
+                        if field(&reply, "error")
+                            .and_then(|e| field(e, "kind"))
+                            .and_then(|k| k.as_str())
+                            == Some("decode") => {}
+                    other => failures.push(format!(
+                        "{name}: its client was not told (kind decode): {other:?}"
+                    )),
+                }
+            }
+            let mut record = None;
+            for _ in 0..100 {
+                let len: usize = con.llen("jq:{emails}:dead").await.unwrap();
+                if len > dead_before {
+                    let top: Vec<u8> = con.lindex("jq:{emails}:dead", 0).await.unwrap();
+                    record = Some(rmpv::decode::read_value(&mut top.as_slice()).unwrap());
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            match record {
+                Some(r) if field(&r, "entry").and_then(|e| e.as_slice()) == Some(&bytes[..]) => {}
+                Some(r) => failures.push(format!("{name}: dead-letter record {r}")),
+                None => failures.push(format!("{name}: not dead-lettered")),
+            }
+            if let Ok(id) = ran.try_recv() {
+                failures.push(format!("{name}: invalid, yet job {id} ran"));
+            }
+            continue;
+        }
+        let id = read["id"].as_str().unwrap();
+        match tokio::time::timeout(wait, ran.recv()).await {
+            Ok(Some(got)) if got == id => {}
+            other => {
+                failures.push(format!("{name}: the job did not run: {other:?}"));
+                continue;
+            }
+        }
+        if read.get("reply").is_some() {
+            match message_with("completed").await {
+                Some(reply) if field(&reply, "id").and_then(|i| i.as_str()) == Some(id) => {}
+                other => failures.push(format!("{name}: no completed reply: {other:?}")),
+            }
+        }
+    }
+    worker.stop().await;
+    assert!(
+        failures.is_empty(),
+        "the Rust worker disagrees with these envelope vectors:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// protocol.md sections 6.4 and 8.3 from the client's side: every reply and
+/// doorbell vector is published on a Rust client's reply channel for jobs
+/// with the vector's IDs. A reply (simple mode) or a doorbell that carries
+/// the outcome ends the wait with that outcome; a doorbell without the
+/// outcome (dead, or failed without an error record) does not: the client
+/// reads the hash, where the job still waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_client_reads_every_reply_and_doorbell_vector() {
+    use job_async_redis::{Error, JobOptions};
+    use redis::AsyncCommands;
+
+    let server = RedisServer::start();
+    let client = Client::connect(config(&server)).await.unwrap();
+    let mut con = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut failures = Vec::new();
+    for v in vectors()
+        .iter()
+        .filter(|v| v["record"] == "reply" || v["record"] == "doorbell")
+    {
+        let name = v["name"].as_str().unwrap();
+        let read = read_of(v);
+        let records: Vec<&serde_json::Value> = match read {
+            serde_json::Value::Null => continue,
+            serde_json::Value::Array(records) => records.iter().collect(),
+            record => vec![record],
+        };
+        let mode = if v["record"] == "reply" {
+            Mode::Simple
+        } else {
+            Mode::Recoverable
+        };
+        let queue = client
+            .queue(&queue_name("vector"), mode)
+            .await
+            .unwrap()
+            .with_encoding(Encoding::Json);
+        let mut handles = Vec::new();
+        for record in &records {
+            let id = record["id"].as_str().unwrap();
+            let options = JobOptions::default().id(id);
+            handles.push(queue.submit_with("hi", options).await.unwrap());
+        }
+        let channel = format!("jq:{{{}}}:reply:{}", queue.name(), client.id());
+        let bytes = hex::decode(v["msgpack"].as_str().unwrap()).unwrap();
+        let _: i64 = con.publish(&channel, &bytes).await.unwrap();
+        for (record, handle) in records.into_iter().zip(handles) {
+            let completed = record["status"] == "completed";
+            let carries =
+                (completed && record.get("result").is_some()) || record.get("error").is_some();
+            let patience = if carries || mode == Mode::Simple {
+                Duration::from_secs(5)
+            } else {
+                Duration::from_millis(300)
+            };
+            let got = handle.result_timeout::<serde_json::Value>(patience).await;
+            let ok = match &got {
+                Err(Error::Timeout { .. }) => !carries && mode != Mode::Simple,
+                Ok(value) => {
+                    completed
+                        && carries
+                        && *value
+                            == serde_json::from_slice::<serde_json::Value>(&hex_bytes(
+                                &record["result"],
+                            ))
+                            .unwrap()
+                }
+                Err(Error::JobFailed { kind, message, .. }) => match record.get("error") {
+                    Some(error) => kind.as_str() == error["kind"] && message == &error["message"],
+                    None => mode == Mode::Simple && kind.as_str() == record["status"],
+                },
+                Err(_) => false,
+            };
+            if !ok {
+                failures.push(format!("{name}, job {}: got {got:?}", record["id"]));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "the Rust client disagrees with these reply and doorbell vectors:\n{}",
+        failures.join("\n")
+    );
+}

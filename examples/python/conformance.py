@@ -1,5 +1,7 @@
 """Replays the language-neutral conformance suite (tests/conformance/) with
-redis-py, and checks the golden encodings with msgpack. Used by jobqueue.py."""
+redis-py, checks the golden encodings with this implementation's record
+reader and writer, and the doorbells the scripts publish against them. Used
+by jobqueue.py."""
 
 import json
 import time
@@ -8,7 +10,8 @@ import uuid
 import msgpack
 import redis
 
-from jobqueue import LUA_DIR
+from jobqueue import (LUA_DIR, RECORDS, InvalidRecord, Keys, Scripts, envelope_client, pack_record, read_message,
+                      read_record, text)
 
 
 def to_bytes(value, queue):
@@ -83,18 +86,127 @@ def replay(url, path):
 
 
 def check_vectors(path):
+    """Checks the golden encodings with this implementation's own record
+    writer and reader (the ones its client and worker use)."""
     vectors = json.load(open(path, encoding="utf-8"))["vectors"]
+    keys = Keys("jq", "emails")  # the queue of the vectors' reply channels
     failures = 0
     for v in vectors:
-        value = decode_json(v["value"])
         packed = bytes.fromhex(v["msgpack"])
-        ok = msgpack.unpackb(packed, raw=False) == value
-        if v.get("exact", True):
-            ok = ok and msgpack.packb(value, use_bin_type=True) == packed
+        problems = []
+        record = v["record"]
+        if v.get("exact"):
+            value = decode_json(v["value"])
+            if record in RECORDS:
+                elements = value if isinstance(value, list) else [value]
+                written = b"".join(pack_record(RECORDS[record], e) for e in elements)
+                if isinstance(value, list):
+                    written = msgpack.Packer().pack_array_header(len(value)) + written
+            else:
+                written = msgpack.packb(value, use_bin_type=True)
+            if written != packed:
+                problems.append(f"wrote {written.hex()}")
+        if record in RECORDS:
+            want = decode_json(v["read"] if "read" in v else v["value"])
+            try:
+                if record in ("reply", "doorbell"):
+                    got = read_message(packed)
+                    if not isinstance(want, list) and want is not None:
+                        want = [want]
+                else:
+                    got = read_record(RECORDS[record], packed)
+            except InvalidRecord as e:
+                got = None
+                reason = str(e)
+            if got != want:
+                problems.append(f"read {got!r}" + (f" ({reason})" if got is None else ""))
+            if "told" in v and (envelope_client(packed, keys) is not None) != v["told"]:
+                problems.append(f"told should be {v['told']}")
+        elif "value" in v and msgpack.unpackb(packed, raw=False, strict_map_key=False) != decode_json(v["value"]):
+            problems.append("decodes to another value")
+        if problems:
+            failures += 1
+            print(f"FAIL vector {v['name']}: {'; '.join(problems)}")
+    print(f"vectors: {len(vectors)} checked, {failures} failures")
+    return 1 if failures else 0
+
+
+def check_doorbells(url, path):
+    """Runs the scripts that publish each doorbell vector with a
+    "produced_by" and compares what they publish: the exact bytes for exact
+    vectors, what a reader reads for the others."""
+    vectors = [v for v in json.load(open(path, encoding="utf-8"))["vectors"] if "produced_by" in v]
+    r = redis.Redis.from_url(url)
+    scripts = Scripts(r)
+    failures = 0
+    for v in vectors:
+        queue = "bell-" + uuid.uuid4().hex
+        k = Keys("jq", queue)
+        scripts("queue_register", [k.meta], ["recoverable", "1"])
+        records = decode_json(v["read"] if "read" in v else v["value"])
+        records = records if isinstance(records, list) else [records]
+        pubsub = r.pubsub()
+        pubsub.subscribe(k.reply("c7"))
+        while (m := pubsub.get_message(timeout=1)) is not None and m["type"] != "subscribe":
+            pass
+        ids = [rec["id"] for rec in records]
+        for job_id in ids:
+            scripts("job_submit", [k.meta, k.pending, k.tickets, k.job(job_id)],
+                    ["recoverable", "1", job_id, records[0].get("enc", "json"), b'"hi"', "c7", "0", "1"])
+        claim_keys = [k.pending, k.tickets, k.leases, k.fence]
+        if v["produced_by"] == "job_start":
+            if records[0]["status"] == "dead":
+                # Started, its lease ran out, swept; started again with max
+                # stalls 0: dead.
+                claimed = scripts("job_claim", claim_keys, ["1", "1", "0"])
+                scripts("job_start", [k.leases, k.dead_jobs, k.job(ids[0])],
+                        ["1", "3", "w1", "60000", "100", "publish", ids[0], claimed[1]])
+                time.sleep(0.01)
+                scripts("job_requeue_stale", [k.leases, k.pending, k.tickets, k.sweep], ["1", "10"])
+                max_stalls = "0"
+            else:
+                # A hash that is not a valid job: failed, without an error record.
+                r.hset(k.job(ids[0]), "state", "bogus")
+                max_stalls = "3"
+            claimed = scripts("job_claim", claim_keys, ["1", "30000", "0"])
+            scripts("job_start", [k.leases, k.dead_jobs, k.job(ids[0])],
+                    ["30000", max_stalls, "w1", "60000", "100", "publish", ids[0], claimed[1]])
+        else:
+            claimed = scripts("job_claim", claim_keys, [str(len(ids)), "30000", "0"])
+            tokens = [text(t) for t in claimed[1::2]]
+            start_args = ["30000", "3", "w1", "60000", "100", "publish"]
+            for job_id, token in zip(ids, tokens):
+                start_args += [job_id, token]
+            scripts("job_start", [k.leases, k.dead_jobs] + [k.job(i) for i in ids], start_args)
+            outcomes = []
+            for rec, token in zip(records, tokens):
+                if rec["status"] == "completed":
+                    outcomes.append([rec["id"], token, "completed", rec["result"], "", "0"])
+                else:
+                    outcomes.append([rec["id"], token, "failed", rec["error"]["kind"], rec["error"]["message"], "0"])
+            if v["produced_by"] == "job_finish":
+                scripts("job_finish", [k.job(ids[0]), k.leases, k.pending, k.tickets],
+                        outcomes[0] + ["60000", "recoverable"])
+            else:
+                scripts("job_finish_batch", [k.leases, k.pending, k.tickets] + [k.job(i) for i in ids],
+                        ["60000", "recoverable", "publish"] + [a for o in outcomes for a in o])
+        message = None
+        deadline = time.monotonic() + 5
+        while message is None and time.monotonic() < deadline:
+            m = pubsub.get_message(timeout=0.5)
+            if m and m["type"] == "message":
+                message = m["data"]
+        pubsub.close()
+        if message is None:
+            ok = False
+        elif v.get("exact"):
+            ok = message == bytes.fromhex(v["msgpack"])
+        else:
+            ok = read_message(message) == records
         if not ok:
             failures += 1
-            print(f"FAIL vector {v['name']}")
-    print(f"vectors: {len(vectors)} checked, {failures} failures")
+            print(f"FAIL doorbell {v['name']}: published {message.hex() if message else None}")
+    print(f"doorbells: {len(vectors)} checked against the scripts, {failures} failures")
     return 1 if failures else 0
 
 

@@ -4,7 +4,9 @@ Written from protocol.md and the scripts in lua/ alone (it loads those exact
 files), with redis-py and msgpack. It is small and synchronous: a client
 for all three modes, and a worker that runs one job at a time. It does not
 renew leases while a handler runs (recoverable mode) or heartbeat during a
-handler (reliable mode): its jobs must finish within the lease.
+handler (reliable mode): its jobs must finish within the lease. Records are
+written and read by the rules of protocol.md section 6.4 (pack_record,
+read_record, read_message), the same code that checks the golden vectors.
 
 As a program (used by the Rust interop and conformance tests):
 
@@ -58,7 +60,8 @@ def encode(enc, value):
     if enc == "msgpack":
         return msgpack.packb(value, use_bin_type=True)
     if enc == "json":
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+        # No NaN or Infinity tokens: they are not JSON (section 6.6).
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
     raise ValueError(f"unknown encoding {enc!r}")
 
 
@@ -66,8 +69,175 @@ def decode(enc, data):
     if enc == "msgpack":
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     if enc == "json":
-        return json.loads(data)
+        # UTF-8 JSON text (section 6.6): json.loads would also guess UTF-16
+        # and UTF-32 from the bytes.
+        return json.loads(data.decode("utf-8"))
     raise ValueError(f"unknown encoding {enc!r}")
+
+
+# Records (protocol.md section 6): each key with its type and whether it is
+# required, in the order writers emit them (part of the exact encoding,
+# section 6.4). Types: "str" (valid UTF-8), "bytes" (bin; str accepted when
+# reading), "uint" (an integer 0 to 2^64-1), "error" (a map as ERROR).
+ENVELOPE = (("id", "str", True), ("reply", "str", False), ("enc", "str", True),
+            ("payload", "bytes", True), ("submitted_ms", "uint", False))
+REPLY = (("id", "str", True), ("status", "str", True), ("enc", "str", False),
+         ("result", "bytes", False), ("error", "error", False))
+ERROR = (("kind", "str", True), ("message", "str", True))
+DEAD = (("reason", "str", True), ("entry", "bytes", True), ("at_ms", "uint", True))
+RECORDS = {"envelope": ENVELOPE, "reply": REPLY, "doorbell": REPLY, "dead": DEAD}
+
+
+class InvalidRecord(ValueError):
+    """A record that section 6.4 calls invalid, with the reason."""
+
+
+class _Map(list):
+    """A MessagePack map as read: its (key, value) pairs in order, so that
+    repeated keys and keys of any type can be seen (section 6.4)."""
+
+
+def _unpack_first(data):
+    """The first MessagePack value of `data`, and whether bytes follow it.
+    Maps come as _Map; str values that are not valid UTF-8 keep their bytes
+    as surrogate escapes (see _typed)."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, unicode_errors="surrogateescape",
+                                object_pairs_hook=_Map, max_buffer_size=max(len(data), 1))
+    unpacker.feed(data)
+    try:
+        value = unpacker.unpack()
+    except msgpack.OutOfData:
+        raise InvalidRecord("not MessagePack: truncated") from None
+    except Exception as e:  # noqa: BLE001 - any malformed input
+        raise InvalidRecord(f"not MessagePack: {e}") from None
+    trailing = unpacker.tell() < len(data)
+    return value, trailing
+
+
+def _typed(kind, value):
+    """(True, the value as read) when `value` has the type `kind`, else
+    (False, None). Nil has no type."""
+    if kind == "str":
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return False, None  # a str that is not valid UTF-8
+            return True, value
+        return False, None
+    if kind == "bytes":
+        if isinstance(value, bytes):
+            return True, value
+        if isinstance(value, str):  # str accepted: its bytes are the value
+            return True, value.encode("utf-8", "surrogateescape")
+        return False, None
+    if kind == "uint":
+        # Any integer width; never a float (nor a bool, which Python counts
+        # as an int).
+        if type(value) is int and 0 <= value < 2**64:
+            return True, value
+        return False, None
+    if kind == "error":
+        try:
+            return True, _read_map(ERROR, value)
+        except InvalidRecord:
+            return False, None
+    raise ValueError(kind)
+
+
+def _read_map(table, value):
+    if not isinstance(value, _Map):
+        raise InvalidRecord("not a map")
+    known = {key for key, _, _ in table}
+    seen = {}
+    for key, v in value:
+        # Keys are matched as str; others, and unknown keys, are ignored.
+        if isinstance(key, str) and key in known:
+            if key in seen:
+                raise InvalidRecord(f"key {key!r} appears twice")
+            seen[key] = v
+    out = {}
+    for key, kind, required in table:
+        if key not in seen:
+            if required:
+                raise InvalidRecord(f"required key {key!r} is missing")
+            continue
+        ok, v = _typed(kind, seen[key])
+        if ok:
+            out[key] = v
+        elif required:
+            raise InvalidRecord(f"required key {key!r} is of the wrong type")
+        # An optional key of the wrong type counts as absent.
+    return out
+
+
+def read_record(table, data):
+    """Reads one record (section 6.4): a dict of the fields it holds, or
+    InvalidRecord."""
+    value, trailing = _unpack_first(data)
+    if trailing:
+        raise InvalidRecord("bytes follow the record")
+    return _read_map(table, value)
+
+
+def read_message(data):
+    """Reads a reply message or doorbell: a list of records (one, or the
+    elements of an array from job_finish_batch), or InvalidRecord. Invalid
+    elements of an array are left out."""
+    value, trailing = _unpack_first(data)
+    if trailing:
+        raise InvalidRecord("bytes follow the message")
+    if isinstance(value, list) and not isinstance(value, _Map):
+        records = []
+        for element in value:
+            try:
+                records.append(_read_map(REPLY, element))
+            except InvalidRecord:
+                pass
+        return records
+    return [_read_map(REPLY, value)]
+
+
+def pack_record(table, values):
+    """Writes a record (section 6.4): the keys present, in the table's order;
+    text as str, byte strings as bin, integers as integers in their shortest
+    form (msgpack does both)."""
+    columns = {key for key, _, _ in table}
+    unknown = set(values) - columns
+    if unknown:
+        raise ValueError(f"keys not in the record's table: {sorted(unknown)}")
+    out = {}
+    for key, kind, required in table:
+        value = values.get(key)
+        if value is None:
+            if required:
+                raise ValueError(f"required key {key!r} is missing")
+            continue
+        if kind == "error":
+            value = {k: value[k] for k, _, _ in ERROR}
+            ok = all(isinstance(v, str) for v in value.values())
+        elif kind == "bytes":
+            ok = isinstance(value, bytes)
+        else:
+            ok = _typed(kind, value)[0]
+        if not ok:
+            raise ValueError(f"key {key!r}: {value!r} is not of type {kind}")
+        out[key] = value
+    return msgpack.packb(out, use_bin_type=True)
+
+
+def envelope_client(entry, keys):
+    """For an entry that is not a valid envelope: (id, reply channel) when
+    its client can still be told (section 7.2: its first value is a map with
+    a valid id and a reply channel of this queue), else None."""
+    try:
+        value, _ = _unpack_first(entry)
+        fields = _read_map((("id", "str", True), ("reply", "str", True)), value)
+    except InvalidRecord:
+        return None
+    if not keys.owns_reply_channel(fields["reply"]):
+        return None
+    return fields["id"], fields["reply"]
 
 
 def text(value):
@@ -125,6 +295,11 @@ class Keys:
     def reply(self, client_id):
         return f"{self.base}:reply:{client_id}"
 
+    def owns_reply_channel(self, channel):
+        """True for a reply channel of this queue (section 6.1)."""
+        prefix = self.reply("")
+        return isinstance(channel, str) and channel.startswith(prefix) and len(channel) > len(prefix)
+
 
 def register(scripts, keys, mode):
     scripts("queue_register", [keys.meta], [mode, PROTOCOL_VERSION])
@@ -165,8 +340,13 @@ class Client:
     def keep(self, message):
         if message and message["type"] == "message":
             # One outcome record, or an array of them (job_finish_batch).
-            records = msgpack.unpackb(message["data"], raw=False)
-            for record in records if isinstance(records, list) else [records]:
+            # A message that is not valid (section 6.4) is ignored.
+            try:
+                records = read_message(message["data"])
+            except InvalidRecord as e:
+                print(f"ignoring an invalid reply message: {e}", file=sys.stderr)
+                return
+            for record in records:
                 self.inbox[record["id"]] = record
 
     def wait_message(self, job_id, seconds):
@@ -193,10 +373,8 @@ class Queue:
         job_id = job_id or str(uuid.uuid4())
         body = encode(enc, payload)
         if self.mode == "simple":
-            envelope = msgpack.packb(
-                {"id": job_id, "reply": self.channel, "enc": enc, "payload": body, "submitted_ms": now_ms()},
-                use_bin_type=True,
-            )
+            envelope = pack_record(
+                ENVELOPE, {"id": job_id, "reply": self.channel, "enc": enc, "payload": body, "submitted_ms": now_ms()})
             call = ("simple_submit", [self.keys.meta, self.keys.pending], [self.mode, PROTOCOL_VERSION, envelope])
         else:
             call = (
@@ -213,15 +391,19 @@ class Queue:
             self.client.scripts(*call)
         return job_id
 
-    def result(self, job_id, timeout=10.0):
-        """Awaits a job's outcome: its decoded result, or JobFailed."""
+    def result(self, job_id, timeout=10.0, enc="msgpack"):
+        """Awaits a job's outcome: its decoded result, or JobFailed. `enc`:
+        the encoding the job was submitted in."""
         deadline = time.monotonic() + timeout
         if self.mode == "simple":
             reply = self.client.wait_message(job_id, timeout)
             if reply is None:
                 raise TimeoutError(f"no outcome for job {job_id}")
             if reply["status"] == "completed":
-                return decode(reply.get("enc", "msgpack"), reply.get("result", b""))
+                # Without enc: the encoding the job was submitted in (6.2).
+                return decode(reply.get("enc", enc), reply.get("result", b""))
+            # Without a valid error the kind is unknown: reported as the
+            # status, as the Rust library does (6.2).
             error = reply.get("error") or {}
             raise JobFailed(job_id, error.get("kind", reply["status"]), error.get("message", ""))
         self.client.subscribe(self.channel)
@@ -237,16 +419,32 @@ class Queue:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no outcome for job {job_id}")
-            # The doorbell, or a re-read every second (doorbells can be missed).
+            # The doorbell, or a re-read every second (doorbells can be
+            # missed). This client reads the outcome from the hash even when
+            # the doorbell carries it (section 8.3 allows either), so a
+            # doorbell without the outcome (dead, or failed without an error
+            # record) needs nothing special.
             self.client.wait_message(job_id, min(left, 1.0))
+
+
+class Abandoned(Exception):
+    """The worker is being stopped (KeyboardInterrupt, SystemExit) while a
+    handler runs: not a failure of the job (section 6.2)."""
 
 
 class Worker:
     """Runs `handler(payload, job)` on one queue, one job at a time
-    (sections 7.2, 8.4 and 9.1). `job` is a dict with id, attempt, enc."""
+    (sections 7.2, 8.4 and 9.1). `job` is a dict with id, attempt, enc.
+
+    Settings (section 18) keep this library's and the Rust library's
+    defaults, except `block_s`: this worker renews its heartbeat on the
+    thread that blocks, so the block timeout must stay well below a third of
+    the lease."""
 
     def __init__(self, url, queue, mode, handler, prefix="jq", lease_ms=30000, max_stalls=3,
-                 result_ttl_ms=86_400_000, block_s=1.0, dead_max=10_000):
+                 result_ttl_ms=86_400_000, block_s=1.0, dead_max=10_000, max_result_bytes=1024 * 1024):
+        if not 0 < block_s * 1000 < lease_ms / 3:
+            raise ValueError("block_s must be positive and below a third of the lease")
         self.r = redis.Redis.from_url(url)
         self.scripts = Scripts(self.r)
         self.keys = Keys(prefix, queue)
@@ -258,7 +456,13 @@ class Worker:
         self.ttl = result_ttl_ms
         self.block_s = block_s
         self.dead_max = dead_max
+        self.max_result_bytes = max_result_bytes
+        # Sweep and recovery: every half lease, with a guard of the same
+        # length; dead workers are remembered for ten TTLs, at least a minute.
+        self.sweep_ms = max(lease_ms // 2, 10)
+        self.retention_ms = max(lease_ms * 10, 60_000)
         self.last_sweep = 0.0
+        self.registered = False
         register(self.scripts, self.keys, mode)
 
     def run(self, count=None, idle_exit_s=None):
@@ -281,12 +485,13 @@ class Worker:
                 # worker is marked dead (recovery finds anything moved into
                 # its list later; the retention then forgets it).
                 self.scripts("reliable_requeue_worker", [self.keys.workers, self.keys.inflight(self.id), self.keys.pending],
-                             [self.id, "0", "60000"])
+                             [self.id, "0", str(self.retention_ms)])
         return done
 
     def execute(self, job_id, enc, body, attempt):
         """Decodes, runs the handler, encodes: ("completed", bytes) or
-        ("failed", kind, message, retryable)."""
+        ("failed", kind, message, retryable), with the failure kinds of
+        section 6.2. Raises Abandoned when the worker is being stopped."""
         job_id = text(job_id)  # the start scripts run UTF-8 IDs only
         try:
             payload = decode(enc, body)
@@ -294,12 +499,20 @@ class Worker:
             return ("failed", "decode", f"cannot decode payload ({enc!r}): {e}", False)
         try:
             value = self.handler(payload, {"id": job_id, "attempt": attempt, "enc": enc})
-        except Exception as e:  # noqa: BLE001 - a handler error fails the job
-            return ("failed", "handler", str(e), True)
+        except Exception as e:  # noqa: BLE001 - every exception the handler raises is its own failure
+            return ("failed", "handler", f"{type(e).__name__}: {e}", True)
+        except (KeyboardInterrupt, SystemExit) as e:
+            raise Abandoned(type(e).__name__) from e
+        except BaseException as e:  # noqa: BLE001 - not meant to be caught: the handler crashed
+            return ("failed", "panic", f"{type(e).__name__}: {e}", True)
         try:
-            return ("completed", encode(enc, value))
+            result = encode(enc, value)
         except Exception as e:  # noqa: BLE001
             return ("failed", "encode", str(e), False)
+        if len(result) > self.max_result_bytes:
+            return ("failed", "too_large",
+                    f"result of {len(result)} bytes exceeds the maximum of {self.max_result_bytes} bytes", False)
+        return ("completed", result)
 
     # simple mode -----------------------------------------------------------
 
@@ -309,47 +522,58 @@ class Worker:
             return 0
         entry = popped[1][0]
         try:
-            envelope = msgpack.unpackb(entry, raw=False)
-            if not isinstance(envelope, dict):
-                raise ValueError("not a map")
-            job_id, enc, body = envelope["id"], envelope["enc"], envelope["payload"]
-            if not isinstance(job_id, str) or not isinstance(enc, str) or not isinstance(body, bytes):
-                raise ValueError("id, enc or payload of the wrong type")
-            reply = envelope.get("reply")
-            if reply is not None and not (isinstance(reply, str) and reply.startswith(self.keys.reply(""))
-                                          and len(reply) > len(self.keys.reply(""))):
-                raise ValueError("reply is not a reply channel of this queue")
-        except Exception as e:  # noqa: BLE001 - not a job: keep it, with the reason
-            record = msgpack.packb({"reason": f"invalid envelope: {e}", "entry": entry, "at_ms": now_ms()}, use_bin_type=True)
+            # Optional fields of the wrong type are absent; a reply that is
+            # text but not a channel of this queue makes the entry invalid.
+            envelope = read_record(ENVELOPE, entry)
+            if "reply" in envelope and not self.keys.owns_reply_channel(envelope["reply"]):
+                raise InvalidRecord("reply is not a reply channel of this queue")
+        except InvalidRecord as e:
+            # Not a job: its client is told when it can be, and the entry is
+            # kept, with the reason.
+            client = envelope_client(entry, self.keys)
+            if client is not None:
+                self.send_reply(client[0], client[1], None,
+                                ("failed", "decode", f"invalid job envelope: {e}", False))
+            record = pack_record(DEAD, {"reason": f"invalid job envelope: {e}", "entry": entry, "at_ms": now_ms()})
             self.scripts("simple_dead", [self.keys.dead], [record, str(self.dead_max)])
             return 1
-        outcome = self.execute(job_id, enc, body, 1)
+        job_id, enc, reply = envelope["id"], envelope["enc"], envelope.get("reply")
+        try:
+            outcome = self.execute(job_id, enc, envelope["payload"], 1)
+        except Abandoned:
+            if reply is not None:
+                self.send_reply(job_id, reply, enc, ("failed", "shutdown", "worker shut down before the job finished", False))
+            raise
         if reply is not None:
-            if outcome[0] == "completed":
-                message = {"id": job_id, "status": "completed", "enc": enc, "result": outcome[1]}
-            else:
-                message = {"id": job_id, "status": "failed", "error": {"kind": outcome[1], "message": outcome[2]}}
-            self.scripts("simple_reply", [self.keys.meta], [reply, msgpack.packb(message, use_bin_type=True)])
+            self.send_reply(job_id, reply, enc, outcome)
         return 1
+
+    def send_reply(self, job_id, channel, enc, outcome):
+        if outcome[0] == "completed":
+            message = {"id": job_id, "status": "completed", "enc": enc, "result": outcome[1]}
+        else:
+            message = {"id": job_id, "status": "failed", "error": {"kind": outcome[1], "message": outcome[2]}}
+        self.scripts("simple_reply", [self.keys.meta], [channel, pack_record(REPLY, message)])
 
     # recoverable mode ------------------------------------------------------
 
     def sweep(self):
-        if time.monotonic() - self.last_sweep < self.lease_ms / 2000:
+        # The guard equals the interval (section 18).
+        if time.monotonic() - self.last_sweep < self.sweep_ms / 1000:
             return
         self.last_sweep = time.monotonic()
         k = self.keys
         if self.mode == "recoverable":
-            self.scripts("job_requeue_stale", [k.leases, k.pending, k.tickets, k.sweep], [str(self.lease_ms // 2), "1000"])
+            self.scripts("job_requeue_stale", [k.leases, k.pending, k.tickets, k.sweep], [str(self.sweep_ms), "1000"])
         else:
-            dead = self.scripts("reliable_find_dead", [k.workers, k.sweep], [str(self.lease_ms // 2), "100"])
+            dead = self.scripts("reliable_find_dead", [k.workers, k.sweep], [str(self.sweep_ms), "100"])
             if isinstance(dead, list):
                 # Worker IDs are bytes: the set may hold members another
                 # program wrote.
                 for worker in dead:
                     if worker != self.id.encode():
                         self.scripts("reliable_requeue_worker", [k.workers, k.inflight(worker), k.pending],
-                                     [worker, "1", str(self.lease_ms * 10)])
+                                     [worker, "1", str(self.retention_ms)])
 
     def recoverable_once(self):
         k = self.keys
@@ -357,8 +581,10 @@ class Worker:
         claim_keys = [k.pending, k.tickets, k.leases, k.fence]
         claimed = self.scripts("job_claim", claim_keys, ["1", str(self.lease_ms), "0"])
         if not claimed:
+            # The block timeout is in seconds, as Redis takes it.
             if not self.r.execute_command("BLMPOP", self.block_s, 1, k.tickets, "RIGHT", "COUNT", 1):
                 return 0
+            # After a ticket: ask for every free slot (one here), tickets taken 1.
             claimed = self.scripts("job_claim", claim_keys, ["1", str(self.lease_ms), "1"])
             if not claimed:
                 return 0
@@ -369,8 +595,25 @@ class Worker:
                               "publish", job_id, token])[0]
         if text(start[0]) != "run":
             return 1
-        self.finish(job_id, token, self.execute(job_id, text(start[1]), start[2], int(start[3])), k.leases)
+        # The sixth element of job_start's decision is the job's lease in
+        # ms (reliable_start's is the token): this worker does not renew
+        # leases, so its jobs must end within it.
+        self.run_started(job_id, token, start, k.leases)
         return 1
+
+    def run_started(self, job_id, token, start, claim):
+        """Runs a started job and records its outcome; gives it back when
+        the worker is stopped meanwhile."""
+        try:
+            outcome = self.execute(job_id, text(start[1]), start[2], int(start[3]))
+        except Abandoned:
+            k = self.keys
+            try:
+                self.scripts("job_release", [k.job(job_id), claim, k.pending, k.tickets], [job_id, token, self.mode])
+            except ProtocolError as e:
+                print(f"could not give {text(job_id)} back: {e}", file=sys.stderr)
+            raise
+        self.finish(job_id, token, outcome, claim)
 
     def finish(self, job_id, token, outcome, claim):
         k = self.keys
@@ -388,7 +631,14 @@ class Worker:
     # reliable mode ---------------------------------------------------------
 
     def heartbeat(self):
-        self.scripts("reliable_heartbeat", [self.keys.workers], [self.id, str(self.lease_ms)])
+        alive = self.scripts("reliable_heartbeat", [self.keys.workers], [self.id, str(self.lease_ms)])
+        if not alive and self.registered:
+            # Declared dead (paused past its TTL): recovery may have put its
+            # in-flight IDs back. It is registered again from this call on.
+            # This worker runs one job at a time, between heartbeats, so it
+            # holds no running job here (section 9.1, step 2).
+            print(f"worker {self.id} was declared dead; registered again", file=sys.stderr)
+        self.registered = True
 
     def reliable_once(self):
         k = self.keys
@@ -413,8 +663,8 @@ class Worker:
             return 0  # another worker took it first: look again
         if text(start[0]) != "run":
             return 1
-        token = text(start[5])
-        self.finish(job_id, token, self.execute(job_id, text(start[1]), start[2], int(start[3])), inflight)
+        token = text(start[5])  # reliable_start: the sixth element is the token
+        self.run_started(job_id, token, start, inflight)
         return 1
 
 
@@ -469,7 +719,7 @@ def main(argv=None):
         queue = Client(args.url).queue(args.queue, args.mode)
         ids = [queue.submit(sample(args.enc), enc=args.enc) for _ in range(args.count)]
         for job_id in ids:
-            got = queue.result(job_id, timeout=30)
+            got = queue.result(job_id, timeout=30, enc=args.enc)
             want = {"ok": True, "echo": sample(args.enc), "seen_by": "rust"}
             if got != want:
                 print(f"job {job_id}: got {got!r}", file=sys.stderr)
@@ -479,7 +729,11 @@ def main(argv=None):
     if args.command == "conformance":
         import conformance
 
-        return conformance.replay(args.url, args.file)
+        failed = conformance.replay(args.url, args.file)
+        # The doorbells the scripts publish, against the golden vectors
+        # next to the scenario file.
+        vectors = pathlib.Path(args.file).with_name("vectors.json")
+        return failed | conformance.check_doorbells(args.url, vectors)
     if args.command == "vectors":
         import conformance
 

@@ -97,7 +97,10 @@ async fn run_job(
             // Not a valid envelope. If its ID and reply channel can still be
             // read, its client is told; the entry is kept either way.
             let reason = e.to_string();
-            if let Ok(partial) = unpack::<PartialEnvelope>(&entry, "job envelope")
+            // Best effort, so more lenient than `unpack`: bytes after the
+            // map, for example, do not stop us from telling the client.
+            if let Ok(partial) =
+                crate::encoding::msgpack_prefix::<PartialEnvelope>(&entry, "job envelope")
                 && let Some(channel) = partial.reply.filter(|c| keys.owns_reply_channel(c))
             {
                 let failure = Outcome::Failed(
