@@ -184,6 +184,9 @@ pub(crate) enum Start {
         enc: String,
         payload: Vec<u8>,
         attempt: u32,
+        /// Recoverable mode: the lease `job_start` set (the job's own, or
+        /// the worker's default), which the heartbeat must renew in time.
+        lease: Option<Duration>,
     },
     /// It stalled too often and is now dead.
     Dead,
@@ -222,7 +225,7 @@ pub(crate) async fn job_start(
     };
     let replies: Vec<Vec<Vec<u8>>> = run(con, &call, keys, lone).await?;
     one_per_job(&replies, claims.len(), "job_start reply")?;
-    Ok(replies.iter().map(|r| parse_start(r)).collect())
+    Ok(replies.iter().map(|r| parse_start(r, true)).collect())
 }
 
 /// Parses the reply of `job_start` or `reliable_start`.
@@ -237,7 +240,7 @@ fn one_per_job<T>(replies: &[T], jobs: usize, what: &'static str) -> Result<(), 
     })
 }
 
-fn parse_start(reply: &[Vec<u8>]) -> Start {
+fn parse_start(reply: &[Vec<u8>], sixth_is_lease: bool) -> Start {
     let text = |i: usize| {
         String::from_utf8_lossy(reply.get(i).map_or(&[][..], |v| v.as_slice())).into_owned()
     };
@@ -247,6 +250,9 @@ fn parse_start(reply: &[Vec<u8>]) -> Start {
             enc: text(1),
             payload: reply.get(2).cloned().unwrap_or_default(),
             attempt: number(3) as u32,
+            // Careful: the sixth element is the lease in job_start's
+            // decisions and the token in reliable_start's.
+            lease: (sixth_is_lease && number(5) > 0).then(|| Duration::from_millis(number(5))),
         },
         "dead" => Start::Dead,
         "lost" => Start::Skip("a newer claim owns it".into()),
@@ -558,7 +564,7 @@ pub(crate) async fn reliable_start(
                 .get(5)
                 .map(|t| String::from_utf8_lossy(t).into_owned())
                 .unwrap_or_default();
-            (parse_start(reply), token)
+            (parse_start(reply, false), token)
         })
         .collect())
 }

@@ -601,3 +601,44 @@ async fn outcomes_finished_together_reach_their_client_in_one_message() {
     assert!(arrays >= 1, "no grouped doorbell among the messages");
     assert_eq!(worker.stop().await.completed, 20);
 }
+
+#[tokio::test]
+async fn a_job_whose_own_lease_is_shorter_than_the_workers_is_renewed_in_time() {
+    let server = RedisServer::start();
+    let q = queue_name("short-lease");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    // The worker's default lease is 30 s (renewed every 10 s); the job's own
+    // lease is 300 ms and its handler takes a second: only renewals every
+    // third of the job's own lease keep it from being swept and run again.
+    let worker = spawn_built(
+        Worker::builder(config(&server))
+            .mode(Mode::Recoverable)
+            .queue(&q)
+            .lease(Duration::from_secs(30))
+            .sweep_interval(Duration::from_millis(50)),
+        move |job: Job<String>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(1000)).await;
+                Ok::<_, String>(job.payload)
+            }
+        },
+    )
+    .await;
+    let client = Client::connect(config(&server)).await.unwrap();
+    let queue = client.queue(&q, Mode::Recoverable).await.unwrap();
+    let handle = queue
+        .submit_with(
+            "kept",
+            JobOptions::default().lease(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap();
+    let id = handle.id().to_owned();
+    assert_eq!(handle.result_timeout::<String>(WAIT).await.unwrap(), "kept");
+    let status = queue.status(&id).await.unwrap().unwrap();
+    assert_eq!((status.attempt, status.stalls), (1, 0), "{status:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the job ran once");
+    assert_eq!(worker.stop().await.completed, 1);
+}

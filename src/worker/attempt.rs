@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio::task::JoinSet;
@@ -23,31 +24,53 @@ use crate::mode::Mode;
 use crate::transitions::{self, BatchItem, OwnedFinish, Start, StartSettings};
 
 /// The running jobs of this worker, for the heartbeat: queue name -> job ID
-/// -> fencing token.
+/// -> (fencing token, lease when the job has its own).
 #[derive(Default)]
-pub(crate) struct Active(Mutex<HashMap<String, HashMap<String, String>>>);
+pub(crate) struct Active {
+    jobs: Mutex<HashMap<String, HashMap<String, (String, Option<Duration>)>>>,
+    /// Woken when a job starts whose lease is shorter than any before it:
+    /// the heartbeat must then renew more often.
+    pub(crate) shorter_lease: tokio::sync::Notify,
+}
 
 impl Active {
-    pub(crate) fn insert(&self, queue: &str, id: &str, token: &str) {
-        let mut map = self.0.lock().expect("active jobs lock");
+    pub(crate) fn insert(&self, queue: &str, id: &str, token: &str, lease: Option<Duration>) {
+        let shortest = self.shortest_lease();
+        let mut map = self.jobs.lock().expect("active jobs lock");
         map.entry(queue.to_owned())
             .or_default()
-            .insert(id.to_owned(), token.to_owned());
+            .insert(id.to_owned(), (token.to_owned(), lease));
+        drop(map);
+        if lease.is_some_and(|l| shortest.is_none_or(|s| l < s)) {
+            self.shorter_lease.notify_one();
+        }
+    }
+
+    /// The shortest lease among the running jobs that have one.
+    pub(crate) fn shortest_lease(&self) -> Option<Duration> {
+        let map = self.jobs.lock().expect("active jobs lock");
+        map.values()
+            .flat_map(|jobs| jobs.values().filter_map(|(_, lease)| *lease))
+            .min()
     }
     /// Forgets the attempt of `id` under `token`; a newer attempt of the
     /// same job (same ID, another token) stays.
     pub(crate) fn remove(&self, queue: &str, id: &str, token: &str) {
-        let mut map = self.0.lock().expect("active jobs lock");
+        let mut map = self.jobs.lock().expect("active jobs lock");
         if let Some(jobs) = map.get_mut(queue)
-            && jobs.get(id).is_some_and(|t| t == token)
+            && jobs.get(id).is_some_and(|(t, _)| t == token)
         {
             jobs.remove(id);
         }
     }
     pub(crate) fn of(&self, queue: &str) -> Vec<(String, String)> {
-        let map = self.0.lock().expect("active jobs lock");
+        let map = self.jobs.lock().expect("active jobs lock");
         map.get(queue)
-            .map(|jobs| jobs.iter().map(|(i, t)| (i.clone(), t.clone())).collect())
+            .map(|jobs| {
+                jobs.iter()
+                    .map(|(i, (t, _))| (i.clone(), t.clone()))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -70,7 +93,8 @@ pub(crate) fn spawn_started(
             enc,
             payload,
             attempt,
-        } => (enc, payload, attempt),
+            lease,
+        } => (enc, payload, attempt, lease),
         Start::Dead => {
             let id = String::from_utf8_lossy(&id);
             tracing::warn!(job = %id, queue = keys.queue(), "job stalled too often: dead-lettered");
@@ -93,9 +117,11 @@ pub(crate) fn spawn_started(
         );
         return;
     };
-    shared.active.insert(keys.queue(), &id, &token);
+    let (enc, payload, attempt, lease) = run;
+    shared.active.insert(keys.queue(), &id, &token, lease);
     let (shared, keys) = (shared.clone(), keys.clone());
     tasks.spawn(async move {
+        let run = (enc, payload, attempt);
         run_started(&shared, mode, &keys, (&id, &token), run, permit).await;
         shared.active.remove(keys.queue(), &id, &token);
     });
@@ -238,14 +264,16 @@ pub(crate) async fn finish(
 #[cfg(test)]
 mod tests {
     use super::Active;
+    use std::time::Duration;
 
     #[test]
     fn an_ended_attempt_does_not_forget_a_newer_attempt_of_the_same_job() {
         let active = Active::default();
-        active.insert("q", "j1", "1");
+        active.insert("q", "j1", "1", None);
         // The same worker starts the job again (a retry it took back)
         // before the first attempt's task has ended.
-        active.insert("q", "j1", "2");
+        active.insert("q", "j1", "2", Some(Duration::from_secs(1)));
+        assert_eq!(active.shortest_lease(), Some(Duration::from_secs(1)));
         active.remove("q", "j1", "1");
         assert_eq!(active.of("q"), vec![("j1".to_owned(), "2".to_owned())]);
         active.remove("q", "j1", "2");

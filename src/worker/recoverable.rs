@@ -211,11 +211,18 @@ async fn claim_in_order(
 /// Renews the leases of this worker's running jobs every third of the lease,
 /// one call per queue, until the worker has finished.
 async fn heartbeat(shared: Arc<Shared>) {
-    let every = shared.settings.lease / 3;
     loop {
+        // Every third of the shortest lease among the running jobs (a job
+        // may have its own, shorter than the worker's default); at once when
+        // a job with a shorter one starts.
+        let lease = shared
+            .active
+            .shortest_lease()
+            .map_or(shared.settings.lease, |l| l.min(shared.settings.lease));
         tokio::select! {
             _ = shared.finished.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(lease / 3) => {}
+            _ = shared.active.shorter_lease.notified() => {}
         }
         for keys in &shared.queues {
             let jobs = shared.active.of(keys.queue());
