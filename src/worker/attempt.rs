@@ -23,11 +23,14 @@ use crate::keys::QueueKeys;
 use crate::mode::Mode;
 use crate::transitions::{self, BatchItem, OwnedFinish, Start, StartSettings};
 
-/// The running jobs of this worker, for the heartbeat: queue name -> job ID
-/// -> (fencing token, lease when the job has its own).
+/// One queue's running jobs: job ID -> (fencing token, the job's lease).
+type Running = HashMap<String, (String, Option<Duration>)>;
+
+/// The running jobs of this worker, for the heartbeat and orphan detection:
+/// queue name -> its running jobs.
 #[derive(Default)]
 pub(crate) struct Active {
-    jobs: Mutex<HashMap<String, HashMap<String, (String, Option<Duration>)>>>,
+    jobs: Mutex<HashMap<String, Running>>,
     /// Woken when a job starts whose lease is shorter than any before it:
     /// the heartbeat must then renew more often.
     pub(crate) shorter_lease: tokio::sync::Notify,
