@@ -1,6 +1,6 @@
 #!lua
 -- name: job_start
--- version: 9
+-- version: 10
 -- Recoverable mode, second half of a claim, for one or many claimed jobs of
 -- a queue in one call: marks each job active under its claim's fencing
 -- token, or tells the worker not to run it. An attempt that finds the job
@@ -26,7 +26,9 @@
 --            job_claim; 1 to 999999999999999)
 --
 -- Reply:   array with one decision per job, in KEYS order:
---          {"run", enc, payload, attempt, stalls, lease ms}  run it
+--          {"run", enc, payload, attempt, stalls, lease ms, timeout ms}  run it
+--                             (timeout ms: the job's own handler timeout,
+--                             "0" for none: the worker's default)
 --          {"dead"}           stalled too often: now dead, client told
 --          {"gone", state}    finished or missing: do not run
 --          {"gone", "failed"} the hash is not a valid job (no or unknown state):
@@ -36,7 +38,8 @@
 --          {"gone", "invalid id"}  the ID is not 1 to 256 bytes of valid UTF-8:
 --                             it goes to the dead-letter set; its hash, if
 --                             any, is failed (kind "decode"), client told
---          {"lost"}           a newer claim owns the job: do not run
+--          {"lost"}           a newer claim owns the job, or this claim is no
+--                             longer in the lease set: do not run
 --          {"gone", "duplicate"}  the ID came earlier in this call: do not run
 -- Errors:  JQ_WRONGTYPE <key> zset <found type>   the lease or dead-letter set
 --          JQ_BAD_ARGS <detail>
@@ -55,6 +58,13 @@ local function integer(s, lo, hi)
     return nil
   end
   return v
+end
+
+-- A job's own handler timeout as stored, canonical ("0": none, the
+-- worker's default; a value that is not an integer in range counts as none).
+local function timeout_of(v)
+  local t = integer(v, 1, 1000000000000)
+  return t and string.format('%d', t) or '0'
 end
 
 -- Length of the valid UTF-8 sequence (RFC 3629: no overlong forms, no
@@ -215,13 +225,20 @@ local function start(key, id, token)
     return invalid(key, id, 'job ID is not valid UTF-8')
   end
   local job = redis.pcall('HMGET', key, 'state', 'token', 'enc', 'payload', 'lease_ms',
-    'attempt', 'stalls')
+    'attempt', 'stalls', 'timeout_ms')
   if job.err then
     bury(id)
     return {'gone', 'not a hash'}
   end
   local state = job[1]
   if (integer(job[2], 0, 999999999999999) or 0) > token then
+    return {'lost'}
+  end
+  -- The claim must still stand: a sweep (lease ran out between claim and
+  -- start) or a late job_finish/job_release of an older attempt may have
+  -- dropped it and put the ID back on pending, where another claim will
+  -- start the job. Starting it here too would run it twice at once.
+  if not redis.call('ZSCORE', KEYS[1], id) then
     return {'lost'}
   end
   if state == 'completed' or state == 'failed' or state == 'dead' then
@@ -264,7 +281,8 @@ local function start(key, id, token)
       'stalls', stalled, 'started_ms', now_ms, 'worker', worker)
   end
   redis.call('ZADD', KEYS[1], int(now_n + lease), id)
-  return {'run', job[3] or '', job[4] or '', attempt, stalled, leased}
+  return {'run', job[3] or '', job[4] or '', attempt, stalled, leased,
+    timeout_of(job[8])}
 end
 
 local out, seen = {}, {}

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_submit
--- version: 6
+-- version: 7
 -- Recoverable and reliable modes: stores one or more jobs, each in its own
 -- hash in state "queued", and appends their IDs to the queue's pending
 -- list, all at once. In recoverable mode it also pushes one ticket per job
@@ -12,11 +12,13 @@
 -- KEYS[3+i]  job hash of job i     <prefix>:{<queue>}:job:<id i>
 -- ARGV[1]    mode                  "recoverable" | "reliable"
 -- ARGV[2]    protocol version      decimal integer from 1 to 1000000
--- ARGV[3..]  six arguments per job, in KEYS order:
+-- ARGV[3..]  seven arguments per job, in KEYS order:
 --            id (1 to 256 bytes of valid UTF-8), enc, payload, client ID to
 --            notify ("" for none; at most 64 bytes: the outcome is announced
 --            on <prefix>:{<queue>}:reply:<client ID>), lease ms (0: the
---            worker's default, else 1 to 10^12), max attempts (1 to 10^6)
+--            worker's default, else 1 to 10^12), max attempts (1 to 10^6),
+--            timeout ms (how long the handler may run; 0: the worker's
+--            default, else 1 to 10^12)
 --
 -- Reply:   length of the pending list after the push.
 -- Errors:  JQ_QUEUE_UNKNOWN <meta key>
@@ -109,8 +111,8 @@ local function text(s)
 end
 
 local n = #KEYS - 3
-if n < 1 or #ARGV ~= 2 + 6 * n then
-  return redis.error_reply('JQ_BAD_ARGS expected 3 keys (meta, pending, tickets) and a job key per job; a mode, a protocol version and six arguments per job key')
+if n < 1 or #ARGV ~= 2 + 7 * n then
+  return redis.error_reply('JQ_BAD_ARGS expected 3 keys (meta, pending, tickets) and a job key per job; a mode, a protocol version and seven arguments per job key')
 end
 local mode = ARGV[1]
 if mode ~= 'simple' and mode ~= 'recoverable' and mode ~= 'reliable' then
@@ -121,10 +123,10 @@ if not integer(ARGV[2], 1, 1000000) then
 end
 local base = string.sub(KEYS[1], 1, -6) -- strip ":meta"
 local seen = {}
--- Per job, the lease and max attempts to store (nil: the default).
-local leases, attempts = {}, {}
+-- Per job, the lease, max attempts and timeout to store (nil: the default).
+local leases, attempts, timeouts = {}, {}, {}
 for i = 1, n do
-  local a = 2 + 6 * (i - 1)
+  local a = 2 + 7 * (i - 1)
   local id = ARGV[a + 1]
   if id == '' or #id > 256 then
     return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 1) .. '] job ID must be 1 to 256 bytes')
@@ -153,6 +155,13 @@ for i = 1, n do
     if max_n ~= 1 then
       attempts[i] = string.format('%d', max_n)
     end
+  end
+  if ARGV[a + 7] ~= '0' then
+    local timeout_n = integer(ARGV[a + 7], 1, 1000000000000)
+    if not timeout_n then
+      return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 7) .. '] timeout ms must be an integer from 0 to 1000000000000')
+    end
+    timeouts[i] = string.format('%d', timeout_n)
   end
   if seen[id] then
     return redis.error_reply('JQ_DUPLICATE ' .. id)
@@ -192,7 +201,7 @@ for first = 4, 3 + n, 1000 do
   if redis.call('EXISTS', unpack(KEYS, first, last)) > 0 then
     for k = first, last do
       if redis.call('EXISTS', KEYS[k]) == 1 then
-        return redis.error_reply('JQ_DUPLICATE ' .. ARGV[2 + 6 * (k - 4) + 1])
+        return redis.error_reply('JQ_DUPLICATE ' .. ARGV[2 + 7 * (k - 4) + 1])
       end
     end
   end
@@ -202,11 +211,12 @@ end
 local now = redis.call('TIME')
 local now_ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
 for i = 1, n do
-  local a = 2 + 6 * (i - 1)
-  local key, client, lease, max = KEYS[3 + i], ARGV[a + 4], leases[i], attempts[i]
+  local a = 2 + 7 * (i - 1)
+  local key, client, lease, max, timeout = KEYS[3 + i], ARGV[a + 4], leases[i], attempts[i], timeouts[i]
   -- Fields at their default value (client "", lease_ms 0, max_attempts 1,
-  -- attempt, stalls and token 0) are not written: less memory and CPU.
-  if not lease and not max then
+  -- timeout_ms 0, attempt, stalls and token 0) are not written: less memory
+  -- and CPU.
+  if not lease and not max and not timeout then
     if client ~= '' then
       redis.call('HSET', key, 'state', 'queued', 'enc', ARGV[a + 2], 'payload', ARGV[a + 3],
         'submitted_ms', now_ms, 'client', client)
@@ -228,6 +238,10 @@ for i = 1, n do
       fields[#fields + 1] = 'max_attempts'
       fields[#fields + 1] = max
     end
+    if timeout then
+      fields[#fields + 1] = 'timeout_ms'
+      fields[#fields + 1] = timeout
+    end
     redis.call('HSET', key, unpack(fields))
   end
 end
@@ -237,7 +251,7 @@ local len = 0
 for first = 1, n, 1000 do
   local ids, tickets = {}, {}
   for i = first, math.min(first + 999, n) do
-    ids[#ids + 1] = ARGV[2 + 6 * (i - 1) + 1]
+    ids[#ids + 1] = ARGV[2 + 7 * (i - 1) + 1]
     tickets[#tickets + 1] = '1'
   end
   len = redis.call('LPUSH', KEYS[2], unpack(ids))

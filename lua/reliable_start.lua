@@ -1,6 +1,6 @@
 #!lua
 -- name: reliable_start
--- version: 9
+-- version: 10
 -- Reliable mode: starts one or many jobs in one call: issues each attempt's
 -- fencing token and marks the job active, or tells the worker not to run
 -- it. With source "inflight" the IDs are already in the worker's in-flight
@@ -33,7 +33,9 @@
 -- ARGV[6+i]  id of job i, in KEYS order (from "pending": oldest first)
 --
 -- Reply:   array with one decision per job, in KEYS order:
---          {"run", enc, payload, attempt, stalls, token}  run it
+--          {"run", enc, payload, attempt, stalls, token, timeout ms}  run it
+--                            (timeout ms: the job's own handler timeout,
+--                            "0" for none: the worker's default)
 --          {"dead"}          stalled too often: now dead, client told
 --          {"gone", state}   finished or missing: dropped from the in-flight list
 --          {"gone", "failed"} the hash is not a valid job (no or unknown state):
@@ -68,6 +70,13 @@ local function integer(s, lo, hi)
     return nil
   end
   return v
+end
+
+-- A job's own handler timeout as stored, canonical ("0": none, the
+-- worker's default; a value that is not an integer in range counts as none).
+local function timeout_of(v)
+  local t = integer(v, 1, 1000000000000)
+  return t and string.format('%d', t) or '0'
 end
 
 -- Length of the valid UTF-8 sequence (RFC 3629: no overlong forms, no
@@ -235,7 +244,8 @@ local function start(key, id)
   if not utf8(id) then
     return invalid(key, id, 'job ID is not valid UTF-8')
   end
-  local job = redis.pcall('HMGET', key, 'state', 'enc', 'payload', 'attempt', 'stalls')
+  local job = redis.pcall('HMGET', key, 'state', 'enc', 'payload', 'attempt', 'stalls',
+    'timeout_ms')
   if job.err then
     bury(id)
     return {'gone', 'not a hash'}
@@ -279,7 +289,8 @@ local function start(key, id)
     redis.call('HSET', key, 'state', 'active', 'token', fence, 'attempt', attempt,
       'stalls', stalled, 'started_ms', now_ms, 'worker', worker)
   end
-  return {'run', job[2] or '', job[3] or '', attempt, stalled, fence}
+  return {'run', job[2] or '', job[3] or '', attempt, stalled, fence,
+    timeout_of(job[6])}
 end
 
 -- From pending: the longest run of the expected IDs (oldest first) still at

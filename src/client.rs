@@ -109,9 +109,19 @@ pub struct JobOptions {
     /// fails or panics (default 1: no retry). Stalls (a worker died) are
     /// counted apart, against the worker's `max_stalls`.
     pub max_attempts: u32,
+    /// How long the job's handler may run, overriding the worker's default
+    /// ([`crate::WorkerBuilder::timeout`]). When it runs out, the handler's
+    /// future is dropped and the attempt fails with kind `timeout`, which
+    /// is retried like a handler error while attempts are left. Every mode.
+    pub timeout: Option<Duration>,
 }
 
 impl JobOptions {
+    /// Sets [`JobOptions::timeout`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
     /// Sets [`JobOptions::id`].
     pub fn id(mut self, id: impl Into<String>) -> Self {
         self.id = Some(id.into());
@@ -266,13 +276,15 @@ impl Queue {
                     max,
                 });
             }
+            let out_of_range = |d: Option<Duration>| {
+                d.is_some_and(|d| !(1..=transitions::MAX_MS).contains(&d.as_millis()))
+            };
             if u64::from(options.max_attempts) > transitions::MAX_COUNT
-                || options
-                    .lease
-                    .is_some_and(|l| !(1..=transitions::MAX_MS).contains(&l.as_millis()))
+                || out_of_range(options.lease)
+                || out_of_range(options.timeout)
             {
                 return Err(Error::Config(format!(
-                    "max_attempts must be at most {} and lease 1 ms to {} ms",
+                    "max_attempts must be at most {} and lease and timeout 1 ms to {} ms",
                     transitions::MAX_COUNT,
                     transitions::MAX_MS
                 )));
@@ -292,7 +304,11 @@ impl Queue {
             return Ok(Vec::new());
         }
         let calls = match self.mode {
-            Mode::Simple => self.simple_calls(prepared.iter().map(|(id, bytes, _)| (id, bytes)))?,
+            Mode::Simple => self.simple_calls(
+                prepared
+                    .iter()
+                    .map(|(id, bytes, options)| (id, bytes, options.timeout)),
+            )?,
             _ => self.job_calls(&prepared),
         };
         // Subscribe first, so that no outcome can be published unseen.
@@ -312,11 +328,11 @@ impl Queue {
 
     fn simple_calls<'b>(
         &self,
-        jobs: impl Iterator<Item = (&'b String, &'b Vec<u8>)>,
+        jobs: impl Iterator<Item = (&'b String, &'b Vec<u8>, Option<Duration>)>,
     ) -> Result<Vec<Call>, Error> {
         let submitted_ms = now_ms();
         let envelopes = jobs
-            .map(|(id, bytes)| {
+            .map(|(id, bytes, timeout)| {
                 pack(
                     &Envelope {
                         id: id.clone(),
@@ -324,6 +340,7 @@ impl Queue {
                         enc: self.encoding.as_str().to_owned(),
                         payload: ByteBuf::from(bytes.clone()),
                         submitted_ms,
+                        timeout_ms: timeout.map(|t| t.as_millis() as u64),
                     },
                     "job envelope",
                 )
@@ -348,6 +365,7 @@ impl Queue {
                         client: &self.client.inner.id,
                         lease: options.lease,
                         max_attempts: options.max_attempts.max(1),
+                        timeout: options.timeout,
                     })
                     .collect();
                 transitions::job_submit(&self.keys, self.mode, &jobs)

@@ -63,7 +63,10 @@ pub(crate) struct Healing(Arc<HealingInner>);
 struct HealingInner {
     client: ClusterClient,
     current: Mutex<(u64, ClusterConnection)>,
-    renewing: tokio::sync::Mutex<()>,
+    /// A renewal is under way (at most one at a time).
+    renewing: std::sync::atomic::AtomicBool,
+    /// When the last renewal started: at most one a second.
+    last_try: Mutex<Option<std::time::Instant>>,
 }
 
 impl Healing {
@@ -72,7 +75,8 @@ impl Healing {
         Ok(Self(Arc::new(HealingInner {
             client,
             current: Mutex::new((0, con)),
-            renewing: tokio::sync::Mutex::new(()),
+            renewing: std::sync::atomic::AtomicBool::new(false),
+            last_try: Mutex::new(None),
         })))
     }
 
@@ -84,20 +88,44 @@ impl Healing {
             .clone()
     }
 
-    /// Opens a new connection unless another caller has already replaced
-    /// connection `generation`.
-    async fn renew(&self, generation: u64) {
-        let _one_at_a_time = self.0.renewing.lock().await;
+    /// Opens a new connection in the background, unless one is being opened
+    /// already, one was tried in the last second, or another caller has
+    /// already replaced connection `generation`. The caller's own call
+    /// returns its error at once: it does not wait for the renewal.
+    fn renew(&self, generation: u64) {
+        use std::sync::atomic::Ordering;
         if self.current().0 != generation {
             return;
         }
-        match self.0.client.get_async_connection().await {
-            Ok(con) => {
-                tracing::warn!("a cluster call timed out: opened a new cluster connection");
-                *self.0.current.lock().expect("cluster connection lock") = (generation + 1, con);
+        {
+            let mut last = self.0.last_try.lock().expect("renewal lock");
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
             }
-            Err(e) => tracing::warn!(error = %e, "could not open a new cluster connection"),
+            if self
+                .0
+                .renewing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
         }
+        let inner = self.0.clone();
+        tokio::spawn(async move {
+            match inner.client.get_async_connection().await {
+                Ok(con) => {
+                    let mut current = inner.current.lock().expect("cluster connection lock");
+                    if current.0 == generation {
+                        tracing::warn!("a cluster call timed out: opened a new cluster connection");
+                        *current = (generation + 1, con);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not open a new cluster connection"),
+            }
+            inner.renewing.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -111,7 +139,7 @@ impl ConnectionLike for Conn {
                 Box::pin(async move {
                     let result = con.req_packed_command(cmd).await;
                     if result.as_ref().is_err_and(|e| e.is_timeout()) {
-                        h.renew(generation).await;
+                        h.renew(generation);
                     }
                     result
                 })
@@ -133,7 +161,7 @@ impl ConnectionLike for Conn {
                 Box::pin(async move {
                     let result = con.req_packed_commands(pipeline, offset, count).await;
                     if result.as_ref().is_err_and(|e| e.is_timeout()) {
-                        h.renew(generation).await;
+                        h.renew(generation);
                     }
                     result
                 })
@@ -179,7 +207,7 @@ pub(crate) async fn on_queue_primary(
                 )
                 .await;
             if result.as_ref().is_err_and(|e| e.is_timeout()) {
-                h.renew(generation).await;
+                h.renew(generation);
             }
             result
         }

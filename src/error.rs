@@ -8,7 +8,7 @@ use redis::RedisError;
 use crate::failure::FailureKind;
 
 /// Everything that can go wrong in this crate.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A Redis command failed: connection refused or dropped, timeout,

@@ -21,6 +21,10 @@ pub enum FailureKind {
     /// `shutdown`: the worker shut down and its grace period ran out before
     /// the job finished.
     Shutdown,
+    /// `timeout`: the handler ran longer than the job's timeout
+    /// ([`crate::JobOptions::timeout`], else the worker's default) and was
+    /// abandoned; retried like `handler` while attempts are left.
+    Timeout,
     /// `stalled`: the job's worker died or hung more often than allowed
     /// (recoverable and reliable modes); the job is in the dead-letter set.
     Stalled,
@@ -39,6 +43,7 @@ impl FailureKind {
             FailureKind::TooLarge => "too_large",
             FailureKind::Shutdown => "shutdown",
             FailureKind::Stalled => "stalled",
+            FailureKind::Timeout => "timeout",
             FailureKind::Other(s) => s,
         }
     }
@@ -55,6 +60,7 @@ impl FailureKind {
             "too_large" => FailureKind::TooLarge,
             "shutdown" => FailureKind::Shutdown,
             "stalled" => FailureKind::Stalled,
+            "timeout" => FailureKind::Timeout,
             other => FailureKind::Other(other.to_owned()),
         }
     }
@@ -80,6 +86,7 @@ mod tests {
             FailureKind::TooLarge,
             FailureKind::Shutdown,
             FailureKind::Stalled,
+            FailureKind::Timeout,
             FailureKind::Other("custom".into()),
         ] {
             assert_eq!(FailureKind::parse(k.as_str()), k);

@@ -102,7 +102,10 @@ impl JobHandle {
                         .await;
                 let watched = match watched {
                     Ok(w) => w,
-                    Err(e) if e.is_transient() => {
+                    // Scripts missing in the no-loading ACL profile (after a
+                    // restart, until an operator loads them) are retried as
+                    // well: the job is safe in Redis meanwhile.
+                    Err(e) if e.is_transient() || matches!(e, Error::ScriptsNotLoaded { .. }) => {
                         // A failover, a restart, a server still loading, a
                         // dropped connection: the job is safe in Redis. Read
                         // again until it can be read; only the caller's own

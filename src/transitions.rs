@@ -110,6 +110,8 @@ pub(crate) struct NewJob<'a> {
     pub client: &'a str,
     pub lease: Option<Duration>,
     pub max_attempts: u32,
+    /// How long the handler may run (`None`: the worker's default).
+    pub timeout: Option<Duration>,
 }
 
 /// `job_submit`: stores jobs and queues their IDs.
@@ -131,7 +133,8 @@ pub(crate) fn job_submit(keys: &QueueKeys, mode: Mode, jobs: &[NewJob<'_>]) -> C
             .arg(job.payload)
             .arg(job.client)
             .arg(job.lease.map_or_else(|| "0".to_owned(), ms))
-            .arg(job.max_attempts.max(1).to_string());
+            .arg(job.max_attempts.max(1).to_string())
+            .arg(job.timeout.map_or_else(|| "0".to_owned(), ms));
     }
     call
 }
@@ -187,6 +190,8 @@ pub(crate) enum Start {
         /// Recoverable mode: the lease `job_start` set (the job's own, or
         /// the worker's default), which the heartbeat must renew in time.
         lease: Option<Duration>,
+        /// The job's own handler timeout (`None`: the worker's default).
+        timeout: Option<Duration>,
     },
     /// It stalled too often and is now dead.
     Dead,
@@ -253,6 +258,7 @@ fn parse_start(reply: &[Vec<u8>], sixth_is_lease: bool) -> Start {
             // Careful: the sixth element is the lease in job_start's
             // decisions and the token in reliable_start's.
             lease: (sixth_is_lease && number(5) > 0).then(|| Duration::from_millis(number(5))),
+            timeout: (number(6) > 0).then(|| Duration::from_millis(number(6))),
         },
         "dead" => Start::Dead,
         "lost" => Start::Skip("a newer claim owns it".into()),
@@ -323,11 +329,11 @@ pub(crate) enum OwnedFinish {
 
 impl OwnedFinish {
     /// True when `state` is a state `job_finish` leaves a job in for this
-    /// outcome (a failure may be retried: `queued`).
+    /// outcome (a retryable failure may be queued again).
     pub(crate) fn leaves_state(&self, state: &str) -> bool {
         match self {
             OwnedFinish::Completed(_) => state == "completed",
-            OwnedFinish::Failed { .. } => state == "failed" || state == "queued",
+            OwnedFinish::Failed { retry, .. } => state == "failed" || (*retry && state == "queued"),
         }
     }
 

@@ -26,6 +26,9 @@ pub(crate) struct Envelope {
     pub payload: ByteBuf,
     /// Submission time, milliseconds since the Unix epoch (client clock).
     pub submitted_ms: u64,
+    /// How long the handler may run, in ms; absent: the worker's default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 // Reading records (protocol.md section 6.4): keys in any order; keys that
@@ -35,6 +38,7 @@ pub(crate) struct Envelope {
 // would read an integer key as a field's index, hence these by hand.
 
 /// A record's map key: a str, or anything else (skipped with its value).
+/// A bin key is not a str, even when its bytes spell a field's name.
 enum Key {
     Str(String),
     Other,
@@ -42,16 +46,74 @@ enum Key {
 
 impl<'de> Deserialize<'de> for Key {
     fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Either {
-            Str(String),
-            Other(serde::de::IgnoredAny),
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map key")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Key, E> {
+                Ok(Key::Str(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Key, E> {
+                Ok(Key::Str(v))
+            }
+            fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<Key, E> {
+                Ok(Key::Other)
+            }
+            fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Key, E> {
+                Ok(Key::Other)
+            }
+            fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Key, E> {
+                Ok(Key::Other)
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Key, E> {
+                Ok(Key::Other)
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Key, E> {
+                Ok(Key::Other)
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Key, E> {
+                Ok(Key::Other)
+            }
+            fn visit_none<E: serde::de::Error>(self) -> Result<Key, E> {
+                Ok(Key::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Key, A::Error> {
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(Key::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Key, A::Error> {
+                while map
+                    .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                    .is_some()
+                {}
+                Ok(Key::Other)
+            }
         }
-        Ok(match Either::deserialize(de)? {
-            Either::Str(s) => Key::Str(s),
-            Either::Other(_) => Key::Other,
-        })
+        de.deserialize_any(V)
+    }
+}
+
+/// A str field's value: MessagePack str only (a bin is of the wrong type).
+struct Text(String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a str")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text, E> {
+                Ok(Text(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Text, E> {
+                Ok(Text(v))
+            }
+        }
+        de.deserialize_str(V)
     }
 }
 
@@ -75,11 +137,13 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Lenient<T> {
 
 /// Reads a record's map: `field` is called with each str key and reads its
 /// value (returning false for a key it does not know, whose value is then
-/// skipped); a key given twice is an error.
+/// skipped). A key of the record's table given twice is an error; unknown
+/// keys may repeat. Linear in the number of keys.
 fn read_record<'de, A: serde::de::MapAccess<'de>>(
     mut map: A,
     mut field: impl FnMut(&str, &mut A) -> Result<bool, A::Error>,
 ) -> Result<(), A::Error> {
+    // The record's own keys seen so far (a handful at most).
     let mut seen: Vec<String> = Vec::new();
     while let Some(key) = map.next_key::<Key>()? {
         match key {
@@ -89,10 +153,11 @@ fn read_record<'de, A: serde::de::MapAccess<'de>>(
                         "key {name:?} given twice"
                     )));
                 }
-                if !field(&name, &mut map)? {
+                if field(&name, &mut map)? {
+                    seen.push(name);
+                } else {
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
-                seen.push(name);
             }
             Key::Other => {
                 map.next_value::<serde::de::IgnoredAny>()?;
@@ -134,13 +199,15 @@ fn required<T, E: serde::de::Error>(value: Option<T>, name: &'static str) -> Res
 record!(Envelope, "a job envelope (a map)", |map| {
     let (mut id, mut reply, mut enc, mut payload, mut submitted_ms) =
         (None, None, None, None, None);
+    let mut timeout_ms = None;
     read_record(map, |name, map| {
         match name {
-            "id" => id = Some(map.next_value::<String>()?),
-            "reply" => reply = map.next_value::<Lenient<String>>()?.0,
-            "enc" => enc = Some(map.next_value::<String>()?),
+            "id" => id = Some(map.next_value::<Text>()?.0),
+            "reply" => reply = map.next_value::<Lenient<Text>>()?.0.map(|t| t.0),
+            "enc" => enc = Some(map.next_value::<Text>()?.0),
             "payload" => payload = Some(map.next_value::<ByteBuf>()?),
             "submitted_ms" => submitted_ms = map.next_value::<Lenient<u64>>()?.0,
+            "timeout_ms" => timeout_ms = map.next_value::<Lenient<u64>>()?.0,
             _ => return Ok(false),
         }
         Ok(true)
@@ -151,6 +218,8 @@ record!(Envelope, "a job envelope (a map)", |map| {
         enc: required(enc, "enc")?,
         payload: required(payload, "payload")?,
         submitted_ms: submitted_ms.unwrap_or(0),
+        // 1 ms to 10^12 ms; anything else counts as absent.
+        timeout_ms: timeout_ms.filter(|ms| (1..=1_000_000_000_000).contains(ms)),
     })
 });
 
@@ -158,9 +227,9 @@ record!(Reply, "a reply message (a map)", |map| {
     let (mut id, mut status, mut enc, mut result, mut error) = (None, None, None, None, None);
     read_record(map, |name, map| {
         match name {
-            "id" => id = Some(map.next_value::<String>()?),
-            "status" => status = Some(map.next_value::<String>()?),
-            "enc" => enc = map.next_value::<Lenient<String>>()?.0,
+            "id" => id = Some(map.next_value::<Text>()?.0),
+            "status" => status = Some(map.next_value::<Text>()?.0),
+            "enc" => enc = map.next_value::<Lenient<Text>>()?.0.map(|t| t.0),
             "result" => result = map.next_value::<Lenient<ByteBuf>>()?.0,
             "error" => error = map.next_value::<Lenient<WireError>>()?.0,
             _ => return Ok(false),
@@ -180,8 +249,8 @@ record!(WireError, "an error record (a map)", |map| {
     let (mut kind, mut message) = (None, None);
     read_record(map, |name, map| {
         match name {
-            "kind" => kind = Some(map.next_value::<String>()?),
-            "message" => message = Some(map.next_value::<String>()?),
+            "kind" => kind = Some(map.next_value::<Text>()?.0),
+            "message" => message = Some(map.next_value::<Text>()?.0),
             _ => return Ok(false),
         }
         Ok(true)
@@ -196,7 +265,7 @@ record!(DeadRecord, "a dead-letter record (a map)", |map| {
     let (mut reason, mut entry, mut at_ms) = (None, None, None);
     read_record(map, |name, map| {
         match name {
-            "reason" => reason = Some(map.next_value::<String>()?),
+            "reason" => reason = Some(map.next_value::<Text>()?.0),
             "entry" => entry = Some(map.next_value::<ByteBuf>()?),
             "at_ms" => at_ms = Some(map.next_value::<u64>()?),
             _ => return Ok(false),
@@ -290,6 +359,7 @@ mod tests {
             enc: "json".into(),
             payload: ByteBuf::from(b"\"hi\"".to_vec()),
             submitted_ms: 7,
+            timeout_ms: None,
         };
         let bytes = pack(&env, "envelope").unwrap();
         let expected: &[u8] = b"\x85\xa2id\xa2j1\xa5reply\xa1c\xa3enc\xa4json\xa7payload\xc4\x04\"hi\"\xacsubmitted_ms\x07";
@@ -329,6 +399,7 @@ mod tests {
                 enc: "json".into(),
                 payload: ByteBuf::from(b"\"hi\"".to_vec()),
                 submitted_ms: 1_764_345_600_000,
+                timeout_ms: None,
             },
         );
         golden(
@@ -339,6 +410,7 @@ mod tests {
                 enc: "msgpack".into(),
                 payload: ByteBuf::from(b"\x92\x01\xa3two".to_vec()),
                 submitted_ms: 0,
+                timeout_ms: None,
             },
         );
         golden(
@@ -436,6 +508,48 @@ mod tests {
         ]);
         let reply: Reply = unpack(&bytes, "reply").unwrap();
         assert!(reply.enc.is_none() && reply.error.is_none());
+    }
+
+    #[test]
+    fn keys_must_be_str_table_keys_must_not_repeat_and_many_keys_read_in_linear_time() {
+        // A bin key that spells "id" is not the id; an id given as bin is of
+        // the wrong type.
+        let bin_key = packed(vec![("enc", "json".into())]);
+        let mut with_bin_key = bin_key[..1].to_vec();
+        with_bin_key[0] += 3; // three entries in the fixmap
+        with_bin_key.extend_from_slice(&bin_key[1..]);
+        with_bin_key.extend_from_slice(b"\xc4\x02id\xa2j1\xa7payload\xc4\x011");
+        assert!(
+            unpack::<Envelope>(&with_bin_key, "envelope").is_err(),
+            "no str id"
+        );
+        let bin_id = packed(vec![
+            ("id", rmpv::Value::Binary(b"j1".to_vec())),
+            ("enc", "json".into()),
+            ("payload", rmpv::Value::Binary(b"1".to_vec())),
+        ]);
+        assert!(unpack::<Envelope>(&bin_id, "envelope").is_err(), "a bin id");
+        // Unknown keys may repeat; a table key may not.
+        let mut fields: Vec<(&str, rmpv::Value)> = vec![
+            ("id", "j1".into()),
+            ("enc", "json".into()),
+            ("payload", rmpv::Value::Binary(b"1".to_vec())),
+        ];
+        fields.extend((0..50_000).map(|_| ("x", rmpv::Value::Nil)));
+        let started = std::time::Instant::now();
+        assert!(unpack::<Envelope>(&packed(fields), "envelope").is_ok());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        let twice = packed(vec![
+            ("id", "j1".into()),
+            ("enc", "json".into()),
+            ("enc", "json".into()),
+            ("payload", rmpv::Value::Binary(b"1".to_vec())),
+        ]);
+        assert!(unpack::<Envelope>(&twice, "envelope").is_err());
     }
 
     #[test]

@@ -736,6 +736,19 @@ async fn hostile_job_hashes(mode: Mode) {
             1..=1,
             true,
         );
+        // A handler timeout that is not an integer from 1 to 10^12 counts
+        // as absent (the worker's default: none here): a job that runs
+        // 1.5 s completes.
+        let mut f = base(mp_str("slow"));
+        f.push(("timeout_ms", v.to_vec()));
+        add(
+            &mut con,
+            format!("timeout-{i}"),
+            f,
+            Want::Done("wols"),
+            1..=1,
+            true,
+        );
         // Max attempts that are not an integer in range count as 1.
         let mut f = base(mp_str("fail"));
         f.push(("max_attempts", v.to_vec()));
@@ -761,6 +774,30 @@ async fn hostile_job_hashes(mode: Mode) {
             );
         }
     }
+    // A handler timeout written by hand is honoured: the handler that
+    // hangs is abandoned after 300 ms (kind timeout), and retried like a
+    // handler error while attempts are left.
+    let mut f = base(mp_str("hang"));
+    f.push(("timeout_ms", b"300".to_vec()));
+    add(
+        &mut con,
+        "timeout-hang".into(),
+        f,
+        Want::Failed(FailureKind::Timeout),
+        1..=1,
+        true,
+    );
+    let mut f = base(mp_str("hang"));
+    f.push(("timeout_ms", b"300".to_vec()));
+    f.push(("max_attempts", b"2".to_vec()));
+    add(
+        &mut con,
+        "timeout-retried".into(),
+        f,
+        Want::Failed(FailureKind::Timeout),
+        2..=2,
+        true,
+    );
     let mut f = base(mp_str("ok"));
     f.push(("client", b"\xff\xfe".to_vec()));
     add(
@@ -1682,7 +1719,8 @@ async fn deeply_nested_payloads_fail_as_decode_errors_and_do_not_crash_the_worke
 enum Num {
     /// Durations in ms: 1 to 10^12.
     Ms,
-    /// A job's lease in `job_submit`: 0 (the worker's default) to 10^12.
+    /// A job's lease or handler timeout in `job_submit`: 0 (the worker's
+    /// default) to 10^12.
     MsOrZero,
     /// Counts and limits: 1 to 10^6.
     Count,
@@ -1921,6 +1959,7 @@ fn baselines() -> Vec<Baseline> {
                 b"c7",
                 b"0",
                 b"1",
+                b"0",
             ],
             vec![
                 meta("recoverable"),
@@ -1932,15 +1971,16 @@ fn baselines() -> Vec<Baseline> {
                 (1, Num::Protocol),
                 (6, Num::MsOrZero),
                 (7, Num::MaxAttempts),
+                (8, Num::MsOrZero),
             ],
             Arity::PerJob {
                 keys: 3,
                 argv: 2,
-                per: 6,
+                per: 7,
             },
         ),
         bl(
-            "two jobs, lease and attempts",
+            "two jobs, lease, attempts and timeout",
             "job_submit",
             &[
                 ("meta", "hash"),
@@ -1958,25 +1998,29 @@ fn baselines() -> Vec<Baseline> {
                 b"c7",
                 b"30000",
                 b"3",
+                b"1500",
                 b"j2",
                 b"msgpack",
                 b"\xa1x",
                 b"",
                 b"0",
                 b"1",
+                b"0",
             ],
             vec![meta("reliable"), c(&["LPUSH", &k("pending"), "j0"])],
             vec![
                 (1, Num::Protocol),
                 (6, Num::MsOrZero),
                 (7, Num::MaxAttempts),
-                (12, Num::MsOrZero),
-                (13, Num::MaxAttempts),
+                (8, Num::MsOrZero),
+                (13, Num::MsOrZero),
+                (14, Num::MaxAttempts),
+                (15, Num::MsOrZero),
             ],
             Arity::PerJob {
                 keys: 3,
                 argv: 2,
-                per: 6,
+                per: 7,
             },
         ),
         bl(
@@ -2043,6 +2087,7 @@ fn baselines() -> Vec<Baseline> {
             ],
             vec![
                 queued("j1"),
+                c(&["HSET", &k("job:j1"), "timeout_ms", "1500"]),
                 active("j2", "2"),
                 c(&["HSET", &k("job:j2"), "stalls", "3"]),
                 c(&["ZADD", &k("leases"), FUTURE, "j1", FUTURE, "j2"]),
@@ -2197,6 +2242,7 @@ fn baselines() -> Vec<Baseline> {
             vec![
                 c(&["LPUSH", &k("pending"), "j1"]),
                 queued("j1"),
+                c(&["HSET", &k("job:j1"), "timeout_ms", "1500"]),
                 c(&["SET", &k("fence"), "2"]),
             ],
             vec![(0, Num::MaxStalls), (2, Num::Ms), (3, Num::DeadMax)],

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use job_async_redis::{Client, Encoding, Job, Mode, Worker};
@@ -512,4 +512,213 @@ async fn the_rust_client_reads_every_reply_and_doorbell_vector() {
         "the Rust client disagrees with these reply and doorbell vectors:\n{}",
         failures.join("\n")
     );
+}
+
+// ---------------------------------------------------------------------------
+// Handler timeouts (protocol.md sections 6.1, 6.2, 8.4, 10.6, 10.8, 10.14)
+// ---------------------------------------------------------------------------
+
+/// A timeout job: the handler sleeps `sleep_ms`, then answers
+/// `"slept <name>"` (`nap_handler` in jobqueue.py).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Nap {
+    name: String,
+    sleep_ms: u64,
+}
+
+/// The worker's default handler timeout in both directions.
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The same jobs as `TIMEOUT_JOBS` in jobqueue.py: (name, sleep ms, own
+/// timeout ms (0: none), max attempts, expected outcome). "own" times out
+/// by its own 300 ms and, in recoverable and reliable modes, runs twice
+/// (retried like `handler`); "default" has no timeout of its own and times
+/// out by the worker's default (500 ms); "longer" has its own timeout,
+/// longer than the worker's default, and completes.
+const TIMEOUT_JOBS: [(&str, u64, u64, u32, &str); 3] = [
+    ("own", 10_000, 300, 2, "timeout"),
+    ("default", 10_000, 0, 1, "timeout"),
+    ("longer", 800, 5_000, 1, "slept longer"),
+];
+
+/// How many attempts of job `name` a worker runs in `mode`.
+fn timeout_attempts(mode: Mode, name: &str) -> u32 {
+    if name == "own" && mode != Mode::Simple {
+        2
+    } else {
+        1
+    }
+}
+
+/// A Rust client submits jobs with and without timeouts of their own to a
+/// Python worker with a default timeout, in every mode, with a plain and an
+/// `async def` handler: the Python worker abandons the handlers that run
+/// too long (SIGALRM; the task cancelled), the client gets kind `timeout`,
+/// a job with attempts left is retried, and a job's own timeout overrides
+/// the worker's default, also when it is longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_worker_times_out_jobs_a_rust_client_submitted() {
+    use job_async_redis::{Error, FailureKind, JobOptions};
+    use redis::AsyncCommands;
+
+    let server = RedisServer::start();
+    let client = Client::connect(config(&server)).await.unwrap();
+    let mut con = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for mode in [Mode::Simple, Mode::Recoverable, Mode::Reliable] {
+        for handler in ["nap-sync", "nap"] {
+            let q = queue_name("py-timeout");
+            let count: u32 = TIMEOUT_JOBS
+                .iter()
+                .map(|j| timeout_attempts(mode, j.0))
+                .sum();
+            let mut worker = jobqueue()
+                .args(["worker", "--url", &server.url(), "--queue", &q])
+                .args(["--mode", mode.as_str(), "--handler", handler])
+                .args(["--timeout-ms", &DEFAULT_TIMEOUT.as_millis().to_string()])
+                .args(["--count", &count.to_string()])
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut ready = String::new();
+            BufReader::new(worker.stdout.as_mut().unwrap())
+                .read_line(&mut ready)
+                .unwrap();
+            assert_eq!(ready.trim(), "ready");
+            let queue = client.queue(&q, mode).await.unwrap();
+            let mut handles = Vec::new();
+            for (name, sleep_ms, own, attempts, want) in TIMEOUT_JOBS {
+                let mut options = JobOptions::default().max_attempts(attempts);
+                if own > 0 {
+                    options = options.timeout(Duration::from_millis(own));
+                }
+                let nap = Nap {
+                    name: name.into(),
+                    sleep_ms,
+                };
+                let handle = queue.submit_with(&nap, options).await.unwrap();
+                handles.push((name, want, handle.id().to_owned(), handle));
+            }
+            for (name, want, id, handle) in handles {
+                let got = handle.result_timeout::<String>(WAIT).await;
+                match (&got, want) {
+                    (Ok(result), want) if result == want => {}
+                    (Err(Error::JobFailed { kind, .. }), "timeout")
+                        if *kind == FailureKind::Timeout => {}
+                    _ => panic!("{mode} {handler}: job {name}: got {got:?}, want {want}"),
+                }
+                if mode != Mode::Simple {
+                    let attempt: Option<String> = con
+                        .hget(format!("jq:{{{q}}}:job:{id}"), "attempt")
+                        .await
+                        .unwrap();
+                    assert_eq!(
+                        attempt,
+                        Some(timeout_attempts(mode, name).to_string()),
+                        "{mode} {handler}: attempts of job {name}"
+                    );
+                }
+            }
+            let status = tokio::task::spawn_blocking(move || worker.wait())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(
+                status.success(),
+                "the Python worker failed ({mode}, {handler})"
+            );
+        }
+    }
+}
+
+/// Flags a handler future that was dropped before it finished: the worker
+/// abandoned it.
+struct Abandon(Arc<Mutex<Vec<String>>>, Option<String>);
+
+impl Abandon {
+    /// The handler finished: it was not abandoned.
+    fn finished(mut self) {
+        self.1 = None;
+    }
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if let Some(name) = self.1.take() {
+            self.0.lock().unwrap().push(name);
+        }
+    }
+}
+
+/// A Python client submits jobs with and without timeouts of their own
+/// (`timeout_ms` in the envelope, or job_submit's seventh argument per job)
+/// to a Rust worker with a default timeout (`WorkerBuilder::timeout`), in
+/// every mode: the handler's future is dropped when its timeout runs out,
+/// the Python client reads kind `timeout`, a job with attempts left runs
+/// again, and a job's own timeout overrides the worker's default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_worker_times_out_jobs_a_python_client_submitted() {
+    let server = RedisServer::start();
+    for mode in [Mode::Simple, Mode::Recoverable, Mode::Reliable] {
+        let q = queue_name("py-timeout-client");
+        let runs: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+        let abandoned: Arc<Mutex<Vec<String>>> = Arc::default();
+        let builder = Worker::builder(config(&server))
+            .mode(mode)
+            .queue(&q)
+            .concurrency(4)
+            .timeout(DEFAULT_TIMEOUT);
+        let (seen, dropped) = (runs.clone(), abandoned.clone());
+        let worker = spawn_built(builder, move |job: Job<Nap>| {
+            seen.lock()
+                .unwrap()
+                .push((job.payload.name.clone(), job.attempt));
+            let flag = Abandon(dropped.clone(), Some(job.payload.name.clone()));
+            async move {
+                tokio::time::sleep(Duration::from_millis(job.payload.sleep_ms)).await;
+                flag.finished();
+                Ok::<_, String>(format!("slept {}", job.payload.name))
+            }
+        })
+        .await;
+        let mut check = jobqueue();
+        check.args([
+            "client-timeouts",
+            "--url",
+            &server.url(),
+            "--queue",
+            &q,
+            "--mode",
+            mode.as_str(),
+        ]);
+        let status = tokio::task::spawn_blocking(move || check.status())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            status.success(),
+            "the Python client's timeout check failed ({mode})"
+        );
+        worker.stop().await;
+        let mut ran = runs.lock().unwrap().clone();
+        ran.sort();
+        let mut want: Vec<(String, u32)> = TIMEOUT_JOBS
+            .iter()
+            .flat_map(|j| (1..=timeout_attempts(mode, j.0)).map(|a| (j.0.to_owned(), a)))
+            .collect();
+        want.sort();
+        assert_eq!(ran, want, "{mode}: the handler's runs (name, attempt)");
+        let mut gone = abandoned.lock().unwrap().clone();
+        gone.sort();
+        let mut want_gone: Vec<String> = TIMEOUT_JOBS
+            .iter()
+            .filter(|j| j.4 == "timeout")
+            .flat_map(|j| vec![j.0.to_owned(); timeout_attempts(mode, j.0) as usize])
+            .collect();
+        want_gone.sort();
+        assert_eq!(gone, want_gone, "{mode}: the handler futures dropped");
+    }
 }

@@ -176,6 +176,7 @@ fn lose_a_move_reply(server: &RedisServer, q: &str, worker_id: &str, id: &str, p
         .arg("")
         .arg("0")
         .arg("1")
+        .arg("0")
         .ignore()
         .cmd("LMOVE")
         .arg(format!("{base}:pending"))
@@ -276,7 +277,8 @@ async fn a_lost_move_reply_is_found_even_while_a_backlog_keeps_the_worker_from_b
             .arg(rmp_serde::to_vec("work").unwrap())
             .arg("")
             .arg("0")
-            .arg("1");
+            .arg("1")
+            .arg("0");
     }
     let mut con = server.connection();
     let (): () = redis::pipe()

@@ -152,7 +152,7 @@ def check_doorbells(url, path):
         ids = [rec["id"] for rec in records]
         for job_id in ids:
             scripts("job_submit", [k.meta, k.pending, k.tickets, k.job(job_id)],
-                    ["recoverable", "1", job_id, records[0].get("enc", "json"), b'"hi"', "c7", "0", "1"])
+                    ["recoverable", "1", job_id, records[0].get("enc", "json"), b'"hi"', "c7", "0", "1", "0"])
         claim_keys = [k.pending, k.tickets, k.leases, k.fence]
         if v["produced_by"] == "job_start":
             if records[0]["status"] == "dead":

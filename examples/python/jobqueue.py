@@ -4,22 +4,31 @@ Written from protocol.md and the scripts in lua/ alone (it loads those exact
 files), with redis-py and msgpack. It is small and synchronous: a client
 for all three modes, and a worker that runs one job at a time. It does not
 renew leases while a handler runs (recoverable mode) or heartbeat during a
-handler (reliable mode): its jobs must finish within the lease. Records are
+handler (reliable mode): its jobs must finish within the lease. It honours
+handler timeouts (the job's own, else the worker's default; kind `timeout`,
+retried like `handler`): an `async def` handler's task is cancelled, a plain
+function is interrupted by SIGALRM (protocol.md section 8.4). Records are
 written and read by the rules of protocol.md section 6.4 (pack_record,
 read_record, read_message), the same code that checks the golden vectors.
 
 As a program (used by the Rust interop and conformance tests):
 
     python3 jobqueue.py worker --url URL --queue Q --mode MODE --count N
+        [--handler interop|nap|nap-sync] [--timeout-ms MS]
     python3 jobqueue.py client-check --url URL --queue Q --mode MODE --enc ENC --count N
+    python3 jobqueue.py client-timeouts --url URL --queue Q --mode MODE
     python3 jobqueue.py conformance --url URL FILE.json
     python3 jobqueue.py vectors FILE.json
 """
 
 import argparse
+import asyncio
+import inspect
 import json
 import pathlib
+import signal
 import sys
+import threading
 import time
 import uuid
 
@@ -27,6 +36,8 @@ import msgpack
 import redis
 
 PROTOCOL_VERSION = "1"
+# Durations in ms, such as a handler timeout: 1 to 10^12 (section 10, "Numbers").
+MAX_MS = 10**12
 LUA_DIR = pathlib.Path(__file__).resolve().parents[2] / "lua"
 MODES = ("simple", "recoverable", "reliable")
 FINISHED = ("completed", "failed", "dead")
@@ -78,9 +89,10 @@ def decode(enc, data):
 # Records (protocol.md section 6): each key with its type and whether it is
 # required, in the order writers emit them (part of the exact encoding,
 # section 6.4). Types: "str" (valid UTF-8), "bytes" (bin; str accepted when
-# reading), "uint" (an integer 0 to 2^64-1), "error" (a map as ERROR).
+# reading), "uint" (an integer 0 to 2^64-1), "ms" (an integer 1 to 10^12;
+# any other value is of the wrong type), "error" (a map as ERROR).
 ENVELOPE = (("id", "str", True), ("reply", "str", False), ("enc", "str", True),
-            ("payload", "bytes", True), ("submitted_ms", "uint", False))
+            ("payload", "bytes", True), ("submitted_ms", "uint", False), ("timeout_ms", "ms", False))
 REPLY = (("id", "str", True), ("status", "str", True), ("enc", "str", False),
          ("result", "bytes", False), ("error", "error", False))
 ERROR = (("kind", "str", True), ("message", "str", True))
@@ -135,6 +147,12 @@ def _typed(kind, value):
         # Any integer width; never a float (nor a bool, which Python counts
         # as an int).
         if type(value) is int and 0 <= value < 2**64:
+            return True, value
+        return False, None
+    if kind == "ms":
+        # An integer of any width from 1 to 10^12 (section 6.1: timeout_ms);
+        # 0, a larger value, a float or a str counts as absent.
+        if type(value) is int and 1 <= value <= MAX_MS:
             return True, value
         return False, None
     if kind == "error":
@@ -367,20 +385,27 @@ class Queue:
         self.mode = mode
         self.channel = keys.reply(client.id)
 
-    def submit(self, payload, enc="msgpack", job_id=None, max_attempts=1, lease_ms=0):
-        """Submits one job; returns its ID."""
+    def submit(self, payload, enc="msgpack", job_id=None, max_attempts=1, lease_ms=0, timeout_ms=0):
+        """Submits one job; returns its ID. `timeout_ms`: how long its
+        handler may run (0: the worker's default), in every mode."""
+        if timeout_ms != 0 and not 1 <= timeout_ms <= MAX_MS:
+            raise ValueError(f"timeout_ms must be 0 or 1 to {MAX_MS}")
         self.client.subscribe(self.channel)
         job_id = job_id or str(uuid.uuid4())
         body = encode(enc, payload)
         if self.mode == "simple":
+            # timeout_ms only when the job has its own (section 6.1).
             envelope = pack_record(
-                ENVELOPE, {"id": job_id, "reply": self.channel, "enc": enc, "payload": body, "submitted_ms": now_ms()})
+                ENVELOPE, {"id": job_id, "reply": self.channel, "enc": enc, "payload": body, "submitted_ms": now_ms(),
+                           "timeout_ms": timeout_ms or None})
             call = ("simple_submit", [self.keys.meta, self.keys.pending], [self.mode, PROTOCOL_VERSION, envelope])
         else:
+            # Seven arguments per job (job_submit 7, section 10.6).
             call = (
                 "job_submit",
                 [self.keys.meta, self.keys.pending, self.keys.tickets, self.keys.job(job_id)],
-                [self.mode, PROTOCOL_VERSION, job_id, enc, body, self.client.id, str(lease_ms), str(max_attempts)],
+                [self.mode, PROTOCOL_VERSION, job_id, enc, body, self.client.id, str(lease_ms), str(max_attempts),
+                 str(timeout_ms)],
             )
         try:
             self.client.scripts(*call)
@@ -432,19 +457,88 @@ class Abandoned(Exception):
     handler runs: not a failure of the job (section 6.2)."""
 
 
+class HandlerTimeout(BaseException):
+    """Raised inside a plain-function handler when its timeout runs out. A
+    BaseException, so that a handler's `except Exception` does not swallow
+    it; a handler that swallows it anyway is still reported `timeout`."""
+
+
+def run_handler(handler, payload, job, timeout_ms):
+    """Runs `handler(payload, job)` for at most `timeout_ms` (None: no
+    limit). Returns (False, value), or (True, None) when the timeout ran out
+    and the handler was abandoned: an `async def` handler's task is
+    cancelled; a plain function is interrupted with SIGALRM when it runs on
+    the main thread (Unix), and otherwise cannot be stopped: it is then
+    reported timed out when it returns late. Exceptions of the handler
+    propagate."""
+    if inspect.iscoroutinefunction(handler):
+        async def supervise():
+            task = asyncio.ensure_future(handler(payload, job))
+            done, _ = await asyncio.wait({task}, timeout=None if timeout_ms is None else timeout_ms / 1000)
+            if not done:
+                task.cancel()
+                try:
+                    await task
+                except BaseException:  # noqa: BLE001 - the abandoned handler's end is not its outcome
+                    pass
+                return True, None
+            return False, task.result()
+
+        return asyncio.run(supervise())
+    if timeout_ms is None:
+        return False, handler(payload, job)
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        started = time.monotonic()
+        value = handler(payload, job)
+        return (True, None) if (time.monotonic() - started) * 1000 > timeout_ms else (False, value)
+    fired = False
+
+    def on_alarm(_signum, _frame):
+        nonlocal fired
+        fired = True
+        raise HandlerTimeout()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout_ms / 1000)
+        try:
+            value = handler(payload, job)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except HandlerTimeout:
+        return True, None
+    except Exception:
+        # The handler caught the alarm and raised something else: what the
+        # abandonment made it do is not its outcome (section 6.2, item 6).
+        if fired:
+            return True, None
+        raise
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    # The alarm fired but the handler caught it and returned: it overran.
+    return (True, None) if fired else (False, value)
+
+
 class Worker:
     """Runs `handler(payload, job)` on one queue, one job at a time
-    (sections 7.2, 8.4 and 9.1). `job` is a dict with id, attempt, enc.
+    (sections 7.2, 8.4 and 9.1). `job` is a dict with id, attempt, enc. The
+    handler is a plain function or an `async def` (run to completion with
+    asyncio.run).
 
     Settings (section 18) keep this library's and the Rust library's
     defaults, except `block_s`: this worker renews its heartbeat on the
     thread that blocks, so the block timeout must stay well below a third of
-    the lease."""
+    the lease. `timeout_ms`: the handler timeout of jobs without one of
+    their own (None: no limit), independent of the lease."""
 
     def __init__(self, url, queue, mode, handler, prefix="jq", lease_ms=30000, max_stalls=3,
-                 result_ttl_ms=86_400_000, block_s=1.0, dead_max=10_000, max_result_bytes=1024 * 1024):
+                 result_ttl_ms=86_400_000, block_s=1.0, dead_max=10_000, max_result_bytes=1024 * 1024,
+                 timeout_ms=None):
         if not 0 < block_s * 1000 < lease_ms / 3:
             raise ValueError("block_s must be positive and below a third of the lease")
+        if timeout_ms is not None and not 1 <= timeout_ms <= MAX_MS:
+            raise ValueError(f"timeout_ms must be None or 1 to {MAX_MS}")
+        self.timeout_ms = timeout_ms
         self.r = redis.Redis.from_url(url)
         self.scripts = Scripts(self.r)
         self.keys = Keys(prefix, queue)
@@ -488,17 +582,23 @@ class Worker:
                              [self.id, "0", str(self.retention_ms)])
         return done
 
-    def execute(self, job_id, enc, body, attempt):
+    def execute(self, job_id, enc, body, attempt, timeout_ms=0):
         """Decodes, runs the handler, encodes: ("completed", bytes) or
         ("failed", kind, message, retryable), with the failure kinds of
-        section 6.2. Raises Abandoned when the worker is being stopped."""
+        section 6.2. `timeout_ms`: the job's own handler timeout (0: the
+        worker's default). Raises Abandoned when the worker is being
+        stopped."""
         job_id = text(job_id)  # the start scripts run UTF-8 IDs only
+        limit = timeout_ms or self.timeout_ms
         try:
             payload = decode(enc, body)
         except Exception as e:  # noqa: BLE001 - any undecodable input fails the job
             return ("failed", "decode", f"cannot decode payload ({enc!r}): {e}", False)
         try:
-            value = self.handler(payload, {"id": job_id, "attempt": attempt, "enc": enc})
+            timed_out, value = run_handler(self.handler, payload, {"id": job_id, "attempt": attempt, "enc": enc}, limit)
+            if timed_out:
+                # Abandoned; retried like a failure of the handler (8.4 step 6).
+                return ("failed", "timeout", f"the handler ran longer than its timeout of {limit} ms", True)
         except Exception as e:  # noqa: BLE001 - every exception the handler raises is its own failure
             return ("failed", "handler", f"{type(e).__name__}: {e}", True)
         except (KeyboardInterrupt, SystemExit) as e:
@@ -539,7 +639,8 @@ class Worker:
             return 1
         job_id, enc, reply = envelope["id"], envelope["enc"], envelope.get("reply")
         try:
-            outcome = self.execute(job_id, enc, envelope["payload"], 1)
+            # timeout_ms: absent (or of the wrong type, 6.4) is the worker's default.
+            outcome = self.execute(job_id, enc, envelope["payload"], 1, envelope.get("timeout_ms", 0))
         except Abandoned:
             if reply is not None:
                 self.send_reply(job_id, reply, enc, ("failed", "shutdown", "worker shut down before the job finished", False))
@@ -605,7 +706,7 @@ class Worker:
         """Runs a started job and records its outcome; gives it back when
         the worker is stopped meanwhile."""
         try:
-            outcome = self.execute(job_id, text(start[1]), start[2], int(start[3]))
+            outcome = self.execute(job_id, text(start[1]), start[2], int(start[3]), start_timeout(start))
         except Abandoned:
             k = self.keys
             try:
@@ -668,6 +769,17 @@ class Worker:
         return 1
 
 
+def start_timeout(start):
+    """The seventh element of a `run` decision (job_start 10, reliable_start
+    10): the job's own handler timeout in ms, 0 for none (the worker's
+    default). Anything that is not an integer from 1 to 10^12 counts as 0."""
+    try:
+        ms = int(text(start[6]))
+    except (IndexError, ValueError):
+        return 0
+    return ms if 1 <= ms <= MAX_MS else 0
+
+
 # The interop payload: the same value as `Sample::new()` in tests/interop.rs.
 def sample(enc):
     return {
@@ -691,17 +803,72 @@ def interop_handler(payload, job):
     return {"ok": True, "echo": payload, "seen_by": "python"}
 
 
+# The timeout interop jobs: {"name": str, "sleep_ms": int}. The handler
+# sleeps, then answers "slept <name>"; `nap_handler` is an `async def` (its
+# task is cancelled when its timeout runs out), `nap_sync_handler` a plain
+# function (interrupted by SIGALRM).
+async def nap_handler(payload, job):
+    await asyncio.sleep(payload["sleep_ms"] / 1000)
+    return f"slept {payload['name']}"
+
+
+def nap_sync_handler(payload, job):
+    time.sleep(payload["sleep_ms"] / 1000)
+    return f"slept {payload['name']}"
+
+
+HANDLERS = {"interop": interop_handler, "nap": nap_handler, "nap-sync": nap_sync_handler}
+
+# What `client-timeouts` submits, with a worker whose default timeout is
+# 500 ms (tests/interop.rs): (name, sleep ms, own timeout ms, max attempts,
+# expected outcome). "own" times out by its own 300 ms timeout and, in
+# recoverable and reliable modes, runs twice (retried like `handler`);
+# "default" has no timeout of its own and times out by the worker's
+# default; "longer" has a timeout longer than the worker's default and
+# completes.
+TIMEOUT_JOBS = (("own", 10_000, 300, 2, "timeout"), ("default", 10_000, 0, 1, "timeout"),
+                ("longer", 800, 5_000, 1, "slept longer"))
+
+
+def client_timeouts(url, queue_name, mode):
+    """Submits TIMEOUT_JOBS and checks their outcomes; 0 when all agree."""
+    queue = Client(url).queue(queue_name, mode)
+    ids = {name: queue.submit({"name": name, "sleep_ms": sleep_ms}, timeout_ms=own, max_attempts=attempts)
+           for name, sleep_ms, own, attempts, _ in TIMEOUT_JOBS}
+    failures = 0
+    for name, _, _, _, want in TIMEOUT_JOBS:
+        try:
+            got = queue.result(ids[name], timeout=30)
+        except JobFailed as e:
+            got = e.kind
+        if got != want:
+            print(f"job {name}: got {got!r}, want {want!r}", file=sys.stderr)
+            failures += 1
+    if mode != "simple":
+        # The job that timed out by its own timeout was retried once.
+        attempts = text(queue.client.r.hget(queue.keys.job(ids["own"]), "attempt"))
+        if attempts != "2":
+            print(f"job own: attempt {attempts!r}, want '2'", file=sys.stderr)
+            failures += 1
+    print(f"checked {len(TIMEOUT_JOBS)} timeout outcomes, {failures} wrong")
+    return 1 if failures else 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", help="run the interop handler on N jobs")
     c = sub.add_parser("client-check", help="submit the sample N times and check the results")
-    for p in (w, c):
+    t = sub.add_parser("client-timeouts", help="submit jobs with handler timeouts and check their outcomes")
+    for p in (w, c, t):
         p.add_argument("--url", required=True)
         p.add_argument("--queue", required=True)
         p.add_argument("--mode", required=True, choices=MODES)
+    for p in (w, c):
         p.add_argument("--count", type=int, default=1)
     c.add_argument("--enc", required=True, choices=("msgpack", "json"))
+    w.add_argument("--handler", choices=sorted(HANDLERS), default="interop")
+    w.add_argument("--timeout-ms", type=int, default=None, help="the worker's default handler timeout")
     conf = sub.add_parser("conformance", help="replay a conformance scenario file")
     conf.add_argument("--url", required=True)
     conf.add_argument("file")
@@ -710,7 +877,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.command == "worker":
-        worker = Worker(args.url, args.queue, args.mode, interop_handler, block_s=0.2)
+        worker = Worker(args.url, args.queue, args.mode, HANDLERS[args.handler], block_s=0.2,
+                        timeout_ms=args.timeout_ms)
         print("ready", flush=True)
         done = worker.run(count=args.count, idle_exit_s=30)
         print(f"ran {done} jobs")
@@ -726,6 +894,8 @@ def main(argv=None):
                 return 1
         print(f"checked {len(ids)} results")
         return 0
+    if args.command == "client-timeouts":
+        return client_timeouts(args.url, args.queue, args.mode)
     if args.command == "conformance":
         import conformance
 

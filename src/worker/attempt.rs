@@ -97,7 +97,8 @@ pub(crate) fn spawn_started(
             payload,
             attempt,
             lease,
-        } => (enc, payload, attempt, lease),
+            timeout,
+        } => (enc, payload, attempt, lease, timeout),
         Start::Dead => {
             let id = String::from_utf8_lossy(&id);
             tracing::warn!(job = %id, queue = keys.queue(), "job stalled too often: dead-lettered");
@@ -120,12 +121,22 @@ pub(crate) fn spawn_started(
         );
         return;
     };
-    let (enc, payload, attempt, lease) = run;
-    shared.active.insert(keys.queue(), &id, &token, lease);
+    let (enc, payload, attempt, lease, timeout) = run;
+    // Only a lease shorter than the worker's default changes how often the
+    // heartbeat must renew.
+    let short = lease.filter(|l| *l < shared.settings.lease);
+    shared.active.insert(keys.queue(), &id, &token, short);
+    let input = Input {
+        id: id.clone(),
+        queue: keys.queue().to_owned(),
+        enc,
+        payload,
+        attempt,
+        timeout: timeout.or(shared.settings.timeout),
+    };
     let (shared, keys) = (shared.clone(), keys.clone());
     tasks.spawn(async move {
-        let run = (enc, payload, attempt);
-        run_started(&shared, mode, &keys, (&id, &token), run, permit).await;
+        run_started(&shared, mode, &keys, (&id, &token), input, permit).await;
         shared.active.remove(keys.queue(), &id, &token);
     });
 }
@@ -151,16 +162,9 @@ async fn run_started(
     mode: Mode,
     keys: &Arc<QueueKeys>,
     (id, token): (&str, &str),
-    (enc, payload, attempt): (String, Vec<u8>, u32),
+    input: Input,
     permit: OwnedSemaphorePermit,
 ) {
-    let input = Input {
-        id: id.to_owned(),
-        queue: keys.queue().to_owned(),
-        enc,
-        payload,
-        attempt,
-    };
     let outcome = execute::run(&shared.handler, input, &shared.hard_stop).await;
     drop(permit);
     // Boxed: keeps the spawned task small (it is moved on spawn).
@@ -256,6 +260,13 @@ pub(crate) async fn finish(
         }
         Err(e) => {
             tracing::error!(job = %id, error = %e, "could not record the outcome; the job will run again");
+            if !e.is_transient() {
+                // A key of the queue is broken (or a script refused): rest
+                // the queue, as a failed claim would.
+                shared
+                    .health
+                    .failed(&shared.counters, keys.queue(), "record an outcome", &e);
+            }
             // Recoverable mode: its lease runs out and the sweep requeues it.
             // Reliable mode: it is still in this worker's in-flight list;
             // the fetch loop finds it there and starts it again.

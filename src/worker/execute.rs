@@ -7,6 +7,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use serde::Serialize;
@@ -25,6 +26,8 @@ pub(crate) struct Input {
     pub enc: String,
     pub payload: Vec<u8>,
     pub attempt: u32,
+    /// How long the handler may run (`None`: no limit).
+    pub timeout: Option<Duration>,
 }
 
 /// What became of one job.
@@ -38,7 +41,10 @@ impl Outcome {
     pub(crate) fn retryable(&self) -> bool {
         matches!(
             self,
-            Outcome::Failed(FailureKind::Handler | FailureKind::Panic, _)
+            Outcome::Failed(
+                FailureKind::Handler | FailureKind::Panic | FailureKind::Timeout,
+                _
+            )
         )
     }
 }
@@ -106,13 +112,29 @@ where
 }
 
 /// Runs the handler unless `hard_stop` fires first (`None`: abandoned).
+/// A handler that runs longer than the job's timeout is dropped and the
+/// attempt fails with kind `timeout`.
 pub(crate) async fn run(
     handler: &Erased,
     input: Input,
     hard_stop: &CancellationToken,
 ) -> Option<Outcome> {
+    let timeout = input.timeout;
+    let handled = async {
+        match timeout {
+            Some(limit) => tokio::time::timeout(limit, handler(input))
+                .await
+                .unwrap_or_else(|_| {
+                    Outcome::Failed(
+                        FailureKind::Timeout,
+                        format!("the handler ran longer than its timeout of {limit:?}"),
+                    )
+                }),
+            None => handler(input).await,
+        }
+    };
     tokio::select! {
-        outcome = handler(input) => Some(outcome),
+        outcome = handled => Some(outcome),
         _ = hard_stop.cancelled() => None,
     }
 }

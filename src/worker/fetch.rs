@@ -79,7 +79,17 @@ impl Fetcher {
             .arg("COUNT")
             .arg(count);
         match self.block::<Option<Popped>>(shared, &cmd, true).await {
-            Ok(Some(Some((key, _)))) if key == wake => Ok(None),
+            Ok(Some(Some((key, _)))) if key == wake => {
+                if !shared.shutdown.is_cancelled() {
+                    // Not ours: someone else pushed to this worker's wake
+                    // list. Empty it, so it cannot keep the queues waiting.
+                    let _: redis::RedisResult<i64> = redis::cmd("DEL")
+                        .arg(&wake)
+                        .query_async(&mut shared.con.clone())
+                        .await;
+                }
+                Ok(None)
+            }
             Ok(popped) => Ok(popped.flatten()),
             Err(Error::Redis(e)) if e.code() == Some("WRONGTYPE") => {
                 if is_wrong_type(shared, &wake, "list").await {
@@ -195,16 +205,17 @@ impl Fetcher {
     }
 }
 
-/// Pushes to every wake list of this worker, ending its blocking pop.
+/// Pushes to every wake list of this worker, ending its blocking pop (one
+/// pipeline per queue: on a cluster each queue's lists are in its own slot).
 async fn wake(shared: &Shared) {
-    let mut pipe = redis::pipe();
     for q in &shared.queues {
         let key = q.wake(&shared.id);
+        let mut pipe = redis::pipe();
         pipe.cmd("LPUSH").arg(&key).arg("1").ignore();
         pipe.cmd("PEXPIRE").arg(&key).arg(WAKE_TTL_MS).ignore();
-    }
-    if let Err(e) = pipe.exec_async(&mut shared.con.clone()).await {
-        tracing::debug!(error = %e, "could not push to the wake list; the pop ends at its timeout");
+        if let Err(e) = pipe.exec_async(&mut shared.con.clone()).await {
+            tracing::debug!(error = %e, "could not push to the wake list; the pop ends at its timeout");
+        }
     }
 }
 

@@ -148,13 +148,9 @@ pub(crate) async fn finisher(
                     }
                 }
                 Err(e) => {
-                    let message = e.to_string();
+                    // Every outcome of the call shares its error, typed.
                     for done in dones {
-                        let _ = done.send(Err(Error::Script {
-                            script: "job_finish_batch",
-                            code: "JQ_UNRECORDED".into(),
-                            message: message.clone(),
-                        }));
+                        let _ = done.send(Err(e.clone()));
                     }
                 }
             }

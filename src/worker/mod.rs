@@ -64,6 +64,7 @@ pub(crate) struct Settings {
     pub max_stalls: u32,
     pub result_ttl: Duration,
     pub sweep_interval: Option<Duration>,
+    pub timeout: Option<Duration>,
 }
 
 impl Settings {
@@ -144,6 +145,17 @@ impl WorkerBuilder {
         self
     }
 
+    /// How long a handler may run, for jobs without a timeout of their own
+    /// ([`crate::JobOptions::timeout`]); default none. When it runs out, the
+    /// handler's future is dropped and the attempt fails with kind
+    /// `timeout`, retried like a handler error while attempts are left.
+    /// It is independent of the lease, which the worker keeps renewing while
+    /// the handler runs; a worker that dies is a stall, not a timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.settings.timeout = Some(timeout);
+        self
+    }
+
     /// Connects, loads the scripts and registers every queue.
     ///
     /// # Errors
@@ -179,9 +191,10 @@ impl WorkerBuilder {
         if !ms_ok(s.lease, 30)
             || !ms_ok(s.result_ttl, 1)
             || s.sweep_interval.is_some_and(|d| !ms_ok(d, 1))
+            || s.timeout.is_some_and(|d| !ms_ok(d, 1))
         {
             return Err(Error::Config(format!(
-                "lease must be 30 ms to {MAX_MS} ms, result_ttl and sweep_interval 1 ms to {MAX_MS} ms"
+                "lease must be 30 ms to {MAX_MS} ms, result_ttl, sweep_interval and timeout 1 ms to {MAX_MS} ms"
             )));
         }
         let queues = self
@@ -351,6 +364,7 @@ impl Worker {
                 max_stalls: 3,
                 result_ttl: Duration::from_secs(24 * 3600),
                 sweep_interval: None,
+                timeout: None,
             },
         }
     }

@@ -110,11 +110,20 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
                         .collect()
                 }
                 Err(e) if is_fatal(&e) => return Err(e),
-                Err(e) if e.is_transient() => continue,
                 Err(e) => {
-                    shared
-                        .health
-                        .failed(&shared.counters, keys.queue(), "claim", &e);
+                    // The popped ticket goes back (the claim did not take
+                    // its job), and the queues are asked again next round.
+                    let _: redis::RedisResult<()> = redis::cmd("LPUSH")
+                        .arg(&key)
+                        .arg(&popped)
+                        .query_async(&mut shared.con.clone())
+                        .await;
+                    drained = false;
+                    if !e.is_transient() {
+                        shared
+                            .health
+                            .failed(&shared.counters, keys.queue(), "claim", &e);
+                    }
                     continue;
                 }
             }
@@ -231,11 +240,19 @@ async fn heartbeat(shared: Arc<Shared>) {
             }
             match transitions::job_extend(&shared.con, keys, shared.settings.lease, &jobs).await {
                 Ok(lost) if lost.is_empty() => {}
-                Ok(lost) => tracing::warn!(
-                    queue = keys.queue(),
-                    ?lost,
-                    "leases lost: these jobs were requeued"
-                ),
+                Ok(lost) => {
+                    tracing::warn!(
+                        queue = keys.queue(),
+                        ?lost,
+                        "leases lost: these jobs were requeued"
+                    );
+                    // Renewing them again would only report them lost again
+                    // (protocol.md 8.4 step 5); their outcomes are still
+                    // recorded when their handlers end.
+                    for (id, token) in jobs.iter().filter(|(id, _)| lost.contains(id)) {
+                        shared.active.remove(keys.queue(), id, token);
+                    }
+                }
                 Err(e) => tracing::warn!(queue = keys.queue(), error = %e, "heartbeat failed"),
             }
         }

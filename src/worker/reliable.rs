@@ -31,9 +31,15 @@ const RECOVERY_LIMIT: usize = 100;
 
 /// How long a dead worker stays in the worker set (so that IDs a paused
 /// "dead" worker takes later are still found): ten heartbeat TTLs, at least
-/// a minute.
+/// a minute, and at least two block timeouts plus a recovery interval and a
+/// margin (a BLMOVE the worker sent before it stopped can be served up to a
+/// block timeout later, and a recovery pass must still see its list).
 fn retention(shared: &Shared) -> Duration {
-    (shared.settings.lease * 10).max(Duration::from_secs(60))
+    let blocked =
+        shared.config.block_timeout * 2 + shared.settings.sweep_every() + Duration::from_secs(10);
+    (shared.settings.lease * 10)
+        .max(Duration::from_secs(60))
+        .max(blocked)
 }
 
 /// Starts the heartbeat and the recovery sweeper (see `recoverable::background`).

@@ -1,6 +1,7 @@
 //! Simple mode: pop whole envelopes, run them, publish outcomes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_bytes::ByteBuf;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -9,9 +10,7 @@ use tokio::task::JoinSet;
 use super::execute::{self, Input, Outcome};
 use super::fetch::Fetcher;
 use super::health::is_fatal;
-use super::{
-    Backoff, Counters, Shared, persist, queue_of, queues_to_serve, rest_queues_of, take_slots,
-};
+use super::{Counters, Shared, persist, queue_of, queues_to_serve, rest_queues_of, take_slots};
 use crate::error::Error;
 use crate::failure::FailureKind;
 use crate::keys::QueueKeys;
@@ -119,6 +118,10 @@ async fn run_job(
         enc: envelope.enc.clone(),
         payload: envelope.payload.into_vec(),
         attempt: 1,
+        timeout: envelope
+            .timeout_ms
+            .map(Duration::from_millis)
+            .or(shared.settings.timeout),
     };
     let outcome = execute::run(&shared.handler, input, &shared.hard_stop)
         .await
@@ -194,10 +197,11 @@ async fn send_reply(
 }
 
 /// Keeps an entry that is not a valid job in the queue's dead-letter list.
-/// While that list cannot take it (another Redis type, Redis unreachable),
-/// the queue is rested and the worker keeps trying; at the end of the grace
-/// period the entry goes back to the pending list instead. It is never
-/// dropped while Redis can still take it somewhere.
+/// When that list cannot take it (another Redis type, or Redis unreachable
+/// for longer than the worker retries), the entry goes back to the pending
+/// list, unchanged, and the queue is rested: the entry is never dropped, and
+/// it holds no job slot meanwhile, so a run of such entries cannot starve
+/// the worker's other queues.
 async fn dead_letter(shared: &Shared, keys: &QueueKeys, entry: Vec<u8>, reason: String) {
     tracing::warn!(queue = keys.queue(), %reason, "moving an invalid entry to the dead-letter list");
     let record = DeadRecord {
@@ -209,29 +213,16 @@ async fn dead_letter(shared: &Shared, keys: &QueueKeys, entry: Vec<u8>, reason: 
         return;
     };
     let call = transitions::simple_dead(keys, &packed, shared.settings.dead_letter_max);
-    let mut backoff = Backoff::default();
-    loop {
-        match persist::<i64>(&shared.con, &call, keys, None).await {
-            Ok(_) => {
-                Counters::add(&shared.counters.dead_lettered, 1);
-                return;
-            }
-            Err(e) => {
-                shared.health.failed(
-                    &shared.counters,
-                    keys.queue(),
-                    "dead-letter an invalid entry",
-                    &e,
-                );
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff.next()) => {}
-            _ = shared.hard_stop.cancelled() => {
-                // Out of time: back where it came from, for a later worker.
-                give_back(shared, keys, vec![record.entry.into_vec()]).await;
-                return;
-            }
+    match persist::<i64>(&shared.con, &call, keys, None).await {
+        Ok(_) => Counters::add(&shared.counters.dead_lettered, 1),
+        Err(e) => {
+            shared.health.failed(
+                &shared.counters,
+                keys.queue(),
+                "dead-letter an invalid entry",
+                &e,
+            );
+            give_back(shared, keys, vec![record.entry.into_vec()]).await;
         }
     }
 }

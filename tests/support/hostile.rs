@@ -18,8 +18,9 @@ use redis::Connection;
 pub const TYPES: [&str; 6] = ["string", "hash", "list", "zset", "set", "stream"];
 
 /// Numbers that are not strict decimal integers, or are out of every range,
-/// or sit on the edge of one (protocol: `^-?[0-9]+$`, at most 15 digits).
-pub const BAD_NUMBERS: [&str; 12] = [
+/// or sit on the edge of one (protocol: `^-?[0-9]+$`, at most 15 digits;
+/// durations, a job's lease and its handler timeout end at 10^12).
+pub const BAD_NUMBERS: [&str; 14] = [
     "nan",
     "inf",
     "-inf",
@@ -30,6 +31,8 @@ pub const BAD_NUMBERS: [&str; 12] = [
     "1.5",
     "-1",
     "0",
+    "1000000000000",
+    "1000000000001",
     "99999999999999999999",
     "",
 ];
