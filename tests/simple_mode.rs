@@ -595,3 +595,53 @@ async fn the_reply_subscription_comes_back_after_its_connection_is_killed() {
     }
     assert_eq!(worker.stop().await.completed, 3);
 }
+
+/// More invalid entries than job slots, on a queue whose dead-letter list
+/// is broken: each goes back to the pending list (nothing is dropped), no
+/// slot is held while the queue rests, and the worker's other queue keeps
+/// being served.
+#[tokio::test]
+async fn invalid_entries_a_broken_dead_list_refuses_do_not_starve_other_queues() {
+    let server = RedisServer::start();
+    let (broken, healthy) = (queue_name("broken-dead"), queue_name("healthy"));
+    let mut con = server.connection();
+    let _: () = con
+        .set(format!("jq:{{{broken}}}:dead"), "not a list")
+        .unwrap();
+    let worker = spawn_worker(config(&server), &[&broken, &healthy], 2, reverse).await;
+    for i in 0..4 {
+        let _: () = con
+            .lpush(format!("jq:{{{broken}}}:pending"), format!("junk {i}"))
+            .unwrap();
+    }
+    let client = Client::connect(config(&server)).await.unwrap();
+    let queue = client.queue(&healthy, Mode::Simple).await.unwrap();
+    for _ in 0..3 {
+        let out: String = queue
+            .submit("served")
+            .await
+            .unwrap()
+            .result_timeout(WAIT)
+            .await
+            .unwrap();
+        assert_eq!(out, "devres");
+    }
+    let started = std::time::Instant::now();
+    let stats = worker.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "no slot was held"
+    );
+    assert!(stats.queue_errors > 0, "{stats:?}");
+    // Every junk entry is still there: back on pending (none was dropped).
+    let pending: Vec<String> = con
+        .lrange(format!("jq:{{{broken}}}:pending"), 0, -1)
+        .unwrap();
+    let mut junk: Vec<&String> = pending.iter().filter(|e| e.starts_with("junk")).collect();
+    junk.sort();
+    assert_eq!(
+        junk,
+        ["junk 0", "junk 1", "junk 2", "junk 3"],
+        "{pending:?}"
+    );
+}
