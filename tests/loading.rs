@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use job_async_redis::{Client, Config, Error, Job, Mode};
-use support::{RedisServer, queue_name, recoverable, spawn_built};
+use support::{RedisServer, queue_name, recoverable};
 
 /// Keys written before the restart: with the load delay below, loading them
 /// takes a few seconds.
@@ -97,6 +97,12 @@ async fn clients_and_workers_wait_for_a_loading_server_and_results_survive_it() 
     let _loading = Loading::start(port, dir.path());
     wait_until_loading(port);
 
+    // Started while the server loads, a worker's build and a client's
+    // connect wait for it (their command timeout is long enough).
+    let patient = config.clone().command_timeout(Duration::from_secs(20));
+    let building = tokio::spawn(recoverable(patient.clone(), &q).build());
+    let connecting = tokio::spawn(Client::connect(patient.clone()));
+
     // Too short a command timeout: a short, typed error, soon.
     let started = Instant::now();
     let err = Client::connect(config.clone().command_timeout(Duration::from_millis(300)))
@@ -109,14 +115,24 @@ async fn clients_and_workers_wait_for_a_loading_server_and_results_survive_it() 
     assert!(err.to_string().len() < 200, "a short message: {err}");
     assert!(started.elapsed() < Duration::from_secs(3));
 
-    // Within the command timeout, connect and build wait for the load.
-    let patient = config.clone().command_timeout(Duration::from_secs(20));
-    let client2 = Client::connect(patient.clone()).await.unwrap();
+    assert!(
+        !building.is_finished() && !connecting.is_finished(),
+        "still loading: the build and the connect are waiting"
+    );
+    let built = building
+        .await
+        .unwrap()
+        .expect("the worker built once loaded");
+    let client2 = connecting
+        .await
+        .unwrap()
+        .expect("the client connected once loaded");
     assert!(!waiting.is_finished(), "the first client is still waiting");
-    let worker = spawn_built(recoverable(patient, &q), |job: Job<String>| async move {
+    let shutdown = built.shutdown_handle();
+    let task = tokio::spawn(built.run(|job: Job<String>| async move {
         Ok::<_, String>(format!("{} the restart", job.payload))
-    })
-    .await;
+    }));
+    let worker = support::Running { shutdown, task };
     assert_eq!(
         waiting.await.unwrap().unwrap(),
         "survives the restart",
