@@ -261,6 +261,13 @@ async fn waiting_results_ride_through_a_failover(kill_the_primary: bool) {
     let (primary, replica) =
         cluster.primary_and_replica_of(&format!("jq:{{{}}}:pending", queues[0]));
     let (primary_port, replica_port) = (primary.port(), replica.port());
+    // Jobs of that queue are still waiting, so their clients' awaits are
+    // pending on the shard that fails over.
+    let waiting: i64 = redis::cmd("LLEN")
+        .arg(format!("jq:{{{}}}:pending", queues[0]))
+        .query(&mut primary.connection())
+        .unwrap();
+    assert!(waiting > 0, "awaits are pending on the failed-over shard");
     if kill_the_primary {
         let node = cluster
             .nodes
