@@ -276,9 +276,8 @@ impl Queue {
                     max,
                 });
             }
-            let out_of_range = |d: Option<Duration>| {
-                d.is_some_and(|d| !(1..=transitions::MAX_MS).contains(&d.as_millis()))
-            };
+            let out_of_range =
+                |d: Option<Duration>| d.is_some_and(|d| !transitions::ms_in_range(d, 1));
             if u64::from(options.max_attempts) > transitions::MAX_COUNT
                 || out_of_range(options.lease)
                 || out_of_range(options.timeout)

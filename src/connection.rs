@@ -88,6 +88,21 @@ impl Healing {
             .clone()
     }
 
+    /// Runs `call` on the current connection; when it times out, renews the
+    /// connection (see [`Healing::renew`]) and returns the timeout.
+    async fn call<T, F, Fut>(&self, call: F) -> redis::RedisResult<T>
+    where
+        F: FnOnce(ClusterConnection) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let (generation, con) = self.current();
+        let result = call(con).await;
+        if result.as_ref().is_err_and(|e| e.is_timeout()) {
+            self.renew(generation);
+        }
+        result
+    }
+
     /// Opens a new connection in the background, unless one is being opened
     /// already, one was tried in the last second, or another caller has
     /// already replaced connection `generation`. The caller's own call
@@ -135,14 +150,7 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Blocking(c) => c.req_packed_command(cmd),
             Conn::Cluster(h) => {
-                let (generation, mut con) = h.current();
-                Box::pin(async move {
-                    let result = con.req_packed_command(cmd).await;
-                    if result.as_ref().is_err_and(|e| e.is_timeout()) {
-                        h.renew(generation);
-                    }
-                    result
-                })
+                Box::pin(h.call(move |mut con| async move { con.req_packed_command(cmd).await }))
             }
         }
     }
@@ -156,16 +164,9 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Blocking(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(h) => {
-                let (generation, mut con) = h.current();
-                Box::pin(async move {
-                    let result = con.req_packed_commands(pipeline, offset, count).await;
-                    if result.as_ref().is_err_and(|e| e.is_timeout()) {
-                        h.renew(generation);
-                    }
-                    result
-                })
-            }
+            Conn::Cluster(h) => Box::pin(h.call(move |mut con| async move {
+                con.req_packed_commands(pipeline, offset, count).await
+            })),
         }
     }
 
@@ -197,19 +198,11 @@ pub(crate) async fn on_queue_primary(
 ) -> redis::RedisResult<Value> {
     match con {
         Conn::Cluster(h) => {
-            let (generation, mut c) = h.current();
             use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
             let route = Route::with_key(key, SlotAddr::Master);
-            let result = c
-                .route_command(
-                    cmd,
-                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
-                )
-                .await;
-            if result.as_ref().is_err_and(|e| e.is_timeout()) {
-                h.renew(generation);
-            }
-            result
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+            h.call(move |mut con| async move { con.route_command(cmd, routing).await })
+                .await
         }
         other => cmd.query_async(other).await,
     }

@@ -24,6 +24,12 @@ pub(crate) const MAX_COUNT: u64 = 1_000_000;
 /// The largest dead-letter maximum a script accepts.
 pub(crate) const MAX_DEAD: u64 = 1_000_000_000;
 
+/// True when `d` is a duration scripts accept: from `min_ms` to [`MAX_MS`]
+/// whole ms.
+pub(crate) fn ms_in_range(d: Duration, min_ms: u128) -> bool {
+    (min_ms..=MAX_MS).contains(&d.as_millis())
+}
+
 /// A duration as scripts take it: whole ms, from 1 to [`MAX_MS`] (settings
 /// are checked against that range when they are made; derived durations
 /// are clamped).

@@ -722,53 +722,31 @@ async fn hostile_job_hashes(mode: Mode) {
         b"",
         b"\xff\xfe",
     ];
+    // Each field with each garbage value, and what must become of the job:
+    // - lease_ms counts as absent (the worker's default, renewed by its
+    //   heartbeat): a job that runs longer than the default lease runs once;
+    // - timeout_ms counts as absent (the worker's default: none here): a
+    //   job that runs 1.5 s completes;
+    // - max_attempts counts as 1: a failing job runs once;
+    // - attempt, stalls and token count as 0.
+    let fields: [(&str, &str, Want); 6] = [
+        ("lease_ms", "slow", Want::Done("wols")),
+        ("timeout_ms", "slow", Want::Done("wols")),
+        ("max_attempts", "fail", Want::Failed(FailureKind::Handler)),
+        ("attempt", "ok", Want::Done("ko")),
+        ("stalls", "ok", Want::Done("ko")),
+        ("token", "ok", Want::Done("ko")),
+    ];
     for (i, v) in garbage_numbers.iter().enumerate() {
-        // A lease that is not an integer in range counts as absent (the
-        // worker's default, renewed by its heartbeat): a job that runs
-        // longer than the default lease still runs once.
-        let mut f = base(mp_str("slow"));
-        f.push(("lease_ms", v.to_vec()));
-        add(
-            &mut con,
-            format!("lease-{i}"),
-            f,
-            Want::Done("wols"),
-            1..=1,
-            true,
-        );
-        // A handler timeout that is not an integer from 1 to 10^12 counts
-        // as absent (the worker's default: none here): a job that runs
-        // 1.5 s completes.
-        let mut f = base(mp_str("slow"));
-        f.push(("timeout_ms", v.to_vec()));
-        add(
-            &mut con,
-            format!("timeout-{i}"),
-            f,
-            Want::Done("wols"),
-            1..=1,
-            true,
-        );
-        // Max attempts that are not an integer in range count as 1.
-        let mut f = base(mp_str("fail"));
-        f.push(("max_attempts", v.to_vec()));
-        add(
-            &mut con,
-            format!("max-attempts-{i}"),
-            f,
-            Want::Failed(FailureKind::Handler),
-            1..=1,
-            true,
-        );
-        // Counters that are not integers count as 0.
-        for field in ["attempt", "stalls", "token"] {
-            let mut f = base(mp_str("ok"));
+        for (field, payload, want) in &fields {
+            let mut f = base(mp_str(payload));
             f.push((field, v.to_vec()));
+            let label = field.strip_suffix("_ms").unwrap_or(field).replace('_', "-");
             add(
                 &mut con,
-                format!("{field}-{i}"),
+                format!("{label}-{i}"),
                 f,
-                Want::Done("ko"),
+                want.clone(),
                 1..=1,
                 true,
             );

@@ -187,7 +187,7 @@ impl WorkerBuilder {
                 "max_stalls must be at most {MAX_COUNT}"
             )));
         }
-        let ms_ok = |d: Duration, min: u128| (min..=MAX_MS).contains(&d.as_millis());
+        let ms_ok = transitions::ms_in_range;
         if !ms_ok(s.lease, 30)
             || !ms_ok(s.result_ttl, 1)
             || s.sweep_interval.is_some_and(|d| !ms_ok(d, 1))

@@ -105,7 +105,22 @@ impl RedisCluster {
     }
 
     /// The node serving `key`'s slot as primary, and one of its replicas.
+    /// Right after a failover the demoted node may not be listed as a
+    /// replica yet: this asks again for up to 10 s.
     pub fn primary_and_replica_of(&self, key: &str) -> (&RedisServer, &RedisServer) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.listed_primary_and_replica_of(key) {
+                Some(pair) => return pair,
+                None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                None => panic!("the primary of {key:?} has no replica"),
+            }
+        }
+    }
+
+    /// The primary serving `key` and one of its replicas, as CLUSTER NODES
+    /// lists them now (`None` while no replica is listed).
+    fn listed_primary_and_replica_of(&self, key: &str) -> Option<(&RedisServer, &RedisServer)> {
         let mut con = self.nodes[0].connection();
         let slot: u16 = redis::cmd("CLUSTER")
             .arg("KEYSLOT")
@@ -143,10 +158,9 @@ impl RedisCluster {
         let replica_id = nodes
             .lines()
             .find(|l| l.split(' ').nth(3) == Some(primary_id.as_str()))
-            .map(|l| l.split(' ').next().unwrap().to_owned())
-            .expect("the primary has a replica");
+            .map(|l| l.split(' ').next().unwrap().to_owned())?;
         let find = |port: u16| self.nodes.iter().find(|n| n.port() == port).unwrap();
-        (find(port_of(&primary_id)), find(port_of(&replica_id)))
+        Some((find(port_of(&primary_id)), find(port_of(&replica_id))))
     }
 
     /// How many primaries serve at least one of `keys`.
