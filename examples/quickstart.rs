@@ -19,14 +19,7 @@ use job_async_redis::{Client, Config, Job, Mode, Worker};
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Keep the throwaway server (if any) alive until the end of main.
-    let (_server, url) = match std::env::var("REDIS_URL") {
-        Ok(url) => (None, url),
-        Err(_) => {
-            let server = redis_server::RedisServer::start();
-            let url = server.url();
-            (Some(server), url)
-        }
-    };
+    let (_server, url) = redis_server::from_env_or_start();
     let config = Config::new(url);
 
     // A worker: four jobs at a time from the queue "strings".

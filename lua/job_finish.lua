@@ -1,14 +1,17 @@
 #!lua
 -- name: job_finish
--- version: 9
+-- version: 10
 -- Recoverable and reliable modes: records a job's outcome under its fencing
 -- token, drops its claim (lease or in-flight entry) and rings the client's
 -- doorbell. The doorbell carries the outcome (the same record as a
 -- simple-mode reply), so that a waiting client need not read the hash; the
 -- hash stays the source of truth. A failure with
--- attempts left (and RETRY = 1) goes to the back of its queue instead; its ID
--- is pushed only when the claim still held it (a sweep or a recovery that
--- already put the ID back after the lease ran out must not make it twice).
+-- attempts left (and RETRY = 1) is queued again instead: after RETRY DELAY,
+-- or the job's backoff (protocol.md 8.7), in the delayed set (its hash gets
+-- due_ms; the clock list is pushed when it is the new earliest), else at
+-- the back of its queue. Its ID is queued only when the claim still held it
+-- (a sweep or a recovery that already put the ID back on pending after the
+-- lease ran out must not make it twice; that retry then runs without delay).
 -- A completed job's payload is emptied; a failed job keeps it.
 -- A completion from a worker whose job was taken over by a newer attempt is
 -- refused; a late completion when nobody else started the job is accepted.
@@ -19,6 +22,8 @@
 --                          <prefix>:{<queue>}:inflight:<worker>
 -- KEYS[3]  pending list    <prefix>:{<queue>}:pending
 -- KEYS[4]  tickets list    <prefix>:{<queue>}:tickets  (recoverable only)
+-- KEYS[5]  delayed set     <prefix>:{<queue>}:delayed
+-- KEYS[6]  clock list      <prefix>:{<queue>}:clock
 -- ARGV[1]  id
 -- ARGV[2]  token           the token job_start accepted (1 to 999999999999999)
 -- ARGV[3]  status          "completed" | "failed"
@@ -27,8 +32,10 @@
 -- ARGV[6]  retry           "1" when a failure may be retried, else "0"
 -- ARGV[7]  result ttl ms   how long the finished job's hash is kept; 1 to 10^12
 -- ARGV[8]  mode            "recoverable" | "reliable"
--- ARGV[9]  notify          "publish" (default) or "spublish" (sharded pub/sub,
---                          used on Redis Cluster) for the client's doorbell
+-- ARGV[9]  notify          "publish" or "spublish" (sharded pub/sub, used on
+--                          Redis Cluster) for the client's doorbell
+-- ARGV[10] retry delay     "-1": the job's backoff decides; else 0 to 10^12 ms,
+--                          the delay the handler asked for
 --
 -- Reply:   the job's new state: "completed", "failed" or "queued" (retried).
 -- Errors:  JQ_NO_JOB <id>              no such job (expired or never existed)
@@ -38,7 +45,8 @@
 --                                         outcome, or was already put back)
 --          JQ_WRONGTYPE <key> <expected type> <found type>  the job key (hash),
 --                                         the claim (zset or list), or, for a
---                                         retry, pending or tickets (list)
+--                                         retry, pending, tickets or clock
+--                                         (list) or delayed (zset)
 --          JQ_BAD_ARGS <detail>
 -- Writes nothing when it refuses.
 
@@ -112,8 +120,48 @@ local function wrongtype(key, want)
   end
 end
 
-if #KEYS ~= 4 or #ARGV < 8 or #ARGV > 9 then
-  return redis.error_reply('JQ_BAD_ARGS expected 4 keys (job, claim, pending, tickets) and 8 or 9 arguments')
+-- The delay in ms before the retry of a job whose attempt number ATTEMPT
+-- failed, under its backoff POLICY (its hash's backoff field, protocol.md
+-- 8.7): 0 without a policy, or with one that does not parse. Evaluated in
+-- IEEE 754 doubles in this order, so that every implementation agrees.
+local function backoff_ms(policy, id, attempt)
+  if not policy then
+    return 0
+  end
+  local kind, b, m, j = string.match(policy, '^(%l+):([0-9]+):([0-9]+):([0-9]+)$')
+  local base, max, jitter = integer(b, 1, 1000000000000), integer(m, 1, 1000000000000), integer(j, 0, 1000)
+  if not base or not max or not jitter or base > max then
+    return 0
+  end
+  local delay
+  if kind == 'fixed' then
+    delay = base
+  elseif kind == 'exponential' then
+    local doublings = math.max(attempt, 1) - 1
+    delay = doublings >= 40 and max or math.min(max, base * 2 ^ doublings)
+  else
+    return 0
+  end
+  if jitter > 0 then
+    -- Deterministic jitter: the first 8 hex digits of SHA1("<id>:<attempt>").
+    local h = tonumber(string.sub(redis.sha1hex(id .. ':' .. string.format('%d', attempt)), 1, 8), 16)
+    delay = delay - math.floor(delay * jitter / 1000 * h / 4294967296)
+  end
+  return delay
+end
+
+-- Puts ID in the delayed set, due at DUE (ms), and rings the clock when it
+-- is due before every job already there.
+local function delay_job(delayed, clock, id, due)
+  local first = redis.call('ZRANGE', delayed, '0', '0', 'WITHSCORES')
+  redis.call('ZADD', delayed, string.format('%d', due), id)
+  if (not first[2] or due < tonumber(first[2])) and redis.call('LLEN', clock) == 0 then
+    redis.call('LPUSH', clock, '1')
+  end
+end
+
+if #KEYS ~= 6 or #ARGV ~= 10 then
+  return redis.error_reply('JQ_BAD_ARGS expected 6 keys (job, claim, pending, tickets, delayed, clock) and 10 arguments')
 end
 local id, status, mode = ARGV[1], ARGV[3], ARGV[8]
 local token = integer(ARGV[2], 1, 999999999999999)
@@ -133,9 +181,13 @@ end
 if mode ~= 'recoverable' and mode ~= 'reliable' then
   return redis.error_reply('JQ_BAD_ARGS ARGV[8] mode must be recoverable or reliable')
 end
-local notify = ARGV[9] or 'publish'
+local notify = ARGV[9]
 if notify ~= 'publish' and notify ~= 'spublish' then
   return redis.error_reply('JQ_BAD_ARGS ARGV[9] notify must be publish or spublish')
+end
+local retry_delay = integer(ARGV[10], -1, 1000000000000)
+if not retry_delay then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[10] retry delay must be -1 or an integer from 0 to 1000000000000')
 end
 -- The doorbell goes to <prefix>:{<queue>}:reply:<client>.
 local base = string.match(KEYS[1], '^[^{]*{[^}]+}')
@@ -143,7 +195,7 @@ if not base then
   return redis.error_reply('JQ_BAD_ARGS KEYS[1] has no {<queue>} hash tag')
 end
 local job = redis.pcall('HMGET', KEYS[1], 'state', 'token', 'client', 'enc', 'error_kind',
-  'attempt', 'max_attempts')
+  'attempt', 'max_attempts', 'backoff')
 if job.err then
   return redis.error_reply(wrongtype(KEYS[1], 'hash') or job.err)
 end
@@ -158,12 +210,17 @@ end
 if state ~= 'active' then
   return redis.error_reply('JQ_ALREADY_FINISHED ' .. text(state))
 end
-local retry = status == 'failed' and ARGV[6] == '1'
-  and (integer(job[6], 0, 1000000000) or 0) < (integer(job[7], 1, 1000000) or 1)
+local attempt = integer(job[6], 0, 1000000000) or 0
+local retry = status == 'failed' and ARGV[6] == '1' and attempt < (integer(job[7], 1, 1000000) or 1)
+local wait = 0
+if retry then
+  wait = retry_delay >= 0 and retry_delay or backoff_ms(job[8], id, attempt)
+end
 -- Every key it will write, checked before the first write.
 local refusal = wrongtype(KEYS[2], mode == 'reliable' and 'list' or 'zset')
   or (retry and wrongtype(KEYS[3], 'list'))
   or (retry and mode == 'recoverable' and wrongtype(KEYS[4], 'list'))
+  or (retry and (wrongtype(KEYS[5], 'zset') or wrongtype(KEYS[6], 'list')))
 if refusal then
   return redis.error_reply(refusal)
 end
@@ -182,6 +239,13 @@ else
   claimed = redis.call('ZREM', KEYS[2], id)
 end
 if retry then
+  if claimed > 0 and wait > 0 then
+    local due = now[1] * 1000 + math.floor(now[2] / 1000) + wait
+    redis.call('HSET', KEYS[1], 'state', 'queued', 'error_kind', ARGV[4], 'error', ARGV[5],
+      'due_ms', int(due))
+    delay_job(KEYS[5], KEYS[6], id, due)
+    return 'queued'
+  end
   redis.call('HSET', KEYS[1], 'state', 'queued', 'error_kind', ARGV[4], 'error', ARGV[5])
   if claimed > 0 then
     redis.call('LPUSH', KEYS[3], id)

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish_batch
--- version: 6
+-- version: 7
 -- Recoverable and reliable modes: job_finish for several jobs of one queue
 -- in one call, so that a busy worker pays the cost of a script call once
 -- for all the jobs that finished meanwhile. Each job is checked and
@@ -13,14 +13,17 @@
 --                            reliable: the worker's in-flight list
 -- KEYS[2]    pending list    <prefix>:{<queue>}:pending
 -- KEYS[3]    tickets list    <prefix>:{<queue>}:tickets  (recoverable only)
--- KEYS[3+i]  job hash of job i
+-- KEYS[4]    delayed set     <prefix>:{<queue>}:delayed
+-- KEYS[5]    clock list      <prefix>:{<queue>}:clock
+-- KEYS[5+i]  job hash of job i
 -- ARGV[1]    result ttl ms   1 to 10^12
 -- ARGV[2]    mode            "recoverable" | "reliable"
 -- ARGV[3]    notify          "publish" or "spublish" (sharded pub/sub)
--- ARGV[4..]  six arguments per job, in KEYS order: id, token (1 to
+-- ARGV[4..]  seven arguments per job, in KEYS order: id, token (1 to
 --            999999999999999), status ("completed" | "failed"), result
 --            bytes or failure kind, failure message ("" when completed),
---            retry ("1" | "0")
+--            retry ("1" | "0"), retry delay ("-1": the job's backoff, else
+--            0 to 10^12 ms), as job_finish's ARGV[1] to ARGV[6] and ARGV[10]
 --
 -- Reply:   array with one string per job: its new state ("completed",
 --          "failed" or "queued"), or the error job_finish would have
@@ -29,8 +32,8 @@
 --          <found type>" when the job key holds another type: nothing of
 --          that job is touched).
 -- Errors:  JQ_WRONGTYPE <key> <expected type> <found type>  the claim (zset
---          or list), or, when a job of the call may be retried, pending or
---          tickets (list)
+--          or list), or, when a job of the call may be retried, pending,
+--          tickets or clock (list) or delayed (zset)
 --          JQ_BAD_ARGS <detail>
 -- Writes nothing when it refuses.
 
@@ -104,9 +107,49 @@ local function wrongtype(key, want)
   end
 end
 
-local n = #KEYS - 3
-if n < 1 or #ARGV ~= 3 + 6 * n then
-  return redis.error_reply('JQ_BAD_ARGS expected 3 keys (claim, pending, tickets) and a job key per job; 3 arguments and six per job key')
+-- The delay in ms before the retry of a job whose attempt number ATTEMPT
+-- failed, under its backoff POLICY (its hash's backoff field, protocol.md
+-- 8.7): 0 without a policy, or with one that does not parse. Evaluated in
+-- IEEE 754 doubles in this order, so that every implementation agrees.
+local function backoff_ms(policy, id, attempt)
+  if not policy then
+    return 0
+  end
+  local kind, b, m, j = string.match(policy, '^(%l+):([0-9]+):([0-9]+):([0-9]+)$')
+  local base, max, jitter = integer(b, 1, 1000000000000), integer(m, 1, 1000000000000), integer(j, 0, 1000)
+  if not base or not max or not jitter or base > max then
+    return 0
+  end
+  local delay
+  if kind == 'fixed' then
+    delay = base
+  elseif kind == 'exponential' then
+    local doublings = math.max(attempt, 1) - 1
+    delay = doublings >= 40 and max or math.min(max, base * 2 ^ doublings)
+  else
+    return 0
+  end
+  if jitter > 0 then
+    -- Deterministic jitter: the first 8 hex digits of SHA1("<id>:<attempt>").
+    local h = tonumber(string.sub(redis.sha1hex(id .. ':' .. string.format('%d', attempt)), 1, 8), 16)
+    delay = delay - math.floor(delay * jitter / 1000 * h / 4294967296)
+  end
+  return delay
+end
+
+-- Puts ID in the delayed set, due at DUE (ms), and rings the clock when it
+-- is due before every job already there.
+local function delay_job(delayed, clock, id, due)
+  local first = redis.call('ZRANGE', delayed, '0', '0', 'WITHSCORES')
+  redis.call('ZADD', delayed, string.format('%d', due), id)
+  if (not first[2] or due < tonumber(first[2])) and redis.call('LLEN', clock) == 0 then
+    redis.call('LPUSH', clock, '1')
+  end
+end
+
+local n = #KEYS - 5
+if n < 1 or #ARGV ~= 3 + 7 * n then
+  return redis.error_reply('JQ_BAD_ARGS expected 5 keys (claim, pending, tickets, delayed, clock) and a job key per job; 3 arguments and seven per job key')
 end
 local mode, notify = ARGV[2], ARGV[3]
 local ttl = integer(ARGV[1], 1, 1000000000000)
@@ -119,9 +162,9 @@ end
 if notify ~= 'publish' and notify ~= 'spublish' then
   return redis.error_reply('JQ_BAD_ARGS ARGV[3] notify must be publish or spublish')
 end
-local tokens, retries = {}, false
+local tokens, delays, retries = {}, {}, false
 for i = 1, n do
-  local a = 3 + 6 * (i - 1)
+  local a = 3 + 7 * (i - 1)
   tokens[i] = integer(ARGV[a + 2], 1, 999999999999999)
   if not tokens[i] then
     return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 2) .. '] token must be an integer from 1 to 999999999999999')
@@ -132,6 +175,10 @@ for i = 1, n do
   end
   if retry ~= '0' and retry ~= '1' then
     return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 6) .. '] retry must be 0 or 1')
+  end
+  delays[i] = integer(ARGV[a + 7], -1, 1000000000000)
+  if not delays[i] then
+    return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 7) .. '] retry delay must be -1 or an integer from 0 to 1000000000000')
   end
   retries = retries or (status == 'failed' and retry == '1')
 end
@@ -144,6 +191,7 @@ end
 local refusal = wrongtype(KEYS[1], mode == 'reliable' and 'list' or 'zset')
   or (retries and wrongtype(KEYS[2], 'list'))
   or (retries and mode == 'recoverable' and wrongtype(KEYS[3], 'list'))
+  or (retries and (wrongtype(KEYS[4], 'zset') or wrongtype(KEYS[5], 'list')))
 if refusal then
   return redis.error_reply(refusal)
 end
@@ -174,9 +222,9 @@ local function bin(s) return header(nil, 0xc4, #s) .. s end
 -- Doorbells per client, in the order of the clients' first jobs.
 local bells, clients = {}, {}
 
-local function finish(key, id, token, status, a4, a5, retry)
+local function finish(key, id, token, status, a4, a5, retry, retry_delay)
   local job = redis.pcall('HMGET', key, 'state', 'token', 'client', 'enc', 'error_kind',
-    'attempt', 'max_attempts')
+    'attempt', 'max_attempts', 'backoff')
   if job.err then
     -- Not the worker's to fix: refused for this job alone, nothing written.
     -- Its claim stays, so the sweep or recovery dead-letters it.
@@ -200,8 +248,15 @@ local function finish(key, id, token, status, a4, a5, retry)
   else
     claimed = redis.call('ZREM', KEYS[1], id)
   end
-  if status == 'failed' and retry == '1'
-      and (integer(job[6], 0, 1000000000) or 0) < (integer(job[7], 1, 1000000) or 1) then
+  local attempt = integer(job[6], 0, 1000000000) or 0
+  if status == 'failed' and retry == '1' and attempt < (integer(job[7], 1, 1000000) or 1) then
+    local wait = retry_delay >= 0 and retry_delay or backoff_ms(job[8], id, attempt)
+    if claimed > 0 and wait > 0 then
+      local due = now[1] * 1000 + math.floor(now[2] / 1000) + wait
+      redis.call('HSET', key, 'state', 'queued', 'error_kind', a4, 'error', a5, 'due_ms', int(due))
+      delay_job(KEYS[4], KEYS[5], id, due)
+      return 'queued'
+    end
     redis.call('HSET', key, 'state', 'queued', 'error_kind', a4, 'error', a5)
     if claimed > 0 then
       redis.call('LPUSH', KEYS[2], id)
@@ -239,8 +294,9 @@ end
 
 local out = {}
 for i = 1, n do
-  local a = 3 + 6 * (i - 1)
-  out[i] = finish(KEYS[3 + i], ARGV[a + 1], tokens[i], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6])
+  local a = 3 + 7 * (i - 1)
+  out[i] = finish(KEYS[5 + i], ARGV[a + 1], tokens[i], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6],
+    delays[i])
 end
 for _, client in ipairs(clients) do
   local list = bells[client]

@@ -1,34 +1,48 @@
 #!lua
 -- name: job_submit
--- version: 7
+-- version: 8
 -- Recoverable and reliable modes: stores one or more jobs, each in its own
 -- hash in state "queued", and appends their IDs to the queue's pending
 -- list, all at once. In recoverable mode it also pushes one ticket per job
--- (workers block on tickets, never on the IDs themselves).
+-- (workers block on tickets, never on the IDs themselves). A job with a
+-- due time in the future goes to the delayed set instead, scored by its due
+-- time (its hash is "queued" with a due_ms field); job_promote moves it to
+-- pending when it is due. When such a job is due before every job already
+-- delayed, the clock list is pushed (unless it holds an entry already), so
+-- that a worker blocked on it learns the new earliest due time.
 --
 -- KEYS[1]    queue metadata hash   <prefix>:{<queue>}:meta
 -- KEYS[2]    pending list          <prefix>:{<queue>}:pending
 -- KEYS[3]    tickets list          <prefix>:{<queue>}:tickets
--- KEYS[3+i]  job hash of job i     <prefix>:{<queue>}:job:<id i>
+-- KEYS[4]    delayed set           <prefix>:{<queue>}:delayed
+-- KEYS[5]    clock list            <prefix>:{<queue>}:clock
+-- KEYS[5+i]  job hash of job i     <prefix>:{<queue>}:job:<id i>
 -- ARGV[1]    mode                  "recoverable" | "reliable"
 -- ARGV[2]    protocol version      decimal integer from 1 to 1000000
--- ARGV[3..]  seven arguments per job, in KEYS order:
+-- ARGV[3..]  ten arguments per job, in KEYS order:
 --            id (1 to 256 bytes of valid UTF-8), enc, payload, client ID to
 --            notify ("" for none; at most 64 bytes: the outcome is announced
 --            on <prefix>:{<queue>}:reply:<client ID>), lease ms (0: the
 --            worker's default, else 1 to 10^12), max attempts (1 to 10^6),
 --            timeout ms (how long the handler may run; 0: the worker's
---            default, else 1 to 10^12)
+--            default, else 1 to 10^12), delay ms (0 to 10^12: due that long
+--            after the server's time), run at ms (0, or 1 to
+--            999999999999999: due at that server time, ms since the Unix
+--            epoch; at most one of delay and run at is not 0), backoff (""
+--            for none, else "<kind>:<base ms>:<max ms>:<jitter>" with kind
+--            "fixed" or "exponential", 1 <= base <= max <= 10^12, jitter
+--            0 to 1000 thousandths; protocol.md 8.7)
 --
--- Reply:   length of the pending list after the push.
+-- Reply:   length of the pending list after the call.
 -- Errors:  JQ_QUEUE_UNKNOWN <meta key>
 --          JQ_MODE_MISMATCH <queue mode> <requested mode>
 --          JQ_PROTOCOL_MISMATCH <queue protocol> <requested protocol>
 --            (a field the metadata lacks is written "(missing)")
 --          JQ_DUPLICATE <id>     a key exists at the job's key (of any type),
 --                                or the ID appears twice in this call
---          JQ_WRONGTYPE <key> <expected type> <found type>   meta, pending
---                                or (recoverable mode) tickets
+--          JQ_WRONGTYPE <key> <expected type> <found type>   meta, pending,
+--                                (recoverable mode) tickets, or, when a job
+--                                of the call is delayed, delayed or clock
 --          JQ_BAD_ARGS <detail>
 -- Checks every job before writing anything; writes nothing when it refuses.
 
@@ -110,9 +124,9 @@ local function text(s)
   return table.concat(out)
 end
 
-local n = #KEYS - 3
-if n < 1 or #ARGV ~= 2 + 7 * n then
-  return redis.error_reply('JQ_BAD_ARGS expected 3 keys (meta, pending, tickets) and a job key per job; a mode, a protocol version and seven arguments per job key')
+local n = #KEYS - 5
+if n < 1 or #ARGV ~= 2 + 10 * n then
+  return redis.error_reply('JQ_BAD_ARGS expected 5 keys (meta, pending, tickets, delayed, clock) and a job key per job; a mode, a protocol version and ten arguments per job key')
 end
 local mode = ARGV[1]
 if mode ~= 'simple' and mode ~= 'recoverable' and mode ~= 'reliable' then
@@ -123,10 +137,12 @@ if not integer(ARGV[2], 1, 1000000) then
 end
 local base = string.sub(KEYS[1], 1, -6) -- strip ":meta"
 local seen = {}
--- Per job, the lease, max attempts and timeout to store (nil: the default).
-local leases, attempts, timeouts = {}, {}, {}
+-- Per job, the lease, max attempts, timeout and backoff to store (nil: the
+-- default), and its delay or due time (nil: none).
+local leases, attempts, timeouts, backoffs, delays, run_ats = {}, {}, {}, {}, {}, {}
+local any_delayed = false
 for i = 1, n do
-  local a = 2 + 7 * (i - 1)
+  local a = 2 + 10 * (i - 1)
   local id = ARGV[a + 1]
   if id == '' or #id > 256 then
     return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 1) .. '] job ID must be 1 to 256 bytes')
@@ -134,8 +150,8 @@ for i = 1, n do
   if not utf8(id) then
     return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 1) .. '] job ID is not valid UTF-8')
   end
-  if KEYS[3 + i] ~= base .. ':job:' .. id then
-    return redis.error_reply('JQ_BAD_ARGS job key ' .. text(KEYS[3 + i]) .. ' does not match id ' .. id)
+  if KEYS[5 + i] ~= base .. ':job:' .. id then
+    return redis.error_reply('JQ_BAD_ARGS job key ' .. text(KEYS[5 + i]) .. ' does not match id ' .. id)
   end
   if #ARGV[a + 4] > 64 then
     return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 4) .. '] client ID longer than 64 bytes')
@@ -162,6 +178,32 @@ for i = 1, n do
       return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 7) .. '] timeout ms must be an integer from 0 to 1000000000000')
     end
     timeouts[i] = string.format('%d', timeout_n)
+  end
+  if ARGV[a + 8] ~= '0' or ARGV[a + 9] ~= '0' then
+    local delay_n = integer(ARGV[a + 8], 0, 1000000000000)
+    local run_at_n = integer(ARGV[a + 9], 0, 999999999999999)
+    if not delay_n then
+      return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 8) .. '] delay ms must be an integer from 0 to 1000000000000')
+    end
+    if not run_at_n then
+      return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 9) .. '] run at ms must be an integer from 0 to 999999999999999')
+    end
+    if delay_n ~= 0 and run_at_n ~= 0 then
+      return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 8) .. '] and ARGV[' .. (a + 9) .. '] a job has a delay or a run at time, not both')
+    end
+    delays[i] = delay_n ~= 0 and delay_n or nil
+    run_ats[i] = run_at_n ~= 0 and run_at_n or nil
+    any_delayed = true
+  end
+  local policy = ARGV[a + 10]
+  if policy ~= '' then
+    local kind, b, m, j = string.match(policy, '^(%l+):([0-9]+):([0-9]+):([0-9]+)$')
+    local base_n, max_n, jitter_n = integer(b, 1, 1000000000000), integer(m, 1, 1000000000000), integer(j, 0, 1000)
+    if (kind ~= 'fixed' and kind ~= 'exponential') or not base_n or not max_n or not jitter_n
+        or base_n > max_n then
+      return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 10) .. '] backoff must be "" or <fixed|exponential>:<base ms>:<max ms>:<jitter>, 1 <= base <= max <= 10^12, jitter 0 to 1000')
+    end
+    backoffs[i] = policy
   end
   if seen[id] then
     return redis.error_reply('JQ_DUPLICATE ' .. id)
@@ -195,13 +237,23 @@ if mode == 'recoverable' then
     return redis.error_reply('JQ_WRONGTYPE ' .. text(KEYS[3]) .. ' list ' .. found)
   end
 end
+if any_delayed then
+  found = redis.call('TYPE', KEYS[4]).ok
+  if found ~= 'none' and found ~= 'zset' then
+    return redis.error_reply('JQ_WRONGTYPE ' .. text(KEYS[4]) .. ' zset ' .. found)
+  end
+  found = redis.call('TYPE', KEYS[5]).ok
+  if found ~= 'none' and found ~= 'list' then
+    return redis.error_reply('JQ_WRONGTYPE ' .. text(KEYS[5]) .. ' list ' .. found)
+  end
+end
 -- Existing IDs: one EXISTS per thousand keys; find which only when one does.
-for first = 4, 3 + n, 1000 do
-  local last = math.min(first + 999, 3 + n)
+for first = 6, 5 + n, 1000 do
+  local last = math.min(first + 999, 5 + n)
   if redis.call('EXISTS', unpack(KEYS, first, last)) > 0 then
     for k = first, last do
       if redis.call('EXISTS', KEYS[k]) == 1 then
-        return redis.error_reply('JQ_DUPLICATE ' .. ARGV[2 + 7 * (k - 4) + 1])
+        return redis.error_reply('JQ_DUPLICATE ' .. ARGV[2 + 10 * (k - 6) + 1])
       end
     end
   end
@@ -209,14 +261,23 @@ end
 -- Numbers go to Redis as decimal strings made once: Redis formats a Lua
 -- number argument with "%.17g", which costs more than the command itself.
 local now = redis.call('TIME')
-local now_ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
+local now_n = now[1] * 1000 + math.floor(now[2] / 1000)
+local now_ms = string.format('%d', now_n)
+-- Due times (ms, server time) of the jobs that wait in the delayed set.
+local dues = {}
 for i = 1, n do
-  local a = 2 + 7 * (i - 1)
-  local key, client, lease, max, timeout = KEYS[3 + i], ARGV[a + 4], leases[i], attempts[i], timeouts[i]
+  local due = run_ats[i] or (delays[i] and now_n + delays[i])
+  if due and due > now_n then
+    dues[i] = due
+  end
+end
+for i = 1, n do
+  local a = 2 + 10 * (i - 1)
+  local key, client, lease, max, timeout = KEYS[5 + i], ARGV[a + 4], leases[i], attempts[i], timeouts[i]
   -- Fields at their default value (client "", lease_ms 0, max_attempts 1,
-  -- timeout_ms 0, attempt, stalls and token 0) are not written: less memory
-  -- and CPU.
-  if not lease and not max and not timeout then
+  -- timeout_ms 0, attempt, stalls and token 0, no backoff, no due time)
+  -- are not written: less memory and CPU.
+  if not lease and not max and not timeout and not backoffs[i] and not dues[i] then
     if client ~= '' then
       redis.call('HSET', key, 'state', 'queued', 'enc', ARGV[a + 2], 'payload', ARGV[a + 3],
         'submitted_ms', now_ms, 'client', client)
@@ -242,21 +303,57 @@ for i = 1, n do
       fields[#fields + 1] = 'timeout_ms'
       fields[#fields + 1] = timeout
     end
+    if backoffs[i] then
+      fields[#fields + 1] = 'backoff'
+      fields[#fields + 1] = backoffs[i]
+    end
+    if dues[i] then
+      fields[#fields + 1] = 'due_ms'
+      fields[#fields + 1] = string.format('%d', dues[i])
+    end
     redis.call('HSET', key, unpack(fields))
   end
 end
--- The IDs (and, in recoverable mode, one ticket per job), pushed a
--- thousand at a time: oldest first, as one LPUSH per job would.
-local len = 0
-for first = 1, n, 1000 do
-  local ids, tickets = {}, {}
-  for i = first, math.min(first + 999, n) do
-    ids[#ids + 1] = ARGV[2 + 7 * (i - 1) + 1]
-    tickets[#tickets + 1] = '1'
+-- Delayed jobs go to the delayed set; a new earliest due time rings the
+-- clock (one entry at most: whoever pops it reads the set anyway).
+local earliest = false
+if any_delayed then
+  local first = redis.call('ZRANGE', KEYS[4], '0', '0', 'WITHSCORES')
+  earliest = first[2] and tonumber(first[2])
+  local ring = false
+  for i = 1, n do
+    if dues[i] then
+      redis.call('ZADD', KEYS[4], string.format('%d', dues[i]), ARGV[2 + 10 * (i - 1) + 1])
+      if not earliest or dues[i] < earliest then
+        ring = true
+      end
+    end
   end
-  len = redis.call('LPUSH', KEYS[2], unpack(ids))
-  if mode == 'recoverable' then
-    redis.call('LPUSH', KEYS[3], unpack(tickets))
+  if ring and redis.call('LLEN', KEYS[5]) == 0 then
+    redis.call('LPUSH', KEYS[5], '1')
   end
 end
-return len
+-- The other IDs (and, in recoverable mode, one ticket per job), pushed a
+-- thousand at a time: oldest first, as one LPUSH per job would.
+local ids, tickets = {}, {}
+local len = nil
+local function push()
+  if #ids > 0 then
+    len = redis.call('LPUSH', KEYS[2], unpack(ids))
+    if mode == 'recoverable' then
+      redis.call('LPUSH', KEYS[3], unpack(tickets))
+    end
+    ids, tickets = {}, {}
+  end
+end
+for i = 1, n do
+  if not dues[i] then
+    ids[#ids + 1] = ARGV[2 + 10 * (i - 1) + 1]
+    tickets[#tickets + 1] = '1'
+    if #ids == 1000 then
+      push()
+    end
+  end
+end
+push()
+return len or redis.call('LLEN', KEYS[2])

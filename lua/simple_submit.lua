@@ -1,23 +1,35 @@
 #!lua
 -- name: simple_submit
--- version: 2
+-- version: 3
 -- Simple mode: appends one or more job envelopes to a queue's pending list,
 -- after checking that the queue is registered in simple mode with the same
 -- protocol version. Workers pop from the other end (RPOP side), so the list
--- is first in, first out.
+-- is first in, first out. Envelopes with a due time in the future go to the
+-- delayed set instead, as members scored by their due time (server time,
+-- ms); job_promote moves them to pending when they are due. When they are
+-- due before every member already there, the clock list is pushed (unless
+-- it holds an entry already).
 --
 -- KEYS[1]  queue metadata hash   <prefix>:{<queue>}:meta
 -- KEYS[2]  pending list          <prefix>:{<queue>}:pending
+-- KEYS[3]  delayed set           <prefix>:{<queue>}:delayed
+-- KEYS[4]  clock list            <prefix>:{<queue>}:clock
 -- ARGV[1]  mode                  must be "simple"
 -- ARGV[2]  protocol version      decimal integer from 1 to 1000000
--- ARGV[3..n] job envelopes       MessagePack maps (see protocol.md), at least one
+-- ARGV[3]  delay ms              0 to 10^12: the envelopes are due that long
+--                                after the server's time
+-- ARGV[4]  run at ms             0, or 1 to 999999999999999: due at that
+--                                server time (ms since the Unix epoch); at
+--                                most one of ARGV[3] and ARGV[4] is not 0
+-- ARGV[5..n] job envelopes       MessagePack maps (see protocol.md), at least one
 --
--- Reply:   length of the pending list after the push.
+-- Reply:   length of the pending list after the call.
 -- Errors:  JQ_QUEUE_UNKNOWN <meta key>    the queue has no metadata yet
 --          JQ_MODE_MISMATCH <queue mode> <requested mode>
 --          JQ_PROTOCOL_MISMATCH <queue protocol> <requested protocol>
 --            (a field the metadata lacks is written "(missing)")
---          JQ_WRONGTYPE <key> <expected type> <found type>   meta or pending
+--          JQ_WRONGTYPE <key> <expected type> <found type>   meta or pending,
+--                                or, for delayed envelopes, delayed or clock
 --          JQ_BAD_ARGS <detail>
 -- Writes nothing when it refuses.
 
@@ -83,8 +95,8 @@ local function text(s)
   return table.concat(out)
 end
 
-if #KEYS ~= 2 or #ARGV < 3 then
-  return redis.error_reply('JQ_BAD_ARGS expected 2 keys (meta, pending), a mode, a protocol version and at least one job envelope')
+if #KEYS ~= 4 or #ARGV < 5 then
+  return redis.error_reply('JQ_BAD_ARGS expected 4 keys (meta, pending, delayed, clock), a mode, a protocol version, a delay, a run at time and at least one job envelope')
 end
 local mode = ARGV[1]
 if mode ~= 'simple' and mode ~= 'recoverable' and mode ~= 'reliable' then
@@ -92,6 +104,17 @@ if mode ~= 'simple' and mode ~= 'recoverable' and mode ~= 'reliable' then
 end
 if not integer(ARGV[2], 1, 1000000) then
   return redis.error_reply('JQ_BAD_ARGS ARGV[2] protocol version must be an integer from 1 to 1000000')
+end
+local delay = integer(ARGV[3], 0, 1000000000000)
+if not delay then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[3] delay ms must be an integer from 0 to 1000000000000')
+end
+local run_at = integer(ARGV[4], 0, 999999999999999)
+if not run_at then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[4] run at ms must be an integer from 0 to 999999999999999')
+end
+if delay ~= 0 and run_at ~= 0 then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[3] and ARGV[4] envelopes have a delay or a run at time, not both')
 end
 local meta = redis.pcall('HMGET', KEYS[1], 'mode', 'protocol')
 if meta.err then
@@ -109,11 +132,38 @@ end
 if mode ~= 'simple' then
   return redis.error_reply('JQ_BAD_ARGS simple_submit is for simple mode; use job_submit')
 end
+local due = nil
+if delay ~= 0 or run_at ~= 0 then
+  local now = redis.call('TIME')
+  local now_n = now[1] * 1000 + math.floor(now[2] / 1000)
+  due = run_at ~= 0 and run_at or now_n + delay
+  if due <= now_n then
+    due = nil
+  end
+end
+if due then
+  -- Every key it writes, checked first.
+  for k, want in pairs({[2] = 'list', [3] = 'zset', [4] = 'list'}) do
+    local found = redis.call('TYPE', KEYS[k]).ok
+    if found ~= 'none' and found ~= want then
+      return redis.error_reply('JQ_WRONGTYPE ' .. text(KEYS[k]) .. ' ' .. want .. ' ' .. found)
+    end
+  end
+  local first = redis.call('ZRANGE', KEYS[3], '0', '0', 'WITHSCORES')
+  local score = string.format('%d', due)
+  for i = 5, #ARGV do
+    redis.call('ZADD', KEYS[3], score, ARGV[i])
+  end
+  if (not first[2] or due < tonumber(first[2])) and redis.call('LLEN', KEYS[4]) == 0 then
+    redis.call('LPUSH', KEYS[4], '1')
+  end
+  return redis.call('LLEN', KEYS[2])
+end
 -- Push in slices so that a large batch stays under Lua's unpack limit. The
 -- first push is the script's first write and checks the pending list's
 -- type for free: refused, it wrote nothing; after it, the key is a list.
-local last = math.min(502, #ARGV)
-local len = redis.pcall('LPUSH', KEYS[2], unpack(ARGV, 3, last))
+local last = math.min(504, #ARGV)
+local len = redis.pcall('LPUSH', KEYS[2], unpack(ARGV, 5, last))
 if type(len) == 'table' then
   local found = redis.call('TYPE', KEYS[2]).ok
   if found == 'list' then

@@ -162,11 +162,21 @@ const COMMANDS: &[(&str, Need, &str)] = &[
     ),
     // Worker, inside scripts (and the wake lists, reliable look-ahead).
     ("+hget", Need::Worker, "job_start, reliable_start"),
-    ("+hdel", Need::Worker, "job_finish, job_finish_batch"),
+    (
+        "+hdel",
+        Need::Both,
+        "job_finish, job_finish_batch; schedule_set, schedule_remove",
+    ),
+    ("+hkeys", Need::Client, "schedule_remove"),
+    ("+hincrby", Need::Worker, "schedule_fire: fire counts"),
     ("+rpush", Need::Worker, "requeues to the front of the queue"),
     ("+lpop", Need::Worker, "job_claim"),
     ("+rpop", Need::Worker, "job_claim"),
-    ("+llen", Need::Worker, "job_claim, simple_dead"),
+    (
+        "+llen",
+        Need::Both,
+        "job_claim, simple_dead; ringing the clock list once",
+    ),
     (
         "+lrange",
         Need::Worker,
@@ -193,10 +203,15 @@ const COMMANDS: &[(&str, Need, &str)] = &[
     ("+pexpire", Need::Worker, "outcome retention; wake lists"),
     (
         "+zadd",
-        Need::Worker,
-        "leases, heartbeats, dead workers, dead jobs",
+        Need::Both,
+        "delayed jobs; leases, heartbeats, dead workers, dead jobs",
     ),
-    ("+zrem", Need::Worker, "leases, workers"),
+    (
+        "+zrange",
+        Need::Both,
+        "the earliest delayed job (submits, retries, job_promote)",
+    ),
+    ("+zrem", Need::Both, "leases, workers; schedules"),
     (
         "+zscore",
         Need::Worker,
@@ -212,7 +227,11 @@ const COMMANDS: &[(&str, Need, &str)] = &[
         Need::Worker,
         "reliable_find_dead: dead workers",
     ),
-    ("+zremrangebyrank", Need::Worker, "trimming dead_jobs"),
+    (
+        "+zremrangebyrank",
+        Need::Worker,
+        "trimming dead_jobs; job_promote",
+    ),
     (
         "+publish",
         Need::Worker,
@@ -227,7 +246,16 @@ const COMMANDS: &[(&str, Need, &str)] = &[
 
 /// The keys of a queue the client role may touch (what `queue_register`,
 /// `simple_submit`, `job_submit`, `job_watch` and status reads use).
-const CLIENT_KEYS: &[&str] = &["meta", "pending", "tickets", "job:*"];
+const CLIENT_KEYS: &[&str] = &[
+    "meta",
+    "pending",
+    "tickets",
+    "delayed",
+    "clock",
+    "schedules",
+    "schedule:*",
+    "job:*",
+];
 
 /// Escapes the characters that Redis ACL patterns (stringmatchlen) treat
 /// as glob syntax, so that `text` matches only itself.
@@ -370,7 +398,14 @@ mod tests {
     use std::collections::BTreeSet;
 
     /// The scripts each role calls (the worker registers its queues too).
-    const CLIENT_SCRIPTS: &[&str] = &["queue_register", "simple_submit", "job_submit", "job_watch"];
+    const CLIENT_SCRIPTS: &[&str] = &[
+        "queue_register",
+        "simple_submit",
+        "job_submit",
+        "job_watch",
+        "schedule_set",
+        "schedule_remove",
+    ];
 
     fn role_runs(role: AclRole, script: &str) -> bool {
         match role {
@@ -567,13 +602,17 @@ mod tests {
             .rules()
             .unwrap();
         assert_eq!(
-            client[..7],
+            client[..11],
             [
                 "clearselectors",
                 "resetkeys",
                 "~jq:{a}:meta",
                 "~jq:{a}:pending",
                 "~jq:{a}:tickets",
+                "~jq:{a}:delayed",
+                "~jq:{a}:clock",
+                "~jq:{a}:schedules",
+                "~jq:{a}:schedule:*",
                 "~jq:{a}:job:*",
                 "resetchannels"
             ]

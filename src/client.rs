@@ -1,12 +1,13 @@
 //! [`Client`] and [`Queue`]: submitting jobs and following them.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::connection::Conn;
 use serde::Serialize;
 use serde_bytes::ByteBuf;
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::connection;
 use crate::encoding::Encoding;
@@ -15,9 +16,10 @@ use crate::handle::{JobHandle, Stored};
 use crate::keys::QueueKeys;
 use crate::mode::Mode;
 use crate::replies::Replies;
+use crate::schedule::{Schedule, ScheduleInfo};
 use crate::scripts::{self, Call};
 use crate::status::JobStatus;
-use crate::transitions::{self, NewJob};
+use crate::transitions::{self, Due, NewJob};
 use crate::wire::{Envelope, now_ms, pack};
 
 /// Most jobs in one submit script call of [`Queue::submit_many`]; larger
@@ -114,6 +116,15 @@ pub struct JobOptions {
     /// future is dropped and the attempt fails with kind `timeout`, which
     /// is retried like a handler error while attempts are left. Every mode.
     pub timeout: Option<Duration>,
+    /// Run the job no earlier than this long after the submit (server
+    /// time). Every mode. See [`JobOptions::delay`].
+    pub delay: Option<Duration>,
+    /// Run the job no earlier than this time (compared with the server's
+    /// clock). Every mode. See [`JobOptions::run_at`].
+    pub run_at: Option<SystemTime>,
+    /// Recoverable and reliable modes: how long a failed attempt waits
+    /// before the next one (default: none, the job is queued again at once).
+    pub backoff: Option<Backoff>,
 }
 
 impl JobOptions {
@@ -136,6 +147,59 @@ impl JobOptions {
     pub fn max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = attempts;
         self
+    }
+    /// Delays the job: it waits in the queue's delayed set, and a worker
+    /// starts it once `delay` has passed (server time), within a few ms
+    /// when a worker is free. Its status reads [`crate::JobState::Delayed`]
+    /// meanwhile, and its handle awaits it as any other job. Replaces a
+    /// [`JobOptions::run_at`]; at most 10^12 ms.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay);
+        self.run_at = None;
+        self
+    }
+    /// Runs the job no earlier than `at`, compared with the Redis server's
+    /// clock (a time in the past runs it at once). Replaces a
+    /// [`JobOptions::delay`].
+    pub fn run_at(mut self, at: SystemTime) -> Self {
+        self.run_at = Some(at);
+        self.delay = None;
+        self
+    }
+    /// Sets [`JobOptions::backoff`]: with [`JobOptions::max_attempts`] above
+    /// 1, a failed attempt waits this long (server time) before the next.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = Some(backoff);
+        self
+    }
+
+    /// When the job is due, as the scripts take it.
+    fn due(&self) -> Result<Due, Error> {
+        if let Some(at) = self.run_at {
+            let ms = at
+                .duration_since(UNIX_EPOCH)
+                .map_err(|_| Error::Config("run_at must not be before 1970".into()))?
+                .as_millis();
+            if ms > u128::from(transitions::MAX_RUN_AT) {
+                return Err(Error::Config(format!(
+                    "run_at must be at most {} ms after the Unix epoch",
+                    transitions::MAX_RUN_AT
+                )));
+            }
+            return Ok(if ms == 0 {
+                Due::Now
+            } else {
+                Due::At(ms as u64)
+            });
+        }
+        match self.delay {
+            Some(d) if d.as_millis() > transitions::MAX_MS => Err(Error::Config(format!(
+                "delay must be at most {} ms",
+                transitions::MAX_MS
+            ))),
+            Some(d) if d.as_millis() > 0 => Ok(Due::After(d)),
+            _ => Ok(Due::Now),
+        }
     }
 }
 
@@ -209,6 +273,106 @@ impl Queue {
     {
         self.submit_iter(payloads.into_iter().map(|p| (p, JobOptions::default())))
             .await
+    }
+
+    /// Submits many jobs, each with its own [`JobOptions`] (delays, run-at
+    /// times, backoffs...), as [`Queue::submit_many`] does.
+    ///
+    /// # Errors
+    /// As [`Queue::submit_many`].
+    pub async fn submit_many_with<'a, P, I>(&self, jobs: I) -> Result<Vec<JobHandle>, Error>
+    where
+        P: Serialize + 'a,
+        I: IntoIterator<Item = (&'a P, JobOptions)>,
+    {
+        self.submit_iter(jobs.into_iter()).await
+    }
+
+    /// Creates or changes the recurring schedule `name` of this queue: from
+    /// now on, the queue's workers submit one job with `payload` per fire
+    /// (recoverable and reliable modes). Changing a schedule replaces its
+    /// definition and next fire and keeps its history. Returns true when it
+    /// was created.
+    ///
+    /// # Errors
+    /// [`Error::Config`] in simple mode (fires are made exactly once by
+    /// refusing a second job with the same ID, which needs job records) or
+    /// for options a schedule cannot have; [`Error::InvalidName`] for a name
+    /// that is empty, longer than 200 bytes or has control characters.
+    pub async fn set_schedule<P: Serialize + ?Sized>(
+        &self,
+        name: &str,
+        schedule: &Schedule,
+        payload: &P,
+    ) -> Result<bool, Error> {
+        if self.mode == Mode::Simple {
+            return Err(Error::Config(
+                "schedules need recoverable or reliable mode".into(),
+            ));
+        }
+        crate::schedule::check_name(name)?;
+        let bytes = self.encoding.encode(payload, "payload")?;
+        let max = self.client.inner.config.max_payload_bytes;
+        if bytes.len() > max {
+            return Err(Error::TooLarge {
+                what: "payload",
+                size: bytes.len(),
+                max,
+            });
+        }
+        let record = schedule.record(self.encoding.as_str(), &bytes, now_ms())?;
+        let con = &self.client.inner.con;
+        match transitions::schedule_set(con, &self.keys, self.mode, name, &record).await {
+            Err(Error::QueueNotRegistered { .. }) => {
+                transitions::queue_register(con, &self.keys, self.mode).await?;
+                transitions::schedule_set(con, &self.keys, self.mode, name, &record).await
+            }
+            other => other,
+        }
+    }
+
+    /// Removes the schedule `name`; true when it existed. Jobs it submitted
+    /// are not touched.
+    ///
+    /// # Errors
+    /// [`Error::WrongType`] when the queue's schedules set holds another
+    /// type; [`Error::Redis`] when Redis cannot be reached.
+    pub async fn remove_schedule(&self, name: &str) -> Result<bool, Error> {
+        crate::schedule::check_name(name)?;
+        transitions::schedule_remove(&self.client.inner.con, &self.keys, name).await
+    }
+
+    /// The queue's schedules, soonest first: definition, next fire, history.
+    ///
+    /// # Errors
+    /// [`Error::Redis`] when Redis cannot be reached or the keys hold other
+    /// types.
+    pub async fn schedules(&self) -> Result<Vec<ScheduleInfo>, Error> {
+        let mut con = self.client.inner.con.clone();
+        let names: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+            .arg(self.keys.schedules())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| crate::error::on_key(e, &self.keys.schedules(), "zset"))?;
+        let mut out = Vec::new();
+        for name in names {
+            let name = String::from_utf8_lossy(&name).into_owned();
+            let key = self.keys.schedule(&name);
+            let values: Vec<Option<Vec<u8>>> = redis::cmd("HMGET")
+                .arg(&key)
+                .arg(&ScheduleInfo::FIELDS[..])
+                .query_async(&mut con)
+                .await
+                .map_err(|e| crate::error::on_key(e, &key, "hash"))?;
+            let values = values
+                .into_iter()
+                .map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
+                .collect();
+            out.extend(ScheduleInfo::from_fields(name, values));
+        }
+        Ok(out)
     }
 
     /// A handle on the job `id`, to await its outcome: for example after this
@@ -288,6 +452,10 @@ impl Queue {
                     transitions::MAX_MS
                 )));
             }
+            options.due()?;
+            if let Some(backoff) = &options.backoff {
+                backoff.validate()?;
+            }
             let id = match options.id.clone() {
                 Some(id) if id.is_empty() || id.len() > 256 => {
                     return Err(Error::InvalidName(format!(
@@ -303,11 +471,7 @@ impl Queue {
             return Ok(Vec::new());
         }
         let calls = match self.mode {
-            Mode::Simple => self.simple_calls(
-                prepared
-                    .iter()
-                    .map(|(id, bytes, options)| (id, bytes, options.timeout)),
-            )?,
+            Mode::Simple => self.simple_calls(&prepared)?,
             _ => self.job_calls(&prepared),
         };
         // Subscribe first, so that no outcome can be published unseen.
@@ -325,13 +489,14 @@ impl Queue {
         Ok(handles)
     }
 
-    fn simple_calls<'b>(
-        &self,
-        jobs: impl Iterator<Item = (&'b String, &'b Vec<u8>, Option<Duration>)>,
-    ) -> Result<Vec<Call>, Error> {
+    /// One `simple_submit` call per chunk of consecutive jobs that are due
+    /// alike.
+    fn simple_calls(&self, prepared: &[(String, Vec<u8>, JobOptions)]) -> Result<Vec<Call>, Error> {
         let submitted_ms = now_ms();
-        let envelopes = jobs
-            .map(|(id, bytes, timeout)| {
+        let envelopes = prepared
+            .iter()
+            .map(|(id, bytes, options)| {
+                let timeout = options.timeout;
                 pack(
                     &Envelope {
                         id: id.clone(),
@@ -345,10 +510,25 @@ impl Queue {
                 )
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(envelopes
-            .chunks(BATCH_CHUNK)
-            .map(|chunk| transitions::simple_submit(&self.keys, chunk))
-            .collect())
+        let mut calls = Vec::new();
+        let mut start = 0;
+        while start < envelopes.len() {
+            let due = prepared[start].2.due()?;
+            let mut end = start + 1;
+            while end < envelopes.len()
+                && end - start < BATCH_CHUNK
+                && prepared[end].2.due()? == due
+            {
+                end += 1;
+            }
+            calls.push(transitions::simple_submit(
+                &self.keys,
+                due,
+                &envelopes[start..end],
+            ));
+            start = end;
+        }
+        Ok(calls)
     }
 
     fn job_calls(&self, prepared: &[(String, Vec<u8>, JobOptions)]) -> Vec<Call> {
@@ -365,6 +545,12 @@ impl Queue {
                         lease: options.lease,
                         max_attempts: options.max_attempts.max(1),
                         timeout: options.timeout,
+                        due: options.due().unwrap_or_default(),
+                        backoff: options
+                            .backoff
+                            .as_ref()
+                            .map(Backoff::to_wire)
+                            .unwrap_or_default(),
                     })
                     .collect();
                 transitions::job_submit(&self.keys, self.mode, &jobs)

@@ -118,6 +118,35 @@ impl QueueKeys {
         format!("{}:wake:{worker_id}", self.base)
     }
 
+    /// Sorted set of delayed jobs (IDs; simple mode: envelopes), scored by
+    /// due time (ms, server time).
+    pub fn delayed(&self) -> String {
+        format!("{}:delayed", self.base)
+    }
+
+    /// Lease of the queue's timekeeper: the one worker that sleeps until the
+    /// next delayed job is due and promotes it.
+    pub fn timekeeper(&self) -> String {
+        format!("{}:timekeeper", self.base)
+    }
+
+    /// List pushed when a delayed job becomes the earliest, so that the
+    /// timekeeper (blocked on it) learns the new due time.
+    pub fn clock(&self) -> String {
+        format!("{}:clock", self.base)
+    }
+
+    /// Sorted set of the queue's recurring schedules (names), scored by
+    /// their next fire time (ms, server time).
+    pub fn schedules(&self) -> String {
+        format!("{}:schedules", self.base)
+    }
+
+    /// The record of the recurring schedule `name`.
+    pub fn schedule(&self, name: &str) -> String {
+        format!("{}:schedule:{name}", self.base)
+    }
+
     /// Guard that lets one worker at a time sweep stale leases (recoverable
     /// mode) or recover dead workers (reliable mode).
     pub fn sweep(&self) -> String {
@@ -171,6 +200,11 @@ mod tests {
             k.workers(),
             k.inflight("w1"),
             k.wake("w1"),
+            k.delayed(),
+            k.timekeeper(),
+            k.clock(),
+            k.schedules(),
+            k.schedule("nightly"),
             k.reply_channel("c1"),
         ] {
             assert!(key.starts_with("jq:{emails}:"), "{key}");

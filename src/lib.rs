@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 mod acl;
+mod backoff;
 mod client;
 mod config;
 mod connection;
@@ -14,6 +15,7 @@ mod job;
 pub mod keys;
 mod mode;
 mod replies;
+mod schedule;
 pub mod scripts;
 mod status;
 mod transitions;
@@ -23,14 +25,16 @@ mod worker;
 #[allow(deprecated)]
 pub use acl::acl_rules;
 pub use acl::{AclProfile, AclRole};
+pub use backoff::Backoff;
 pub use client::{Client, JobOptions, Queue};
 pub use config::Config;
 pub use encoding::Encoding;
 pub use error::Error;
 pub use failure::FailureKind;
 pub use handle::JobHandle;
-pub use job::Job;
+pub use job::{Job, JobError, RetryRule};
 pub use mode::{Mode, PROTOCOL_VERSION};
+pub use schedule::{DEFAULT_GRACE, Missed, Schedule, ScheduleInfo};
 pub use status::{JobState, JobStatus};
 pub use worker::{ShutdownHandle, Worker, WorkerBuilder, WorkerStats};
 

@@ -98,11 +98,15 @@ pub(crate) enum Name {
     ReliableFindDead,
     ReliableRequeueWorker,
     JobFinishBatch,
+    JobPromote,
+    ScheduleSet,
+    ScheduleFire,
+    ScheduleRemove,
 }
 
 impl Name {
     #[cfg(test)]
-    const ALL: [Name; 18] = [
+    const ALL: [Name; 22] = [
         Name::QueueRegister,
         Name::SimpleSubmit,
         Name::SimpleReply,
@@ -121,6 +125,10 @@ impl Name {
         Name::ReliableFindDead,
         Name::ReliableRequeueWorker,
         Name::JobFinishBatch,
+        Name::JobPromote,
+        Name::ScheduleSet,
+        Name::ScheduleFire,
+        Name::ScheduleRemove,
     ];
 
     fn file_stem(self) -> &'static str {
@@ -140,6 +148,10 @@ impl Name {
             Name::ReliableFindDead => "reliable_find_dead",
             Name::ReliableRequeueWorker => "reliable_requeue_worker",
             Name::JobFinishBatch => "job_finish_batch",
+            Name::JobPromote => "job_promote",
+            Name::ScheduleSet => "schedule_set",
+            Name::ScheduleFire => "schedule_fire",
+            Name::ScheduleRemove => "schedule_remove",
             Name::SimpleReply => "simple_reply",
             Name::SimpleRequeue => "simple_requeue",
             Name::SimpleDead => "simple_dead",
@@ -390,22 +402,26 @@ mod tests {
     const LOCK: &[(&str, u32, &str)] = &[
         ("job_claim", 3, "adde030a39570d7b6674cc21117703874a2681dc"),
         ("job_extend", 2, "4b2a83c69f65eb415e7242c38c00848dfa0fd1a7"),
-        ("job_finish", 9, "9aae0a34c2b51912430453296e8e088461936c8b"),
-        ("job_finish_batch", 6, "93c33b42d5cab885e83794de9b2875dfe63d0d39"),
+        ("job_finish", 10, "ae48da9847576f9e9612b5587d28886846dbde1c"),
+        ("job_finish_batch", 7, "94ba1565ffff2b38f487cfb64e31814ff0c61758"),
+        ("job_promote", 1, "295741c2e6222a5c7a11d2532eca31f17701455f"),
         ("job_release", 4, "8208523f166a206f6919757b89b0a7fd6416ae90"),
         ("job_requeue_stale", 2, "73e22f275cc2694a66abea6918415f7aba3c9f26"),
         ("job_start", 10, "1dc6320f6e2b74dba6f9c8e9ad07f1247d5c6e32"),
-        ("job_submit", 7, "aa194a4a2199f5190259964589707491772b495e"),
+        ("job_submit", 8, "4888b3ba718f26e6b7c0594ab0c91778671cbb49"),
         ("job_watch", 4, "de9c6d01ecd545c7672f1c9b205a50244a0b9b1d"),
         ("queue_register", 2, "fd73ede4309ea76b73388f4137b6e3c1f13478f9"),
         ("reliable_find_dead", 2, "322dc3ad60b2574712bf513d46ba0ca446061eff"),
         ("reliable_heartbeat", 2, "d43811e5b44947674f0de766e7c5a8d47bd0e20e"),
         ("reliable_requeue_worker", 2, "56228e68de1160c06ab69d3563f1ad3a74685a80"),
         ("reliable_start", 10, "4929c60d09cacc55fef0c884168f103da003553b"),
+        ("schedule_fire", 1, "9c675599ff7c3f495c93778aa5a130594515d7aa"),
+        ("schedule_remove", 1, "7ae546d7c5a2c75881bc546cb69635498525f2c0"),
+        ("schedule_set", 1, "d353362cfc6828fd4a06078c379779c1b0c07722"),
         ("simple_dead", 2, "ca9bc35c0414a36b4dd218779cc9cda24d2c638b"),
         ("simple_reply", 3, "4906ec10e835b1dfae306c3e2b3afa84566e03df"),
         ("simple_requeue", 2, "808db420f9cfed6ce38126e98dc0f2af0b28f966"),
-        ("simple_submit", 2, "4f4c462ddc3990a17065834d20abdebc3ee609b3"),
+        ("simple_submit", 3, "0b41dd1d15888edc963a138b0d402cfd35885305"),
     ];
 
     #[test]

@@ -12,6 +12,11 @@ use crate::keys::QueueKeys;
 pub enum JobState {
     /// `queued`: waiting for a worker (also after a retry).
     Queued,
+    /// `queued` with a due time still to come ([`JobStatus::due_ms`]): the
+    /// job waits in the queue's delayed set (a delay, a run-at time, or a
+    /// retry's backoff). On the wire the state is `queued`; it is reported
+    /// as delayed while its `due_ms` is later than the reader's clock.
+    Delayed,
     /// `active`: a worker started it and holds its lease.
     Active,
     /// `completed`: the handler succeeded; the result is stored.
@@ -69,9 +74,14 @@ pub struct JobStatus {
     pub worker: Option<String>,
     /// Its latest error: kind and message.
     pub error: Option<(FailureKind, String)>,
+    /// When it is (or was) due, if it was delayed: a delay, a run-at time,
+    /// or the backoff of its latest retry.
+    pub due_ms: Option<u64>,
+    /// Its retry backoff policy, if it has one.
+    pub backoff: Option<crate::Backoff>,
 }
 
-const FIELDS: [&str; 10] = [
+const FIELDS: [&str; 12] = [
     "state",
     "attempt",
     "max_attempts",
@@ -82,6 +92,8 @@ const FIELDS: [&str; 10] = [
     "worker",
     "error_kind",
     "error",
+    "due_ms",
+    "backoff",
 ];
 
 impl JobStatus {
@@ -117,8 +129,16 @@ impl JobStatus {
         let Some(state) = get(0) else {
             return Ok(None);
         };
+        let due_ms = number(10);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let state = match JobState::parse(&state) {
+            JobState::Queued if due_ms.is_some_and(|due| due > now_ms) => JobState::Delayed,
+            other => other,
+        };
         Ok(Some(Self {
-            state: JobState::parse(&state),
+            state,
             attempt: small(1, 0),
             max_attempts: small(2, 1).max(1),
             stalls: small(3, 0),
@@ -133,6 +153,8 @@ impl JobStatus {
                 (None, Some(message)) => Some((FailureKind::parse(""), message)),
                 (None, None) => None,
             },
+            due_ms,
+            backoff: get(11).and_then(|b| crate::Backoff::from_wire(&b)),
         }))
     }
 }

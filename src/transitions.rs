@@ -65,14 +65,43 @@ pub(crate) async fn queue_register(
     Ok(run::<i64>(con, &call, keys, None).await? == 1)
 }
 
-/// `simple_submit`: pushes job envelopes.
-pub(crate) fn simple_submit(keys: &QueueKeys, envelopes: &[Vec<u8>]) -> Call {
+/// When a job is due: at once, after a delay, or at a time (ms since the
+/// Unix epoch, compared with the server's clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Due {
+    #[default]
+    Now,
+    After(Duration),
+    At(u64),
+}
+
+impl Due {
+    /// The scripts' two arguments: delay ms and run at ms.
+    fn args(self) -> (String, String) {
+        match self {
+            Due::Now => ("0".into(), "0".into()),
+            Due::After(d) => (d.as_millis().min(MAX_MS).to_string(), "0".into()),
+            Due::At(ms) => ("0".into(), ms.clamp(1, MAX_RUN_AT).to_string()),
+        }
+    }
+}
+
+/// The latest run at time scripts accept, in ms since the Unix epoch.
+pub(crate) const MAX_RUN_AT: u64 = 999_999_999_999_999;
+
+/// `simple_submit`: pushes job envelopes, or delays them all until `due`.
+pub(crate) fn simple_submit(keys: &QueueKeys, due: Due, envelopes: &[Vec<u8>]) -> Call {
+    let (delay, run_at) = due.args();
     let mut call = scripts::get(Name::SimpleSubmit)
         .call()
         .key(keys.meta())
         .key(keys.pending())
+        .key(keys.delayed())
+        .key(keys.clock())
         .arg(Mode::Simple.as_str())
-        .arg(PROTOCOL_VERSION.to_string());
+        .arg(PROTOCOL_VERSION.to_string())
+        .arg(delay)
+        .arg(run_at);
     for e in envelopes {
         call = call.arg(e);
     }
@@ -118,6 +147,9 @@ pub(crate) struct NewJob<'a> {
     pub max_attempts: u32,
     /// How long the handler may run (`None`: the worker's default).
     pub timeout: Option<Duration>,
+    pub due: Due,
+    /// The retry backoff policy, in its wire form (`""`: none).
+    pub backoff: String,
 }
 
 /// `job_submit`: stores jobs and queues their IDs.
@@ -127,6 +159,8 @@ pub(crate) fn job_submit(keys: &QueueKeys, mode: Mode, jobs: &[NewJob<'_>]) -> C
         .key(keys.meta())
         .key(keys.pending())
         .key(keys.tickets())
+        .key(keys.delayed())
+        .key(keys.clock())
         .arg(mode.as_str())
         .arg(PROTOCOL_VERSION.to_string());
     for job in jobs {
@@ -141,8 +175,155 @@ pub(crate) fn job_submit(keys: &QueueKeys, mode: Mode, jobs: &[NewJob<'_>]) -> C
             .arg(job.lease.map_or_else(|| "0".to_owned(), ms))
             .arg(job.max_attempts.max(1).to_string())
             .arg(job.timeout.map_or_else(|| "0".to_owned(), ms));
+        let (delay, run_at) = job.due.args();
+        call = call.arg(delay).arg(run_at).arg(&job.backoff);
     }
     call
+}
+
+/// What `job_promote` answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Promoted {
+    /// Jobs moved to pending.
+    pub moved: usize,
+    /// How long until the earliest job still delayed is due (`None`: none).
+    pub next_in: Option<Duration>,
+    /// True when the caller is the queue's timekeeper.
+    pub keeper: bool,
+    /// How long until the earliest schedule is due (`None`: none; zero:
+    /// due now).
+    pub schedule_in: Option<Duration>,
+    /// The server's time, in ms since the Unix epoch.
+    pub now_ms: u64,
+}
+
+/// `job_promote`: moves up to `limit` due delayed jobs to pending, and takes
+/// or renews the timekeeper lease for `keeper` (`None`: gives it up).
+pub(crate) async fn job_promote(
+    con: &Conn,
+    keys: &QueueKeys,
+    mode: Mode,
+    worker_id: &str,
+    limit: usize,
+    keeper: Option<Duration>,
+) -> Result<Promoted, Error> {
+    let call = scripts::get(Name::JobPromote)
+        .call()
+        .key(keys.meta())
+        .key(keys.delayed())
+        .key(keys.pending())
+        .key(keys.tickets())
+        .key(keys.timekeeper())
+        .key(keys.clock())
+        .key(keys.schedules())
+        .arg(mode.as_str())
+        .arg(PROTOCOL_VERSION.to_string())
+        .arg(worker_id)
+        .arg(limit.to_string())
+        .arg(keeper.map_or_else(|| "0".to_owned(), ms));
+    let (moved, next_in, keeper, schedule_in, now_ms): (i64, i64, i64, i64, i64) =
+        run(con, &call, keys, None).await?;
+    Ok(Promoted {
+        moved: usize::try_from(moved).unwrap_or(0),
+        next_in: u64::try_from(next_in).ok().map(Duration::from_millis),
+        keeper: keeper == 1,
+        schedule_in: u64::try_from(schedule_in).ok().map(Duration::from_millis),
+        now_ms: u64::try_from(now_ms).unwrap_or(0),
+    })
+}
+
+/// `schedule_set`: records a schedule (its definition, in wire form, and its
+/// first fire).
+pub(crate) async fn schedule_set(
+    con: &Conn,
+    keys: &QueueKeys,
+    mode: Mode,
+    name: &str,
+    record: &crate::schedule::Record<'_>,
+) -> Result<bool, Error> {
+    let call = scripts::get(Name::ScheduleSet)
+        .call()
+        .key(keys.meta())
+        .key(keys.schedules())
+        .key(keys.schedule(name))
+        .key(keys.clock())
+        .arg(mode.as_str())
+        .arg(PROTOCOL_VERSION.to_string())
+        .arg(name)
+        .arg(record.spec.as_str())
+        .arg(record.tz)
+        .arg(record.missed)
+        .arg(ms(record.grace))
+        .arg(record.next_ms.to_string())
+        .arg(record.enc)
+        .arg(record.payload)
+        .arg(record.lease.map_or_else(|| "0".to_owned(), ms))
+        .arg(record.max_attempts.max(1).to_string())
+        .arg(record.timeout.map_or_else(|| "0".to_owned(), ms))
+        .arg(record.backoff.as_str());
+    Ok(run::<String>(con, &call, keys, None).await? == "created")
+}
+
+/// What `schedule_fire` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FireOutcome {
+    /// The job was queued (its ID).
+    Submitted(String),
+    /// Moved on without a job: missed and skipped, or its job existed.
+    MovedOn,
+    /// Another worker fired it, or it was changed, meanwhile; or it is gone
+    /// (its entry was dropped).
+    Moved,
+    /// Not due by the server's clock: nothing changed.
+    Early,
+}
+
+/// `schedule_fire`: fires schedule `name` due at `due_ms`, moving it to
+/// `next_ms` (the fire after it), or to `resume_ms` (the first fire after
+/// now) when the fire was missed.
+pub(crate) async fn schedule_fire(
+    con: &Conn,
+    keys: &QueueKeys,
+    mode: Mode,
+    name: &str,
+    (due_ms, next_ms, resume_ms): (u64, u64, u64),
+) -> Result<FireOutcome, Error> {
+    let id = format!("{name}@{due_ms}");
+    let call = scripts::get(Name::ScheduleFire)
+        .call()
+        .key(keys.meta())
+        .key(keys.schedules())
+        .key(keys.schedule(name))
+        .key(keys.pending())
+        .key(keys.tickets())
+        .key(keys.job(&id))
+        .arg(mode.as_str())
+        .arg(PROTOCOL_VERSION.to_string())
+        .arg(name)
+        .arg(due_ms.to_string())
+        .arg(next_ms.to_string())
+        .arg(resume_ms.to_string());
+    let (outcome, job): (String, String) = run(con, &call, keys, None).await?;
+    Ok(match outcome.as_str() {
+        "fired" => FireOutcome::Submitted(job),
+        "skipped" | "duplicate" => FireOutcome::MovedOn,
+        "early" => FireOutcome::Early,
+        _ => FireOutcome::Moved,
+    })
+}
+
+/// `schedule_remove`: true when the schedule existed.
+pub(crate) async fn schedule_remove(
+    con: &Conn,
+    keys: &QueueKeys,
+    name: &str,
+) -> Result<bool, Error> {
+    let call = scripts::get(Name::ScheduleRemove)
+        .call()
+        .key(keys.schedules())
+        .key(keys.schedule(name))
+        .arg(name);
+    Ok(run::<i64>(con, &call, keys, None).await? == 1)
 }
 
 /// A claimed job: its ID as stored (bytes: another program may have queued
@@ -280,6 +461,8 @@ pub(crate) enum Finish<'a> {
         kind: &'a str,
         message: &'a str,
         retry: bool,
+        /// The delay the handler asked for (`None`: the job's backoff).
+        retry_delay: Option<Duration>,
     },
 }
 
@@ -308,12 +491,15 @@ pub(crate) fn job_finish(
         .key(claim)
         .key(keys.pending())
         .key(keys.tickets())
+        .key(keys.delayed())
+        .key(keys.clock())
         .arg(id)
         .arg(token);
     outcome_args(call, finish)
         .arg(ms(result_ttl))
         .arg(mode.as_str())
         .arg(notify(sharded))
+        .arg(retry_delay_arg(finish))
 }
 
 /// One job of a `job_finish_batch` call.
@@ -330,6 +516,8 @@ pub(crate) enum OwnedFinish {
         kind: String,
         message: String,
         retry: bool,
+        /// The delay the handler asked for (`None`: the job's backoff).
+        retry_delay: Option<Duration>,
     },
 }
 
@@ -350,10 +538,12 @@ impl OwnedFinish {
                 kind,
                 message,
                 retry,
+                retry_delay,
             } => Finish::Failed {
                 kind,
                 message,
                 retry: *retry,
+                retry_delay: *retry_delay,
             },
         }
     }
@@ -368,11 +558,24 @@ fn outcome_args(call: Call, finish: &Finish<'_>) -> Call {
             kind,
             message,
             retry,
+            ..
         } => call
             .arg("failed")
             .arg(kind)
             .arg(message)
             .arg(if *retry { "1" } else { "0" }),
+    }
+}
+
+/// The retry delay argument of `job_finish` (ARGV[10]) and of each job of
+/// `job_finish_batch`: `-1` lets the job's backoff decide.
+fn retry_delay_arg(finish: &Finish<'_>) -> String {
+    match finish {
+        Finish::Failed {
+            retry_delay: Some(delay),
+            ..
+        } => delay.as_millis().min(MAX_MS).to_string(),
+        _ => "-1".to_owned(),
     }
 }
 
@@ -390,12 +593,15 @@ pub(crate) fn job_finish_batch(
         .key(claim)
         .key(keys.pending())
         .key(keys.tickets())
+        .key(keys.delayed())
+        .key(keys.clock())
         .arg(ms(result_ttl))
         .arg(mode.as_str())
         .arg(notify(sharded));
     for item in items {
+        let finish = item.finish.borrowed();
         call = call.key(keys.job(&item.id)).arg(&item.id).arg(&item.token);
-        call = outcome_args(call, &item.finish.borrowed());
+        call = outcome_args(call, &finish).arg(retry_delay_arg(&finish));
     }
     call
 }

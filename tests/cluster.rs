@@ -349,3 +349,155 @@ async fn waiting_results_ride_through_a_clean_failover() {
 async fn waiting_results_ride_through_a_killed_primary() {
     waiting_results_ride_through_a_failover(true).await;
 }
+
+/// Delayed jobs and retries with backoff on a cluster: three queues on
+/// three primaries served by one recoverable worker (a clock wait per
+/// queue), and a reliable queue whose primary fails over (CLUSTER FAILOVER)
+/// while its delayed jobs wait. Every job runs once, never before it is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_jobs_and_backoff_on_a_cluster_and_across_a_failover() {
+    use job_async_redis::{Backoff, JobOptions};
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let now_ms = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let cluster = RedisCluster::start();
+    let config = tuned(Config::new(cluster.url()));
+    // One queue per primary.
+    let mut by_primary: std::collections::BTreeMap<u16, String> = Default::default();
+    while by_primary.len() < 3 {
+        let q = queue_name("delayed");
+        let port = cluster
+            .primary_and_replica_of(&format!("jq:{{{q}}}:meta"))
+            .0
+            .port();
+        by_primary.entry(port).or_insert(q);
+    }
+    let queues: Vec<String> = by_primary.into_values().collect();
+    let starts: Arc<Mutex<HashMap<String, Vec<u64>>>> = Default::default();
+    let handler = {
+        let starts = starts.clone();
+        move |job: Job<String>| {
+            let attempt = {
+                let mut map = starts.lock().unwrap();
+                let list = map.entry(job.id.clone()).or_default();
+                list.push(now_ms());
+                list.len()
+            };
+            async move {
+                if job.payload == "flaky" && attempt < 3 {
+                    return Err("not yet".to_string());
+                }
+                Ok(job.payload)
+            }
+        }
+    };
+    let mut rec = Worker::builder(config.clone())
+        .mode(Mode::Recoverable)
+        .concurrency(4)
+        .lease(Duration::from_secs(2));
+    for q in &queues {
+        rec = rec.queue(q.as_str());
+    }
+    let rec_worker = spawn_built(rec, handler.clone()).await;
+    let client = Client::connect(config.clone()).await.unwrap();
+    // A recurring schedule on the last queue, fired while the jobs below run.
+    let scheduled = client.queue(&queues[2], Mode::Recoverable).await.unwrap();
+    let every = job_async_redis::Schedule::every(Duration::from_millis(250));
+    scheduled
+        .set_schedule("tick", &every, "tick")
+        .await
+        .unwrap();
+    let mut due = Vec::new();
+    for (i, q) in queues.iter().enumerate() {
+        let queue = client.queue(q, Mode::Recoverable).await.unwrap();
+        for j in 0..5u64 {
+            let delay = 300 + 150 * (i as u64) + 60 * j;
+            let at = now_ms() + delay;
+            let options = JobOptions::default().delay(Duration::from_millis(delay));
+            due.push((queue.submit_with("plain", options).await.unwrap(), at));
+        }
+        let backoff = JobOptions::default()
+            .max_attempts(3)
+            .backoff(Backoff::fixed(Duration::from_millis(300)));
+        due.push((queue.submit_with("flaky", backoff).await.unwrap(), 0));
+    }
+    for (h, at) in due {
+        let id = h.id().to_owned();
+        h.result_timeout::<String>(WAIT).await.unwrap();
+        let starts = starts.lock().unwrap()[&id].clone();
+        assert!(starts[0] >= at, "{id} started before its due time");
+        if at > 0 {
+            assert!(
+                starts[0] < at + 1_000,
+                "{id} started {} ms late",
+                starts[0] - at
+            );
+        }
+        for gap in starts.windows(2).map(|w| w[1] - w[0]) {
+            assert!(
+                gap >= 300,
+                "{id}: retries {starts:?} closer than the backoff"
+            );
+        }
+    }
+    scheduled.remove_schedule("tick").await.unwrap();
+    // One job per fire, 250 ms apart, none missing: read on the queue's node.
+    let node = cluster
+        .primary_and_replica_of(&format!("jq:{{{}}}:meta", queues[2]))
+        .0;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("jq:{{{}}}:job:tick@*", queues[2]))
+        .query(&mut node.connection())
+        .unwrap();
+    let mut fires: Vec<u64> = keys
+        .iter()
+        .map(|k| k.rsplit('@').next().unwrap().parse().unwrap())
+        .collect();
+    fires.sort_unstable();
+    assert!(fires.len() >= 2, "{fires:?}");
+    assert!(fires.windows(2).all(|w| w[1] - w[0] == 250), "{fires:?}");
+    for t in &fires {
+        let h = scheduled.job(&format!("tick@{t}")).await.unwrap();
+        assert_eq!(h.result_timeout::<String>(WAIT).await.unwrap(), "tick");
+    }
+    assert_eq!(rec_worker.stop().await.completed, 18 + fires.len() as u64);
+
+    // Reliable mode, across a failover of the queue's primary.
+    let q = queue_name("delayed-failover");
+    let rel = Worker::builder(config.clone())
+        .mode(Mode::Reliable)
+        .queue(&q)
+        .concurrency(4)
+        .lease(Duration::from_secs(2));
+    let rel_worker = spawn_built(rel, handler).await;
+    let waiting_client =
+        Client::connect(config.clone().wait_for_replicas(1, Duration::from_secs(2)))
+            .await
+            .unwrap();
+    let queue = waiting_client.queue(&q, Mode::Reliable).await.unwrap();
+    let mut handles = Vec::new();
+    for j in 0..10u64 {
+        let delay = 2_000 + 100 * j;
+        let at = now_ms() + delay;
+        let options = JobOptions::default().delay(Duration::from_millis(delay));
+        handles.push((queue.submit_with("later", options).await.unwrap(), at));
+    }
+    let (_, replica) = cluster.primary_and_replica_of(&format!("jq:{{{q}}}:delayed"));
+    let _: () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query(&mut replica.connection())
+        .unwrap();
+    for (h, at) in handles {
+        let id = h.id().to_owned();
+        h.result_timeout::<String>(WAIT).await.unwrap();
+        let first = starts.lock().unwrap()[&id][0];
+        assert!(first >= at, "{id} started before its due time");
+    }
+    assert_eq!(rel_worker.stop().await.completed, 10);
+}

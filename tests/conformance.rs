@@ -159,3 +159,90 @@ fn the_suite_covers_every_script_and_error_code() {
         assert!(text.contains(code), "no step expects {code}");
     }
 }
+
+/// The golden backoff delays (tests/conformance/backoff.json, protocol.md
+/// 8.7): each case a policy, a job ID, a failed attempt and the delay in
+/// ms. The Python implementation checks its `backoff_ms` against the same
+/// file (tests/interop.rs).
+fn backoff_cases() -> Vec<Json> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/conformance/backoff.json"
+    );
+    let file: Json = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    file["cases"].as_array().unwrap().clone()
+}
+
+#[test]
+fn the_library_computes_the_golden_backoff_delays() {
+    let cases = backoff_cases();
+    assert!(cases.len() >= 50);
+    let mut failures = Vec::new();
+    for case in &cases {
+        let policy = case["policy"].as_str().unwrap();
+        let id = case["id"].as_str().unwrap();
+        let attempt = u32::try_from(case["attempt"].as_u64().unwrap()).unwrap();
+        let want = case["delay_ms"].as_u64().unwrap();
+        match job_async_redis::Backoff::from_wire(policy) {
+            Some(backoff) if case["valid"] == true => {
+                let got = backoff.delay(id, attempt);
+                if got != std::time::Duration::from_millis(want) {
+                    failures.push(format!(
+                        "{policy:?} {id:?} attempt {attempt}: {got:?}, want {want} ms"
+                    ));
+                }
+            }
+            None if case["valid"] == false => {}
+            parsed => failures.push(format!(
+                "{policy:?}: read as {parsed:?}, valid {}",
+                case["valid"]
+            )),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The same cases through the scripts' own computation: job_finish's
+/// `backoff_ms` (with the `integer` it uses), run with EVAL on a real
+/// redis-server, so that the scripts, the Rust library and the Python
+/// implementation agree to the ms. (The scenarios check that job_finish
+/// waits what it computes.)
+#[test]
+fn the_scripts_compute_the_golden_backoff_delays() {
+    let source = job_async_redis::scripts::all()
+        .iter()
+        .find(|s| s.name() == "job_finish")
+        .unwrap()
+        .source();
+    let function = |name: &str| {
+        let start = source
+            .find(&format!("\nlocal function {name}("))
+            .unwrap_or_else(|| panic!("job_finish has no function {name}"));
+        let end = start + source[start..].find("\nend\n").unwrap() + "\nend\n".len();
+        source[start..end].to_owned()
+    };
+    let snippet = format!(
+        "{}{}\nlocal out = {{}}\nfor i = 1, #ARGV, 3 do\n  out[#out + 1] = backoff_ms(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]))\nend\nreturn out\n",
+        function("integer"),
+        function("backoff_ms")
+    );
+    let server = RedisServer::start();
+    let mut con = server.connection();
+    let cases = backoff_cases();
+    let mut eval = redis::cmd("EVAL");
+    eval.arg(&snippet).arg(0);
+    for case in &cases {
+        eval.arg(case["policy"].as_str().unwrap())
+            .arg(case["id"].as_str().unwrap())
+            .arg(case["attempt"].as_u64().unwrap());
+    }
+    let got: Vec<u64> = eval.query(&mut con).unwrap();
+    let failures: Vec<String> = cases
+        .iter()
+        .zip(&got)
+        .filter(|(case, got)| case["delay_ms"].as_u64() != Some(**got))
+        .map(|(case, got)| format!("{case}: the script computes {got} ms"))
+        .collect();
+    assert_eq!(got.len(), cases.len());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

@@ -107,6 +107,8 @@ async fn a_forged_finish_under_the_workers_token_is_counted_by_the_worker() {
         .key(format!("jq:{{{q}}}:leases"))
         .key(format!("jq:{{{q}}}:pending"))
         .key(format!("jq:{{{q}}}:tickets"))
+        .key(format!("jq:{{{q}}}:delayed"))
+        .key(format!("jq:{{{q}}}:clock"))
         .arg(&id)
         .arg(&token)
         .arg("completed")
@@ -115,6 +117,8 @@ async fn a_forged_finish_under_the_workers_token_is_counted_by_the_worker() {
         .arg("0")
         .arg("60000")
         .arg("recoverable")
+        .arg("publish")
+        .arg("-1")
         .invoke(&mut admin)
         .unwrap();
     assert_eq!(state, "completed");

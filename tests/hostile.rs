@@ -134,6 +134,12 @@ enum Target {
     Inflight,
     /// The worker's wake list of the queue (simple and recoverable modes).
     Wake,
+    /// The delayed set, the clock list, the schedules set, the timekeeper
+    /// lease (every mode; schedules: recoverable and reliable).
+    Delayed,
+    Clock,
+    Schedules,
+    Timekeeper,
 }
 
 /// What the key is replaced with.
@@ -166,6 +172,10 @@ impl Target {
             Target::Workers => keys.workers(),
             Target::Inflight => keys.inflight(worker),
             Target::Wake => keys.wake(worker),
+            Target::Delayed => keys.delayed(),
+            Target::Clock => keys.clock(),
+            Target::Schedules => keys.schedules(),
+            Target::Timekeeper => keys.timekeeper(),
         }
     }
 
@@ -182,7 +192,7 @@ impl Target {
     /// queue errors. (The meta hash is not read by workers; a guard of
     /// another type is overwritten.)
     fn breaks_queue(self) -> bool {
-        !matches!(self, Target::Meta | Target::Sweep)
+        !matches!(self, Target::Meta | Target::Sweep | Target::Timekeeper)
     }
 }
 
@@ -576,6 +586,25 @@ async fn wake_list_of_another_type_is_contained() {
         for t in ["string", "hash"] {
             cases.push((mode, Target::Wake, Bad::Type(t)));
         }
+    }
+    contain_all(&cases).await;
+}
+
+/// The keys of delayed jobs and schedules: a broken one stops the queue's
+/// promotions (counted, retried with backoff) and nothing else; a broken
+/// timekeeper lease is replaced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_set_clock_schedules_and_timekeeper_of_another_type_are_contained() {
+    let mut cases = Vec::new();
+    for mode in [Mode::Simple, Mode::Recoverable, Mode::Reliable] {
+        cases.push((mode, Target::Delayed, Bad::Type("list")));
+        cases.push((mode, Target::Clock, Bad::Type("hash")));
+        cases.push((mode, Target::Timekeeper, Bad::Type("hash")));
+        cases.push((mode, Target::Timekeeper, Bad::Text(b"no TTL")));
+    }
+    for mode in [Mode::Recoverable, Mode::Reliable] {
+        cases.push((mode, Target::Delayed, Bad::Type("string")));
+        cases.push((mode, Target::Schedules, Bad::Type("list")));
     }
     contain_all(&cases).await;
 }
@@ -1716,6 +1745,12 @@ enum Num {
     Flag,
     /// A protocol version: a strict integer; compared with the queue's.
     Protocol,
+    /// A run-at time in ms since the epoch: 0 (none) to 10^15 - 1.
+    RunAt,
+    /// A retry delay: -1 (the job's backoff) to 10^12.
+    RetryDelay,
+    /// `job_promote`'s limit: 1 to 10^5.
+    PromoteLimit,
 }
 
 impl Num {
@@ -1732,6 +1767,9 @@ impl Num {
             Num::Token => (1, (1i64 << 53) - 1),
             Num::Tickets | Num::Flag => (0, 1),
             Num::Protocol => return strict_int(v).is_none().then_some(false),
+            Num::RunAt => (0, 999_999_999_999_999),
+            Num::RetryDelay => (-1, 1_000_000_000_000),
+            Num::PromoteLimit => (1, 100_000),
         };
         Some(strict_int(v).is_some_and(|n| range.0 <= n && n <= range.1))
     }
@@ -1886,11 +1924,34 @@ fn baselines() -> Vec<Baseline> {
         bl(
             "one envelope",
             "simple_submit",
-            &[("meta", "hash"), ("pending", "list")],
-            &[b"simple", b"1", envelope],
+            &[
+                ("meta", "hash"),
+                ("pending", "list"),
+                ("delayed", "zset"),
+                ("clock", "list"),
+            ],
+            &[b"simple", b"1", b"0", b"0", envelope],
             vec![meta("simple"), c(&["LPUSH", &k("pending"), "e0"])],
-            vec![(1, Num::Protocol)],
-            fixed(2, 3, many),
+            vec![(1, Num::Protocol), (2, Num::MsOrZero), (3, Num::RunAt)],
+            fixed(4, 5, many),
+        ),
+        bl(
+            "one delayed envelope",
+            "simple_submit",
+            &[
+                ("meta", "hash"),
+                ("pending", "list"),
+                ("delayed", "zset"),
+                ("clock", "list"),
+            ],
+            &[b"simple", b"1", b"60000", b"0", envelope],
+            vec![
+                meta("simple"),
+                c(&["ZADD", &k("delayed"), FUTURE, "e0"]),
+                c(&["LPUSH", &k("clock"), "1"]),
+            ],
+            vec![(1, Num::Protocol), (2, Num::MsOrZero), (3, Num::RunAt)],
+            fixed(4, 5, many),
         ),
         bl(
             "publish",
@@ -1926,6 +1987,8 @@ fn baselines() -> Vec<Baseline> {
                 ("meta", "hash"),
                 ("pending", "list"),
                 ("tickets", "list"),
+                ("delayed", "zset"),
+                ("clock", "list"),
                 ("job:j1", "hash"),
             ],
             &[
@@ -1938,6 +2001,9 @@ fn baselines() -> Vec<Baseline> {
                 b"0",
                 b"1",
                 b"0",
+                b"0",
+                b"0",
+                b"",
             ],
             vec![
                 meta("recoverable"),
@@ -1950,20 +2016,24 @@ fn baselines() -> Vec<Baseline> {
                 (6, Num::MsOrZero),
                 (7, Num::MaxAttempts),
                 (8, Num::MsOrZero),
+                (9, Num::MsOrZero),
+                (10, Num::RunAt),
             ],
             Arity::PerJob {
-                keys: 3,
+                keys: 5,
                 argv: 2,
-                per: 7,
+                per: 10,
             },
         ),
         bl(
-            "two jobs, lease, attempts and timeout",
+            "two jobs, lease, attempts, timeout, delay and backoff",
             "job_submit",
             &[
                 ("meta", "hash"),
                 ("pending", "list"),
                 ("tickets", "list"),
+                ("delayed", "zset"),
+                ("clock", "list"),
                 ("job:j1", "hash"),
                 ("job:j2", "hash"),
             ],
@@ -1977,6 +2047,9 @@ fn baselines() -> Vec<Baseline> {
                 b"30000",
                 b"3",
                 b"1500",
+                b"60000",
+                b"0",
+                b"exponential:1000:60000:500",
                 b"j2",
                 b"msgpack",
                 b"\xa1x",
@@ -1984,6 +2057,9 @@ fn baselines() -> Vec<Baseline> {
                 b"0",
                 b"1",
                 b"0",
+                b"0",
+                b"0",
+                b"",
             ],
             vec![meta("reliable"), c(&["LPUSH", &k("pending"), "j0"])],
             vec![
@@ -1991,14 +2067,17 @@ fn baselines() -> Vec<Baseline> {
                 (6, Num::MsOrZero),
                 (7, Num::MaxAttempts),
                 (8, Num::MsOrZero),
-                (13, Num::MsOrZero),
-                (14, Num::MaxAttempts),
-                (15, Num::MsOrZero),
+                (9, Num::MsOrZero),
+                (16, Num::MsOrZero),
+                (17, Num::MaxAttempts),
+                (18, Num::MsOrZero),
+                (19, Num::MsOrZero),
+                (20, Num::RunAt),
             ],
             Arity::PerJob {
-                keys: 3,
+                keys: 5,
                 argv: 2,
-                per: 7,
+                per: 10,
             },
         ),
         bl(
@@ -2093,6 +2172,8 @@ fn baselines() -> Vec<Baseline> {
                 ("leases", "zset"),
                 ("pending", "list"),
                 ("tickets", "list"),
+                ("delayed", "zset"),
+                ("clock", "list"),
             ],
             &[
                 b"j1",
@@ -2104,14 +2185,20 @@ fn baselines() -> Vec<Baseline> {
                 b"86400000",
                 b"recoverable",
                 b"publish",
+                b"-1",
             ],
             vec![
                 active("j1", "7"),
                 c(&["ZADD", &k("leases"), FUTURE, "j1"]),
                 c(&["LPUSH", &k("pending"), "j0"]),
             ],
-            vec![(1, Num::Token), (5, Num::Flag), (6, Num::Ms)],
-            fixed(4, 8, 9),
+            vec![
+                (1, Num::Token),
+                (5, Num::Flag),
+                (6, Num::Ms),
+                (9, Num::RetryDelay),
+            ],
+            fixed(6, 10, 10),
         ),
         bl(
             "fail and retry (reliable)",
@@ -2121,6 +2208,8 @@ fn baselines() -> Vec<Baseline> {
                 ("inflight:w1", "list"),
                 ("pending", "list"),
                 ("tickets", "list"),
+                ("delayed", "zset"),
+                ("clock", "list"),
             ],
             &[
                 b"j1",
@@ -2132,14 +2221,20 @@ fn baselines() -> Vec<Baseline> {
                 b"86400000",
                 b"reliable",
                 b"publish",
+                b"-1",
             ],
             vec![
                 active("j1", "7"),
                 c(&["LPUSH", &k("inflight:w1"), "j1"]),
                 c(&["LPUSH", &k("pending"), "j0"]),
             ],
-            vec![(1, Num::Token), (5, Num::Flag), (6, Num::Ms)],
-            fixed(4, 8, 9),
+            vec![
+                (1, Num::Token),
+                (5, Num::Flag),
+                (6, Num::Ms),
+                (9, Num::RetryDelay),
+            ],
+            fixed(6, 10, 10),
         ),
         bl(
             "renew",
@@ -2304,6 +2399,8 @@ fn baselines() -> Vec<Baseline> {
                 ("leases", "zset"),
                 ("pending", "list"),
                 ("tickets", "list"),
+                ("delayed", "zset"),
+                ("clock", "list"),
                 ("job:j1", "hash"),
                 ("job:j2", "hash"),
             ],
@@ -2317,12 +2414,14 @@ fn baselines() -> Vec<Baseline> {
                 b"\"r\"",
                 b"",
                 b"0",
+                b"-1",
                 b"j2",
                 b"8",
                 b"failed",
                 b"handler",
                 b"boom",
                 b"1",
+                b"2500",
             ],
             vec![
                 active("j1", "7"),
@@ -2333,14 +2432,120 @@ fn baselines() -> Vec<Baseline> {
                 (0, Num::Ms),
                 (4, Num::Token),
                 (8, Num::Flag),
-                (10, Num::Token),
-                (14, Num::Flag),
+                (9, Num::RetryDelay),
+                (11, Num::Token),
+                (15, Num::Flag),
+                (16, Num::RetryDelay),
             ],
             Arity::PerJob {
-                keys: 3,
+                keys: 5,
                 argv: 3,
-                per: 6,
+                per: 7,
             },
+        ),
+        bl(
+            "promote",
+            "job_promote",
+            &[
+                ("meta", "hash"),
+                ("delayed", "zset"),
+                ("pending", "list"),
+                ("tickets", "list"),
+                ("timekeeper", "string"),
+                ("clock", "list"),
+                ("schedules", "zset"),
+            ],
+            &[b"recoverable", b"1", b"w1", b"1000", b"30000"],
+            vec![
+                meta("recoverable"),
+                c(&["ZADD", &k("delayed"), "1", "j1", FUTURE, "j2"]),
+                c(&["LPUSH", &k("pending"), "j0"]),
+                c(&["SET", &k("timekeeper"), "w1", "PX", "60000"]),
+            ],
+            vec![
+                (1, Num::Protocol),
+                (3, Num::PromoteLimit),
+                (4, Num::MsOrZero),
+            ],
+            fixed(7, 5, 5),
+        ),
+        bl(
+            "set a cron schedule",
+            "schedule_set",
+            &[
+                ("meta", "hash"),
+                ("schedules", "zset"),
+                ("schedule:s1", "hash"),
+                ("clock", "list"),
+            ],
+            &[
+                b"reliable",
+                b"1",
+                b"s1",
+                b"cron:*/5 * * * *",
+                b"Europe/Paris",
+                b"skip",
+                b"60000",
+                b"9999999999999",
+                b"json",
+                b"1",
+                b"0",
+                b"3",
+                b"0",
+                b"fixed:1000:1000:0",
+            ],
+            vec![meta("reliable")],
+            vec![
+                (1, Num::Protocol),
+                (6, Num::Ms),
+                (10, Num::MsOrZero),
+                (11, Num::MaxAttempts),
+                (12, Num::MsOrZero),
+            ],
+            fixed(4, 14, 14),
+        ),
+        bl(
+            "fire a due schedule",
+            "schedule_fire",
+            &[
+                ("meta", "hash"),
+                ("schedules", "zset"),
+                ("schedule:s1", "hash"),
+                ("pending", "list"),
+                ("tickets", "list"),
+                ("job:s1@1000", "hash"),
+            ],
+            &[b"recoverable", b"1", b"s1", b"1000", b"2000", b"9000"],
+            vec![
+                meta("recoverable"),
+                c(&["ZADD", &k("schedules"), "1000", "s1"]),
+                c(&[
+                    "HSET",
+                    &k("schedule:s1"),
+                    "spec",
+                    "every:1000",
+                    "next_ms",
+                    "1000",
+                    "enc",
+                    "json",
+                    "payload",
+                    "1",
+                ]),
+            ],
+            vec![(1, Num::Protocol)],
+            fixed(6, 6, 6),
+        ),
+        bl(
+            "remove a schedule",
+            "schedule_remove",
+            &[("schedules", "zset"), ("schedule:s1", "hash")],
+            &[b"s1"],
+            vec![
+                c(&["ZADD", &k("schedules"), "1000", "s1"]),
+                c(&["HSET", &k("schedule:s1"), "spec", "every:1000"]),
+            ],
+            vec![],
+            fixed(2, 1, 1),
         ),
     ]
 }
@@ -2663,6 +2868,10 @@ mutation_tests! {
     mutate_reliable_find_dead => "reliable_find_dead",
     mutate_reliable_requeue_worker => "reliable_requeue_worker",
     mutate_job_finish_batch => "job_finish_batch",
+    mutate_job_promote => "job_promote",
+    mutate_schedule_set => "schedule_set",
+    mutate_schedule_fire => "schedule_fire",
+    mutate_schedule_remove => "schedule_remove",
 }
 
 /// Values a random mutation puts in an argument.
@@ -2899,8 +3108,19 @@ fn refusals_that_quote_stored_bytes_are_readable() {
             ])],
             RawCall {
                 script: "simple_submit",
-                keys: vec![k_bytes(b"meta"), k_bytes(b"pending")],
-                args: vec![b"simple".to_vec(), b"1".to_vec(), b"\x80".to_vec()],
+                keys: vec![
+                    k_bytes(b"meta"),
+                    k_bytes(b"pending"),
+                    k_bytes(b"delayed"),
+                    k_bytes(b"clock"),
+                ],
+                args: vec![
+                    b"simple".to_vec(),
+                    b"1".to_vec(),
+                    b"0".to_vec(),
+                    b"0".to_vec(),
+                    b"\x80".to_vec(),
+                ],
             },
         ),
         (
@@ -2920,6 +3140,8 @@ fn refusals_that_quote_stored_bytes_are_readable() {
                     k_bytes(b"leases"),
                     k_bytes(b"pending"),
                     k_bytes(b"tickets"),
+                    k_bytes(b"delayed"),
+                    k_bytes(b"clock"),
                 ],
                 args: [
                     &b"j1"[..],
@@ -2931,6 +3153,7 @@ fn refusals_that_quote_stored_bytes_are_readable() {
                     b"86400000",
                     b"recoverable",
                     b"publish",
+                    b"-1",
                 ]
                 .iter()
                 .map(|a| a.to_vec())

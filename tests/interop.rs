@@ -4,7 +4,8 @@
 //! in every mode and both encodings, with payloads and results full of
 //! nested maps, lists, binary data, unicode and large integers. Each side
 //! checks what it received. The Python side also replays the conformance
-//! suite and the golden encodings.
+//! suite, the golden encodings and the golden backoff delays. Delayed jobs,
+//! retry backoff and the handler's own retry choice run across both too.
 
 mod support;
 
@@ -12,6 +13,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -107,6 +109,39 @@ fn jobqueue() -> Command {
     cmd
 }
 
+/// Runs `jobqueue.py <command> --url <server> --queue <q> --mode <mode>`
+/// (and `extra`), off the async runtime; panics, naming `what`, unless it
+/// succeeds.
+async fn python_check(
+    server: &RedisServer,
+    command: &str,
+    q: &str,
+    mode: Mode,
+    extra: &[&str],
+    what: &str,
+) {
+    let mut check = jobqueue();
+    check
+        .args([
+            command,
+            "--url",
+            &server.url(),
+            "--queue",
+            q,
+            "--mode",
+            mode.as_str(),
+        ])
+        .args(extra);
+    let status = tokio::task::spawn_blocking(move || check.status())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.success(),
+        "the Python client's {what} check failed ({mode})"
+    );
+}
+
 async fn rust_client_python_worker(mode: Mode) {
     let server = RedisServer::start();
     let q = queue_name("py-worker");
@@ -175,26 +210,9 @@ async fn python_client_rust_worker(mode: Mode) {
     })
     .await;
     for enc in ["msgpack", "json"] {
-        let mut check = jobqueue();
-        check
-            .args([
-                "client-check",
-                "--url",
-                &server.url(),
-                "--queue",
-                &q,
-                "--mode",
-                mode.as_str(),
-            ])
-            .args(["--enc", enc, "--count", &PER_ENCODING.to_string()]);
-        let status = tokio::task::spawn_blocking(move || check.status())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            status.success(),
-            "the Python client's check failed ({mode}, {enc})"
-        );
+        let count = PER_ENCODING.to_string();
+        let extra = ["--enc", enc, "--count", &count];
+        python_check(&server, "client-check", &q, mode, &extra, enc).await;
     }
     let stats = worker.stop().await;
     assert_eq!(
@@ -251,6 +269,12 @@ fn the_python_implementation_replays_the_conformance_suite_and_vectors() {
     assert!(
         status.success(),
         "the Python implementation disagrees with the golden vectors"
+    );
+    let backoff = manifest_dir().join("tests/conformance/backoff.json");
+    let status = jobqueue().arg("vectors").arg(backoff).status().unwrap();
+    assert!(
+        status.success(),
+        "the Python implementation's backoff_ms disagrees with the golden backoff delays"
     );
 }
 
@@ -684,24 +708,7 @@ async fn a_rust_worker_times_out_jobs_a_python_client_submitted() {
             }
         })
         .await;
-        let mut check = jobqueue();
-        check.args([
-            "client-timeouts",
-            "--url",
-            &server.url(),
-            "--queue",
-            &q,
-            "--mode",
-            mode.as_str(),
-        ]);
-        let status = tokio::task::spawn_blocking(move || check.status())
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            status.success(),
-            "the Python client's timeout check failed ({mode})"
-        );
+        python_check(&server, "client-timeouts", &q, mode, &[], "timeout").await;
         worker.stop().await;
         let mut ran = runs.lock().unwrap().clone();
         ran.sort();
@@ -720,5 +727,491 @@ async fn a_rust_worker_times_out_jobs_a_python_client_submitted() {
             .collect();
         want_gone.sort();
         assert_eq!(gone, want_gone, "{mode}: the handler futures dropped");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Delayed jobs and retry backoff (protocol.md 8.7): job_submit 8,
+// simple_submit 3, job_finish 10, job_promote
+// ---------------------------------------------------------------------------
+
+/// A delayed-job interop job. A handler fails the first attempt of one with
+/// `fail_first` (the Rust worker's; jobqueue.py's `client-delayed` sends it).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Tick {
+    name: String,
+    #[serde(default)]
+    fail_first: bool,
+}
+
+/// What the delayed-job handlers answer: when the attempt ran (ms since the
+/// Unix epoch; Redis, Python and Rust share this machine's clock).
+/// `clock_handler` in jobqueue.py.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Ran {
+    name: String,
+    ran_ms: u64,
+    attempt: u32,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Starts the Python worker with `handler` on queue `q`, until it ran
+/// `count` attempts, and waits for its "ready".
+fn python_worker(
+    server: &RedisServer,
+    q: &str,
+    mode: Mode,
+    handler: &str,
+    count: u32,
+) -> std::process::Child {
+    let mut worker = jobqueue()
+        .args(["worker", "--url", &server.url(), "--queue", q])
+        .args(["--mode", mode.as_str(), "--handler", handler])
+        .args(["--count", &count.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(worker.stdout.as_mut().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    worker
+}
+
+/// Watches queue `q`'s timekeeper lease (GET every 5 ms) until `stop` is
+/// set; answers the holders seen in order, each change once (`None`: no
+/// lease).
+fn watch_timekeeper(
+    server: &RedisServer,
+    q: &str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<Option<String>>> {
+    let url = server.url();
+    let key = format!("jq:{{{q}}}:timekeeper");
+    tokio::spawn(async move {
+        use redis::AsyncCommands;
+        let mut con = redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let mut seen: Vec<Option<String>> = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            let holder: Option<String> = con.get(&key).await.unwrap();
+            if seen.last() != Some(&holder) {
+                seen.push(holder);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        seen
+    })
+}
+
+/// Waits for the Python worker to exit, and checks that it succeeded.
+async fn python_worker_succeeds(mut worker: std::process::Child, what: &str) {
+    let status = tokio::task::spawn_blocking(move || worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "the Python worker failed ({what})");
+}
+
+/// How late a job may run after it was due on a queue that only a Python
+/// worker serves: it promotes before each blocking wait (200 ms at most in
+/// these tests, cut short by the next due time it knows of; a job delayed
+/// after the wait began is found at the next one), and Redis ends a
+/// blocking command on its own timer, up to about 100 ms late.
+const PYTHON_ALONE_LATE_MS: u64 = 1_000;
+
+/// A Rust client submits jobs with a delay (`JobOptions::delay`) and a
+/// run-at time (`JobOptions::run_at`, in the future and in the past) to a
+/// Python worker, in every mode: the worker promotes each job when it is
+/// due (job_promote, its blocking wait cut short by the next due time), and
+/// runs none before, nor more than about a second after, although nobody
+/// is the timekeeper: the Python worker never takes the role (its
+/// job_promote calls give keeper ms 0), so the queue has no timekeeper
+/// lease at any time. A job not yet due is `delayed` with its due_ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_worker_runs_delayed_jobs_a_rust_client_submitted() {
+    use job_async_redis::{JobOptions, JobState};
+    use std::time::UNIX_EPOCH;
+
+    let server = RedisServer::start();
+    let client = Client::connect(config(&server)).await.unwrap();
+    // (name, delay ms, run at ms from now): "past" was due a minute ago.
+    let jobs: [(&str, u64, Option<i64>); 5] = [
+        ("now", 0, None),
+        ("d300", 300, None),
+        ("d800", 800, None),
+        ("at500", 0, Some(500)),
+        ("past", 0, Some(-60_000)),
+    ];
+    for mode in [Mode::Simple, Mode::Recoverable, Mode::Reliable] {
+        let q = queue_name("py-delayed");
+        let worker = python_worker(&server, &q, mode, "clock", jobs.len() as u32);
+        let stop = Arc::new(AtomicBool::new(false));
+        let keepers = watch_timekeeper(&server, &q, stop.clone());
+        let queue = client.queue(&q, mode).await.unwrap();
+        let mut handles = Vec::new();
+        for (name, delay, run_at) in jobs {
+            let sent = now_ms();
+            let mut options = JobOptions::default();
+            let mut due = sent + delay;
+            if let Some(offset) = run_at {
+                due = sent.checked_add_signed(offset).unwrap();
+                options = options.run_at(UNIX_EPOCH + Duration::from_millis(due));
+            } else if delay > 0 {
+                options = options.delay(Duration::from_millis(delay));
+            }
+            let tick = Tick {
+                name: name.into(),
+                fail_first: false,
+            };
+            let handle = queue.submit_with(&tick, options).await.unwrap();
+            // Due between `due` and this (a delay counts from the submit).
+            let latest = if run_at.is_some() {
+                due.max(now_ms())
+            } else {
+                now_ms() + delay
+            };
+            handles.push((name, due, latest, handle));
+        }
+        if mode != Mode::Simple {
+            let (_, due, latest, handle) = &handles[2]; // d800
+            if *due > now_ms() + 200 {
+                let status = queue.status(handle.id()).await.unwrap().unwrap();
+                assert_eq!(status.state, JobState::Delayed, "{mode}: d800");
+                let due_ms = status.due_ms.unwrap();
+                assert!(
+                    (due - 1..=latest + 1).contains(&due_ms),
+                    "{mode}: d800 due_ms {due_ms}, want {due} to {latest}"
+                );
+            }
+        }
+        for (name, due, latest, handle) in handles {
+            let ran: Ran = handle.result_timeout(WAIT).await.unwrap();
+            assert_eq!(ran.name, name);
+            // 1 ms to spare: Python and Redis round the same clock apart.
+            assert!(
+                ran.ran_ms + 1 >= due,
+                "{mode}: job {name} ran at {}, {} ms before it was due",
+                ran.ran_ms,
+                due - ran.ran_ms
+            );
+            assert!(
+                ran.ran_ms <= latest + PYTHON_ALONE_LATE_MS,
+                "{mode}: job {name} ran at {}, {} ms after it was due",
+                ran.ran_ms,
+                ran.ran_ms.saturating_sub(latest)
+            );
+        }
+        python_worker_succeeds(worker, mode.as_str()).await;
+        stop.store(true, Ordering::SeqCst);
+        let seen = keepers.await.unwrap();
+        assert_eq!(
+            seen,
+            [None],
+            "{mode}: the Python worker took the timekeeper lease"
+        );
+    }
+}
+
+/// A Python client submits jobs with a delay and a run-at time (and, in
+/// recoverable and reliable modes, a job with a fixed backoff of 400 ms
+/// that fails once) to a Rust worker, in every mode: `client-delayed`
+/// checks the due times in the hashes and that no job ran before it was due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_worker_runs_delayed_jobs_a_python_client_submitted() {
+    let server = RedisServer::start();
+    for mode in [Mode::Simple, Mode::Recoverable, Mode::Reliable] {
+        let q = queue_name("py-delayed-client");
+        let builder = Worker::builder(config(&server))
+            .mode(mode)
+            .queue(&q)
+            .concurrency(4);
+        let worker = spawn_built(builder, |job: Job<Tick>| async move {
+            if job.payload.fail_first && job.attempt == 1 {
+                return Err(format!("planned failure of attempt {}", job.attempt));
+            }
+            Ok(Ran {
+                name: job.payload.name,
+                ran_ms: now_ms(),
+                attempt: job.attempt,
+            })
+        })
+        .await;
+        python_check(&server, "client-delayed", &q, mode, &[], "delayed-job").await;
+        let stats = worker.stop().await;
+        let jobs = if mode == Mode::Simple { 5 } else { 6 };
+        assert_eq!(stats.completed, jobs, "{mode}");
+    }
+}
+
+/// A retry interop job: attempt n does `plan[n - 1]` ("fail",
+/// "retry-after:<ms>", "no-retry"); past the plan it completes with the
+/// start time of each attempt (`plan_handler` in jobqueue.py).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Plan {
+    name: String,
+    plan: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Runs {
+    name: String,
+    runs: Vec<u64>,
+}
+
+/// A Rust client submits jobs with a backoff (`JobOptions::backoff`) to a
+/// Python worker whose handler fails as each job's plan says, in
+/// recoverable and reliable modes: job_finish queues each retry in the
+/// delayed set for the policy's delay (`Backoff::delay`, jitter included),
+/// and the Python worker runs it no earlier; a handler's RetryAfter
+/// replaces the backoff; NoRetry fails the job at once; the last attempt's
+/// failure is final.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_worker_retries_failed_jobs_after_their_backoff() {
+    use job_async_redis::{Backoff, Error, FailureKind, JobOptions};
+
+    let server = RedisServer::start();
+    let client = Client::connect(config(&server)).await.unwrap();
+    let ms = Duration::from_millis;
+    let plans: [(&str, &[&str], Backoff); 5] = [
+        ("fixed", &["fail", "fail"], Backoff::fixed(ms(400))),
+        (
+            "jitter",
+            &["fail", "fail"],
+            Backoff::exponential(ms(300)).max(ms(2_000)).jitter(0.5),
+        ),
+        ("asked", &["retry-after:250"], Backoff::fixed(ms(60_000))),
+        ("never", &["no-retry"], Backoff::fixed(ms(400))),
+        (
+            "exhausted",
+            &["fail", "fail", "fail"],
+            Backoff::fixed(ms(200)),
+        ),
+    ];
+    // Attempts: 3 + 3 + 2 + 1 + 3.
+    let attempts = 12;
+    for mode in [Mode::Recoverable, Mode::Reliable] {
+        let q = queue_name("py-backoff");
+        let worker = python_worker(&server, &q, mode, "plan", attempts);
+        let queue = client.queue(&q, mode).await.unwrap();
+        let mut handles = Vec::new();
+        for (name, plan, backoff) in plans {
+            let job = Plan {
+                name: name.into(),
+                plan: plan.iter().map(|s| s.to_string()).collect(),
+            };
+            let options = JobOptions::default().max_attempts(3).backoff(backoff);
+            handles.push((
+                name,
+                backoff,
+                queue.submit_with(&job, options).await.unwrap(),
+            ));
+        }
+        for (name, backoff, handle) in handles {
+            let id = handle.id().to_owned();
+            let got = handle.result_timeout::<Runs>(WAIT).await;
+            let status = queue.status(&id).await.unwrap().unwrap();
+            assert_eq!(
+                status.backoff,
+                Some(backoff),
+                "{mode} {name}: the stored policy"
+            );
+            // The time between the starts of two attempts: at least the
+            // delay (1 ms to spare: Python and Redis round the same clock
+            // apart), and not much more.
+            let gaps =
+                |runs: &[u64]| -> Vec<u64> { runs.windows(2).map(|w| w[1] - w[0]).collect() };
+            match name {
+                "fixed" | "jitter" => {
+                    let runs = got.unwrap().runs;
+                    assert_eq!(runs.len(), 3, "{mode} {name}: {runs:?}");
+                    for (n, gap) in gaps(&runs).into_iter().enumerate() {
+                        let want = backoff.delay(&id, n as u32 + 1).as_millis() as u64;
+                        assert!(
+                            gap + 1 >= want && gap < want + 5_000,
+                            "{mode} {name}: attempt {} started {gap} ms after attempt {}, backoff {want} ms",
+                            n + 2,
+                            n + 1
+                        );
+                    }
+                    let due = status.due_ms.unwrap();
+                    assert!(
+                        due >= runs[1] + backoff.delay(&id, 2).as_millis() as u64
+                            && due <= runs[2] + 1,
+                        "{mode} {name}: due_ms {due}, runs {runs:?}"
+                    );
+                }
+                "asked" => {
+                    let runs = got.unwrap().runs;
+                    assert_eq!(runs.len(), 2, "{mode} {name}: {runs:?}");
+                    let gap = runs[1] - runs[0];
+                    assert!(
+                        (249..10_000).contains(&gap),
+                        "{mode} {name}: retried {gap} ms later, asked 250 ms (backoff 60 s)"
+                    );
+                }
+                _ => {
+                    let (want_attempts, want_message) = if name == "never" {
+                        (1, "planned: no retry")
+                    } else {
+                        (3, "RuntimeError: planned failure of attempt 3")
+                    };
+                    match got {
+                        Err(Error::JobFailed { kind, message, .. }) => {
+                            assert_eq!(kind, FailureKind::Handler, "{mode} {name}");
+                            assert_eq!(message, want_message, "{mode} {name}");
+                        }
+                        other => panic!("{mode} {name}: {other:?}"),
+                    }
+                    assert_eq!(status.attempt, want_attempts, "{mode} {name}: attempts");
+                }
+            }
+        }
+        python_worker_succeeds(worker, mode.as_str()).await;
+    }
+}
+
+/// Submits a job (`Tick` named `d<delay>`) per delay in ms, and checks that
+/// each ran (`Ran`) when due, not before (1 ms to spare: Python and Redis
+/// round the same clock apart), and at most `late_ms` after.
+async fn submit_delayed(queue: &job_async_redis::Queue, delays: &[u64], late_ms: u64) {
+    use job_async_redis::JobOptions;
+
+    let mut handles = Vec::new();
+    for &delay in delays {
+        let sent = now_ms();
+        let tick = Tick {
+            name: format!("d{delay}"),
+            fail_first: false,
+        };
+        let options = JobOptions::default().delay(Duration::from_millis(delay));
+        let handle = queue.submit_with(&tick, options).await.unwrap();
+        handles.push((tick.name, sent + delay, now_ms() + delay, handle));
+    }
+    for (name, due, latest, handle) in handles {
+        let ran: Ran = handle.result_timeout(WAIT).await.unwrap();
+        assert_eq!(ran.name, name);
+        assert!(
+            ran.ran_ms + 1 >= due && ran.ran_ms <= latest + late_ms,
+            "{} {}: job {name} due from {due} to {latest} ran at {}",
+            queue.mode(),
+            queue.name(),
+            ran.ran_ms
+        );
+    }
+}
+
+/// A Python worker never takes the timekeeper role (protocol.md 8.7): it
+/// runs one job at a time, so as the timekeeper it would hold up every
+/// delayed job of the queue while its handler runs; it calls job_promote
+/// with keeper ms 0, which never takes the role and gives it up only when
+/// the caller holds it. Alone on a queue, it leaves the lease free. Once a
+/// Rust worker serves the queue too, the lease is the Rust worker's all
+/// along (the Python worker's calls neither take nor drop it), delayed jobs
+/// run on time whichever worker takes them, and when the Python worker
+/// stops (SIGINT) the Rust worker keeps the role and runs the next delayed
+/// job on time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_worker_never_takes_the_timekeeper_role() {
+    use redis::AsyncCommands;
+
+    let server = RedisServer::start();
+    let client = Client::connect(config(&server)).await.unwrap();
+    let mut con = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for mode in [Mode::Recoverable, Mode::Reliable] {
+        let q = queue_name("py-keeper");
+        let keeper_key = format!("jq:{{{q}}}:timekeeper");
+        let queue = client.queue(&q, mode).await.unwrap();
+        // The Python worker alone: no lease, and delayed jobs run anyway.
+        let python = python_worker(&server, &q, mode, "clock", 1_000);
+        let stop = Arc::new(AtomicBool::new(false));
+        let alone = watch_timekeeper(&server, &q, stop.clone());
+        submit_delayed(&queue, &[150, 400], PYTHON_ALONE_LATE_MS).await;
+        stop.store(true, Ordering::SeqCst);
+        assert_eq!(
+            alone.await.unwrap(),
+            [None],
+            "{mode}: the Python worker took the timekeeper lease"
+        );
+
+        // A Rust worker joins: it takes the role at once, and keeps it.
+        let builder = Worker::builder(config(&server))
+            .mode(mode)
+            .queue(&q)
+            .concurrency(1);
+        let worker = builder.build().await.unwrap();
+        let rust_id = worker.id().to_owned();
+        let shutdown = worker.shutdown_handle();
+        let task = tokio::spawn(worker.run(|job: Job<Tick>| async move {
+            Ok::<_, String>(Ran {
+                name: job.payload.name,
+                ran_ms: now_ms(),
+                attempt: job.attempt,
+            })
+        }));
+        let rust = support::Running { shutdown, task };
+        let mut holder: Option<String> = None;
+        for _ in 0..200 {
+            holder = con.get(&keeper_key).await.unwrap();
+            if holder.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            holder.as_deref(),
+            Some(rust_id.as_str()),
+            "{mode}: the Rust worker takes the timekeeper role"
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let together = watch_timekeeper(&server, &q, stop.clone());
+        // Both serve the queue; the Python worker keeps calling job_promote
+        // before each of its waits, while jobs are delayed.
+        submit_delayed(
+            &queue,
+            &[100, 300, 500, 700, 900, 1_100, 1_300, 1_500],
+            PYTHON_ALONE_LATE_MS,
+        )
+        .await;
+
+        // The Python worker stops: the lease stays the Rust worker's.
+        let interrupted = Command::new("kill")
+            .args(["-INT", &python.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(interrupted.success());
+        let mut python = python;
+        let exited = tokio::task::spawn_blocking(move || python.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            exited.code(),
+            Some(130),
+            "{mode}: the Python worker stops on SIGINT"
+        );
+        // The Rust timekeeper promotes within milliseconds.
+        submit_delayed(&queue, &[300], 500).await;
+        stop.store(true, Ordering::SeqCst);
+        assert_eq!(
+            together.await.unwrap(),
+            [Some(rust_id.clone())],
+            "{mode}: the timekeeper lease changed hands while a Rust worker served the queue"
+        );
+        rust.stop().await;
     }
 }

@@ -515,11 +515,13 @@ async fn client_and_worker_roles(d: &Deployment) {
         &mut *con,
         redis::cmd("EVALSHA")
             .arg(finish.sha1())
-            .arg(4)
+            .arg(6)
             .arg(format!("app:{{{q}}}:job:x"))
             .arg(format!("app:{{{q}}}:leases"))
             .arg(format!("app:{{{q}}}:pending"))
             .arg(format!("app:{{{q}}}:tickets"))
+            .arg(format!("app:{{{q}}}:delayed"))
+            .arg(format!("app:{{{q}}}:clock"))
             .arg(&[
                 "x",
                 "1",
@@ -529,6 +531,8 @@ async fn client_and_worker_roles(d: &Deployment) {
                 "0",
                 "1000",
                 "recoverable",
+                "publish",
+                "-1",
             ]),
     );
     allowed(

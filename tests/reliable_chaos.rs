@@ -5,9 +5,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,48 +31,20 @@ enum Bells {
 }
 
 /// The `reliable_worker` example binary, built by `cargo test` (or here).
-fn worker_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap(); // target/<profile>
-    let path = dir.join("examples").join("reliable_worker");
-    if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--example", "reliable_worker"])
-            .status()
-            .unwrap();
-        assert!(status.success(), "cargo build --example reliable_worker");
-    }
-    path
-}
-
 struct Proc {
     child: Child,
     worker_id: String,
 }
 
 fn spawn_worker(url: &str, queue: &str) -> Proc {
-    let mut child = Command::new(worker_binary())
-        .env("REDIS_URL", url)
-        .env("QUEUE", queue)
-        .env("CONCURRENCY", "4")
-        .env("LEASE_MS", "1000")
-        .env("SWEEP_MS", "200")
-        .env("WORK_MS", "20")
-        .env("MAX_STALLS", "100")
-        .env("RUST_LOG", "off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let worker_id = line
-        .trim()
-        .strip_prefix("ready ")
-        .expect("the worker says ready")
-        .to_owned();
+    let settings = [
+        ("CONCURRENCY", "4"),
+        ("LEASE_MS", "1000"),
+        ("SWEEP_MS", "200"),
+        ("WORK_MS", "20"),
+        ("MAX_STALLS", "100"),
+    ];
+    let (child, worker_id) = support::spawn_worker_process(url, queue, &settings);
     Proc { child, worker_id }
 }
 

@@ -163,10 +163,12 @@ fn lose_a_move_reply(server: &RedisServer, q: &str, worker_id: &str, id: &str, p
         .atomic()
         .cmd("EVALSHA")
         .arg(submit.sha1())
-        .arg(4)
+        .arg(6)
         .arg(format!("{base}:meta"))
         .arg(format!("{base}:pending"))
         .arg(format!("{base}:tickets"))
+        .arg(format!("{base}:delayed"))
+        .arg(format!("{base}:clock"))
         .arg(format!("{base}:job:{id}"))
         .arg("reliable")
         .arg("1")
@@ -177,6 +179,9 @@ fn lose_a_move_reply(server: &RedisServer, q: &str, worker_id: &str, id: &str, p
         .arg("0")
         .arg("1")
         .arg("0")
+        .arg("0")
+        .arg("0")
+        .arg("")
         .ignore()
         .cmd("LMOVE")
         .arg(format!("{base}:pending"))
@@ -263,10 +268,12 @@ async fn a_lost_move_reply_is_found_even_while_a_backlog_keeps_the_worker_from_b
     let base = format!("jq:{{{q}}}");
     let mut call = redis::cmd("EVALSHA");
     call.arg(submit.sha1())
-        .arg(3 + 40)
+        .arg(5 + 40)
         .arg(format!("{base}:meta"))
         .arg(format!("{base}:pending"))
-        .arg(format!("{base}:tickets"));
+        .arg(format!("{base}:tickets"))
+        .arg(format!("{base}:delayed"))
+        .arg(format!("{base}:clock"));
     for i in 0..40 {
         call.arg(format!("{base}:job:backlog-{i}"));
     }
@@ -278,7 +285,10 @@ async fn a_lost_move_reply_is_found_even_while_a_backlog_keeps_the_worker_from_b
             .arg("")
             .arg("0")
             .arg("1")
-            .arg("0");
+            .arg("0")
+            .arg("0")
+            .arg("0")
+            .arg("");
     }
     let mut con = server.connection();
     let (): () = redis::pipe()

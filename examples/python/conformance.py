@@ -1,7 +1,7 @@
 """Replays the language-neutral conformance suite (tests/conformance/) with
 redis-py, checks the golden encodings with this implementation's record
-reader and writer, and the doorbells the scripts publish against them. Used
-by jobqueue.py."""
+reader and writer, the doorbells the scripts publish against them, and the
+backoff delays (backoff.json) against backoff_ms. Used by jobqueue.py."""
 
 import json
 import time
@@ -10,8 +10,8 @@ import uuid
 import msgpack
 import redis
 
-from jobqueue import (LUA_DIR, RECORDS, InvalidRecord, Keys, Scripts, envelope_client, pack_record, read_message,
-                      read_record, text)
+from jobqueue import (LUA_DIR, RECORDS, InvalidRecord, Keys, Scripts, backoff_ms, envelope_client, pack_record,
+                      read_message, read_record, text)
 
 
 def to_bytes(value, queue):
@@ -29,13 +29,13 @@ def to_bytes(value, queue):
 
 
 def matches(expected, actual, queue):
+    """"*" matches anything, also inside an array."""
     if expected == "*":
         return True
-    expected = to_bytes(expected, queue)
     if isinstance(expected, list):
         return isinstance(actual, list) and len(expected) == len(actual) and all(
             matches(e, a, queue) for e, a in zip(expected, actual))
-    return expected == actual
+    return to_bytes(expected, queue) == actual
 
 
 def keyspace(r, queue):
@@ -50,6 +50,10 @@ def replay(url, path):
     suite = json.load(open(path, encoding="utf-8"))
     r = redis.Redis.from_url(url)
     scripts = {p.stem: r.register_script(p.read_bytes()) for p in LUA_DIR.glob("*.lua")}
+    # Plain commands' replies as Redis sends them in RESP2, as the suite
+    # writes them: no RESP3 doubles (ZSCORE), no redis-py parsing.
+    raw = redis.Redis.from_url(url, protocol=2)
+    raw.response_callbacks.clear()
     failures = 0
     for scenario in suite["scenarios"]:
         queue = "conf-" + uuid.uuid4().hex
@@ -64,7 +68,7 @@ def replay(url, path):
                     args = [to_bytes(a, queue) for a in step["args"]]
                     actual = scripts[step["script"]](keys=keys, args=args)
                 else:
-                    actual = r.execute_command(*[to_bytes(a, queue) for a in step["redis"]])
+                    actual = raw.execute_command(*[to_bytes(a, queue) for a in step["redis"]])
                 error = None
             except redis.ResponseError as e:
                 actual, error = None, str(e).split(" ", 1)[0]
@@ -151,8 +155,9 @@ def check_doorbells(url, path):
             pass
         ids = [rec["id"] for rec in records]
         for job_id in ids:
-            scripts("job_submit", [k.meta, k.pending, k.tickets, k.job(job_id)],
-                    ["recoverable", "1", job_id, records[0].get("enc", "json"), b'"hi"', "c7", "0", "1", "0"])
+            scripts("job_submit", [k.meta, k.pending, k.tickets, k.delayed, k.clock, k.job(job_id)],
+                    ["recoverable", "1", job_id, records[0].get("enc", "json"), b'"hi"', "c7", "0", "1", "0",
+                     "0", "0", ""])
         claim_keys = [k.pending, k.tickets, k.leases, k.fence]
         if v["produced_by"] == "job_start":
             if records[0]["status"] == "dead":
@@ -185,11 +190,12 @@ def check_doorbells(url, path):
                 else:
                     outcomes.append([rec["id"], token, "failed", rec["error"]["kind"], rec["error"]["message"], "0"])
             if v["produced_by"] == "job_finish":
-                scripts("job_finish", [k.job(ids[0]), k.leases, k.pending, k.tickets],
-                        outcomes[0] + ["60000", "recoverable"])
+                scripts("job_finish", [k.job(ids[0]), k.leases, k.pending, k.tickets, k.delayed, k.clock],
+                        outcomes[0] + ["60000", "recoverable", "publish", "-1"])
             else:
-                scripts("job_finish_batch", [k.leases, k.pending, k.tickets] + [k.job(i) for i in ids],
-                        ["60000", "recoverable", "publish"] + [a for o in outcomes for a in o])
+                scripts("job_finish_batch", [k.leases, k.pending, k.tickets, k.delayed, k.clock]
+                        + [k.job(i) for i in ids],
+                        ["60000", "recoverable", "publish"] + [a for o in outcomes for a in o + ["-1"]])
         message = None
         deadline = time.monotonic() + 5
         while message is None and time.monotonic() < deadline:
@@ -207,6 +213,21 @@ def check_doorbells(url, path):
             failures += 1
             print(f"FAIL doorbell {v['name']}: published {message.hex() if message else None}")
     print(f"doorbells: {len(vectors)} checked against the scripts, {failures} failures")
+    return 1 if failures else 0
+
+
+def check_backoff(path):
+    """Checks backoff_ms against the golden backoff delays (backoff.json:
+    each case a policy, a job ID, a failed attempt and the delay in ms)."""
+    cases = json.load(open(path, encoding="utf-8"))["cases"]
+    failures = 0
+    for case in cases:
+        got = backoff_ms(case["policy"], case["id"], case["attempt"])
+        if got != case["delay_ms"]:
+            failures += 1
+            print(f"FAIL backoff {case['policy']} {case['id']!r} attempt {case['attempt']}: "
+                  f"{got} ms, want {case['delay_ms']} ms")
+    print(f"backoff: {len(cases)} delays checked, {failures} failures")
     return 1 if failures else 0
 
 

@@ -11,21 +11,50 @@ function is interrupted by SIGALRM (protocol.md section 8.4). Records are
 written and read by the rules of protocol.md section 6.4 (pack_record,
 read_record, read_message), the same code that checks the golden vectors.
 
+Delayed jobs and retry backoff (protocol.md 8.7): the client submits a job
+with a delay or a run-at time, and a backoff policy (backoff_policy); the
+scripts keep it in the queue's delayed set until it is due, and compute the
+retry delay of a failed attempt from the policy (backoff_ms is the same
+formula). A handler may ask for a retry delay of its own (raise RetryAfter)
+or for no retry (raise NoRetry).
+
+What the worker does about delayed jobs: it calls job_promote (which moves
+the due ones onto the queue) when it starts, before each blocking wait, and
+whenever the next delayed job it heard of is due or `block_s` has passed
+(checked between jobs), and it cuts each blocking wait short when the next
+delayed job is due. So a queue served by this worker alone runs a delayed
+job no earlier than it is due and, while the worker is idle, at most about
+`block_s` after (plus the lateness of Redis's timer for blocking commands,
+up to about 100 ms); a busy worker promotes between two jobs. It never
+takes the queue's timekeeper role (protocol.md 8.7): it runs one job at a
+time, so as the timekeeper it would hold up every other worker's delayed
+jobs while its handler runs. It calls job_promote with keeper ms 0, which
+never takes the role (and only gives it up if it held it), and does not
+wait on the clock list, leaving both to the workers that do (the Rust
+workers). It never fires recurring schedules (protocol.md 8.8: it does not
+read job_promote's "schedule in ms", nor run schedule_fire): a queue with
+schedules needs a worker that fires them. The client side has no
+schedules either (schedule_set and schedule_remove are the Rust client's).
+
 As a program (used by the Rust interop and conformance tests):
 
     python3 jobqueue.py worker --url URL --queue Q --mode MODE --count N
-        [--handler interop|nap|nap-sync] [--timeout-ms MS]
+        [--handler interop|nap|nap-sync|clock|plan] [--timeout-ms MS]
     python3 jobqueue.py client-check --url URL --queue Q --mode MODE --enc ENC --count N
     python3 jobqueue.py client-timeouts --url URL --queue Q --mode MODE
+    python3 jobqueue.py client-delayed --url URL --queue Q --mode MODE
     python3 jobqueue.py conformance --url URL FILE.json
-    python3 jobqueue.py vectors FILE.json
+    python3 jobqueue.py vectors FILE.json      (vectors.json or backoff.json)
 """
 
 import argparse
 import asyncio
+import hashlib
 import inspect
 import json
+import math
 import pathlib
+import re
 import signal
 import sys
 import threading
@@ -38,6 +67,10 @@ import redis
 PROTOCOL_VERSION = "1"
 # Durations in ms, such as a handler timeout: 1 to 10^12 (section 10, "Numbers").
 MAX_MS = 10**12
+# The latest run-at time the submit scripts take, in ms since the Unix epoch.
+MAX_RUN_AT_MS = 999_999_999_999_999
+# Most delayed jobs one job_promote call moves (the Rust worker's batch).
+PROMOTE_LIMIT = 1000
 LUA_DIR = pathlib.Path(__file__).resolve().parents[2] / "lua"
 MODES = ("simple", "recoverable", "reliable")
 FINISHED = ("completed", "failed", "dead")
@@ -50,6 +83,30 @@ class ProtocolError(Exception):
         super().__init__(f"{code} {detail}".strip())
         self.code = code
         self.detail = detail
+
+
+class RetryAfter(Exception):
+    """Raised by a handler: the attempt failed (kind `handler`, this
+    message), and the job, while it has attempts left, runs again after
+    `seconds` instead of after its backoff (job_finish's retry delay; 0:
+    queued again at once). Recoverable and reliable modes."""
+
+    def __init__(self, seconds, message=""):
+        if not seconds >= 0:
+            raise ValueError(f"a retry delay must be 0 s or more, not {seconds!r}")
+        super().__init__(message)
+        # Rounded to the ms (0.57 * 1000 is 569.99...), at most 10^12.
+        self.delay_ms = round(min(seconds * 1000, MAX_MS))
+        self.message = message
+
+
+class NoRetry(Exception):
+    """Raised by a handler: the attempt failed (kind `handler`, this
+    message), and the job is not retried, whatever attempts it has left."""
+
+    def __init__(self, message=""):
+        super().__init__(message)
+        self.message = message
 
 
 class JobFailed(Exception):
@@ -84,6 +141,85 @@ def decode(enc, data):
         # and UTF-32 from the bytes.
         return json.loads(data.decode("utf-8"))
     raise ValueError(f"unknown encoding {enc!r}")
+
+
+# Retry backoff (protocol.md 8.7). A policy travels with its job as a string,
+# "<kind>:<base ms>:<max ms>:<jitter thousandths>", and job_finish computes
+# the delay before a retry from it; backoff_ms is the same computation.
+BACKOFF_KINDS = ("fixed", "exponential")
+# The scripts' pattern, '^(%l+):([0-9]+):([0-9]+):([0-9]+)$', matched with
+# fullmatch: re's "$" would also take a final newline, and \d other digits.
+_BACKOFF = re.compile(r"([a-z]+):([0-9]+):([0-9]+):([0-9]+)")
+
+
+def backoff_policy(kind, base_ms, max_ms=None, jitter=0.0):
+    """A backoff policy for Queue.submit. "fixed" waits `base_ms` before
+    every retry (`max_ms` is ignored); "exponential" waits base_ms * 2^(n-1)
+    after failed attempt n, at most `max_ms` (default 10^12). `jitter`, 0
+    to 1, shortens each delay by a pseudo-random part of up to that
+    fraction of it (stored in thousandths)."""
+    if kind not in BACKOFF_KINDS:
+        raise ValueError(f"backoff kind must be fixed or exponential, not {kind!r}")
+    if kind == "fixed" or max_ms is None:
+        max_ms = base_ms if kind == "fixed" else MAX_MS
+    if not (type(base_ms) is int and type(max_ms) is int and 1 <= base_ms <= max_ms <= MAX_MS):
+        raise ValueError(f"a backoff needs integers 1 <= base_ms <= max_ms <= {MAX_MS}")
+    if not 0 <= jitter <= 1:
+        raise ValueError("jitter must be from 0 to 1")
+    # Half up, as the Rust library rounds (Python's round() halves to even).
+    thousandths = math.floor(jitter * 1000 + 0.5)
+    return f"{kind}:{base_ms}:{max_ms}:{thousandths}"
+
+
+def parse_backoff(policy):
+    """(kind, base ms, max ms, jitter thousandths) of a policy (str or
+    bytes), or None when the scripts would not take it: each number 1 to
+    15 decimal digits, 1 <= base <= max <= 10^12, jitter 0 to 1000."""
+    if isinstance(policy, bytes):
+        try:
+            policy = policy.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    if not isinstance(policy, str):
+        return None
+    m = _BACKOFF.fullmatch(policy)
+    if not m or m.group(1) not in BACKOFF_KINDS or any(len(g) > 15 for g in m.groups()[1:]):
+        return None
+    base, cap, jitter = (int(g) for g in m.groups()[1:])
+    if not (1 <= base <= cap <= MAX_MS and jitter <= 1000):
+        return None
+    return m.group(1), base, cap, jitter
+
+
+def backoff_ms(policy, job_id, attempt):
+    """The delay in ms before the retry that follows failed attempt number
+    `attempt` (the job hash's `attempt`) of job `job_id` (str, or its bytes),
+    under `policy` (None, or a policy that does not parse: 0, queued again
+    at once). job_finish's computation, in IEEE 754 doubles in the same
+    order, so that both agree to the ms:
+
+        fixed: d = base; exponential: k = max(n, 1) - 1,
+            d = max if k >= 40 else min(max, base * 2^k)
+        jitter j > 0: h = the first 8 hex digits of sha1("<id>:<n>");
+            d = d - floor(d * j / 1000 * h / 2^32)
+    """
+    parsed = parse_backoff(policy)
+    if parsed is None:
+        return 0
+    kind, base, cap, jitter = parsed
+    # Every operand a float: Python's int arithmetic would be exact, where
+    # the script's is not.
+    if kind == "fixed":
+        delay = float(base)
+    else:
+        doublings = max(attempt, 1) - 1
+        delay = float(cap) if doublings >= 40 else min(float(cap), float(base) * 2.0 ** doublings)
+    if jitter > 0:
+        if isinstance(job_id, str):
+            job_id = job_id.encode("utf-8")
+        h = float(int(hashlib.sha1(job_id + b":%d" % attempt).hexdigest()[:8], 16))
+        delay = delay - math.floor(delay * float(jitter) / 1000.0 * h / 4294967296.0)
+    return int(delay)
 
 
 # Records (protocol.md section 6): each key with its type and whether it is
@@ -294,7 +430,8 @@ class Keys:
         self.base = f"{prefix}:{{{queue}}}"
 
     def __getattr__(self, name):
-        if name in ("meta", "pending", "dead", "tickets", "leases", "fence", "dead_jobs", "sweep", "workers"):
+        if name in ("meta", "pending", "dead", "tickets", "leases", "fence", "dead_jobs", "sweep", "workers",
+                    "delayed", "timekeeper", "clock", "schedules"):
             return f"{self.base}:{name}"
         raise AttributeError(name)
 
@@ -385,11 +522,24 @@ class Queue:
         self.mode = mode
         self.channel = keys.reply(client.id)
 
-    def submit(self, payload, enc="msgpack", job_id=None, max_attempts=1, lease_ms=0, timeout_ms=0):
+    def submit(self, payload, enc="msgpack", job_id=None, max_attempts=1, lease_ms=0, timeout_ms=0,
+               delay_ms=0, run_at_ms=0, backoff=""):
         """Submits one job; returns its ID. `timeout_ms`: how long its
-        handler may run (0: the worker's default), in every mode."""
+        handler may run (0: the worker's default), in every mode.
+        `delay_ms` (0 to 10^12) or `run_at_ms` (ms since the Unix epoch, on
+        the Redis server's clock; 0: none): the job waits in the queue's
+        delayed set until then, in every mode; at most one of them. A due
+        time that is not in the future queues it at once. `backoff` (from
+        backoff_policy; "": none): how long a failed attempt waits before
+        the next, recoverable and reliable modes."""
         if timeout_ms != 0 and not 1 <= timeout_ms <= MAX_MS:
             raise ValueError(f"timeout_ms must be 0 or 1 to {MAX_MS}")
+        if not 0 <= delay_ms <= MAX_MS or not 0 <= run_at_ms <= MAX_RUN_AT_MS:
+            raise ValueError(f"delay_ms must be 0 to {MAX_MS}, run_at_ms 0 to {MAX_RUN_AT_MS}")
+        if delay_ms and run_at_ms:
+            raise ValueError("a job has a delay or a run-at time, not both")
+        if backoff and (self.mode == "simple" or parse_backoff(backoff) is None):
+            raise ValueError(f"invalid backoff {backoff!r} (see backoff_policy; not in simple mode)")
         self.client.subscribe(self.channel)
         job_id = job_id or str(uuid.uuid4())
         body = encode(enc, payload)
@@ -398,14 +548,19 @@ class Queue:
             envelope = pack_record(
                 ENVELOPE, {"id": job_id, "reply": self.channel, "enc": enc, "payload": body, "submitted_ms": now_ms(),
                            "timeout_ms": timeout_ms or None})
-            call = ("simple_submit", [self.keys.meta, self.keys.pending], [self.mode, PROTOCOL_VERSION, envelope])
+            # simple_submit 3: the delay and run-at time of every envelope
+            # of the call come before them.
+            k = self.keys
+            call = ("simple_submit", [k.meta, k.pending, k.delayed, k.clock],
+                    [self.mode, PROTOCOL_VERSION, str(delay_ms), str(run_at_ms), envelope])
         else:
-            # Seven arguments per job (job_submit 7, section 10.6).
+            # Ten arguments per job (job_submit 8, section 10.6).
+            k = self.keys
             call = (
                 "job_submit",
-                [self.keys.meta, self.keys.pending, self.keys.tickets, self.keys.job(job_id)],
+                [k.meta, k.pending, k.tickets, k.delayed, k.clock, k.job(job_id)],
                 [self.mode, PROTOCOL_VERSION, job_id, enc, body, self.client.id, str(lease_ms), str(max_attempts),
-                 str(timeout_ms)],
+                 str(timeout_ms), str(delay_ms), str(run_at_ms), backoff],
             )
         try:
             self.client.scripts(*call)
@@ -523,7 +678,19 @@ class Worker:
     """Runs `handler(payload, job)` on one queue, one job at a time
     (sections 7.2, 8.4 and 9.1). `job` is a dict with id, attempt, enc. The
     handler is a plain function or an `async def` (run to completion with
-    asyncio.run).
+    asyncio.run). An exception fails the attempt, which is retried (while
+    attempts are left) after the job's backoff; RetryAfter chooses the
+    delay, NoRetry fails the job at once.
+
+    Delayed jobs: the worker calls job_promote when it starts, before each
+    blocking wait, and between jobs whenever the next delayed job is due or
+    `block_s` has passed, and cuts each blocking wait short when the next
+    delayed job is due. It calls it with keeper ms 0: it never takes the
+    timekeeper role (one job at a time: as the timekeeper it would delay
+    promotions while its handler runs), never waits on the clock list, and
+    never fires recurring schedules; those are left to workers that do (the
+    Rust workers). Alone on a queue, it runs a delayed job no earlier than
+    it is due and, when idle, at most about `block_s` late.
 
     Settings (section 18) keep this library's and the Rust library's
     defaults, except `block_s`: this worker renews its heartbeat on the
@@ -557,6 +724,8 @@ class Worker:
         self.retention_ms = max(lease_ms * 10, 60_000)
         self.last_sweep = 0.0
         self.registered = False
+        # When to call job_promote next at the latest (time.monotonic()).
+        self.promote_at = 0.0
         register(self.scripts, self.keys, mode)
 
     def run(self, count=None, idle_exit_s=None):
@@ -565,6 +734,7 @@ class Worker:
         done, idle_since = 0, time.monotonic()
         if self.mode == "reliable":
             self.heartbeat()
+        self.promote()
         try:
             while count is None or done < count:
                 ran = {"simple": self.simple_once, "recoverable": self.recoverable_once, "reliable": self.reliable_once}[self.mode]()
@@ -580,47 +750,99 @@ class Worker:
                 # its list later; the retention then forgets it).
                 self.scripts("reliable_requeue_worker", [self.keys.workers, self.keys.inflight(self.id), self.keys.pending],
                              [self.id, "0", str(self.retention_ms)])
+            # Nothing to give up at exit: it never holds the timekeeper role.
         return done
+
+    # delayed jobs ----------------------------------------------------------
+
+    def promote(self):
+        """Moves the queue's due delayed jobs to pending (job_promote, in
+        batches of PROMOTE_LIMIT) and sets when to call again: when the next
+        delayed job is due, at the latest after `block_s` (a job delayed
+        meanwhile by someone else, which this worker does not hear of).
+        Keeper ms 0: the call never takes the timekeeper role, and gives it
+        up only if this worker held it (it never takes it)."""
+        k = self.keys
+        while True:
+            try:
+                # The reply goes on with the keeper flag (always 0 here),
+                # when the next recurring schedule is due and the server's
+                # time: this worker fires no schedules.
+                moved, next_in = self.scripts(
+                    "job_promote", [k.meta, k.delayed, k.pending, k.tickets, k.timekeeper, k.clock, k.schedules],
+                    [self.mode, PROTOCOL_VERSION, self.id, str(PROMOTE_LIMIT), "0"])[:2]
+            except ProtocolError as e:
+                # Not this worker's to fix (a key of another type, say): it
+                # serves what is on pending meanwhile, and tries again later.
+                print(f"job_promote refused: {e}", file=sys.stderr)
+                moved, next_in = 0, -1
+            if moved < PROMOTE_LIMIT:
+                break  # else more are due: the next batch at once
+        wait_s = self.block_s if next_in < 0 else min(next_in / 1000, self.block_s)
+        self.promote_at = time.monotonic() + wait_s
+
+    def promote_if_due(self):
+        """job_promote when the next delayed job is due, or `block_s` has
+        passed: a busy worker, which never blocks, still moves due jobs."""
+        if time.monotonic() >= self.promote_at:
+            self.promote()
+
+    def wait_s(self):
+        """Before a blocking wait: job_promote, then the block timeout in
+        seconds, cut short when the next delayed job is due (1 ms at least:
+        0 would block forever). The job is promoted by the call before the
+        next wait."""
+        self.promote()
+        return min(self.block_s, max(self.promote_at - time.monotonic(), 0.001))
 
     def execute(self, job_id, enc, body, attempt, timeout_ms=0):
         """Decodes, runs the handler, encodes: ("completed", bytes) or
-        ("failed", kind, message, retryable), with the failure kinds of
-        section 6.2. `timeout_ms`: the job's own handler timeout (0: the
-        worker's default). Raises Abandoned when the worker is being
-        stopped."""
+        ("failed", kind, message, retryable, retry delay ms), with the
+        failure kinds of section 6.2; the retry delay is -1 (the job's
+        backoff decides) unless the handler raised RetryAfter. `timeout_ms`:
+        the job's own handler timeout (0: the worker's default). Raises
+        Abandoned when the worker is being stopped."""
         job_id = text(job_id)  # the start scripts run UTF-8 IDs only
         limit = timeout_ms or self.timeout_ms
         try:
             payload = decode(enc, body)
         except Exception as e:  # noqa: BLE001 - any undecodable input fails the job
-            return ("failed", "decode", f"cannot decode payload ({enc!r}): {e}", False)
+            return ("failed", "decode", f"cannot decode payload ({enc!r}): {e}", False, -1)
         try:
             timed_out, value = run_handler(self.handler, payload, {"id": job_id, "attempt": attempt, "enc": enc}, limit)
             if timed_out:
                 # Abandoned; retried like a failure of the handler (8.4 step 6).
-                return ("failed", "timeout", f"the handler ran longer than its timeout of {limit} ms", True)
+                return ("failed", "timeout", f"the handler ran longer than its timeout of {limit} ms", True, -1)
+        except RetryAfter as e:
+            # The handler's own delay replaces the backoff (no jitter).
+            return ("failed", "handler", e.message, True, e.delay_ms)
+        except NoRetry as e:
+            return ("failed", "handler", e.message, False, -1)
         except Exception as e:  # noqa: BLE001 - every exception the handler raises is its own failure
-            return ("failed", "handler", f"{type(e).__name__}: {e}", True)
+            return ("failed", "handler", f"{type(e).__name__}: {e}", True, -1)
         except (KeyboardInterrupt, SystemExit) as e:
             raise Abandoned(type(e).__name__) from e
         except BaseException as e:  # noqa: BLE001 - not meant to be caught: the handler crashed
-            return ("failed", "panic", f"{type(e).__name__}: {e}", True)
+            return ("failed", "panic", f"{type(e).__name__}: {e}", True, -1)
         try:
             result = encode(enc, value)
         except Exception as e:  # noqa: BLE001
-            return ("failed", "encode", str(e), False)
+            return ("failed", "encode", str(e), False, -1)
         if len(result) > self.max_result_bytes:
             return ("failed", "too_large",
-                    f"result of {len(result)} bytes exceeds the maximum of {self.max_result_bytes} bytes", False)
+                    f"result of {len(result)} bytes exceeds the maximum of {self.max_result_bytes} bytes", False, -1)
         return ("completed", result)
 
     # simple mode -----------------------------------------------------------
 
     def simple_once(self):
-        popped = self.r.execute_command("BLMPOP", self.block_s, 1, self.keys.pending, "RIGHT", "COUNT", 1)
-        if not popped:
-            return 0
-        entry = popped[1][0]
+        self.promote_if_due()
+        entry = self.r.rpop(self.keys.pending)
+        if entry is None:
+            popped = self.r.execute_command("BLMPOP", self.wait_s(), 1, self.keys.pending, "RIGHT", "COUNT", 1)
+            if not popped:
+                return 0
+            entry = popped[1][0]
         try:
             # Optional fields of the wrong type are absent; a reply that is
             # text but not a channel of this queue makes the entry invalid.
@@ -633,7 +855,7 @@ class Worker:
             client = envelope_client(entry, self.keys)
             if client is not None:
                 self.send_reply(client[0], client[1], None,
-                                ("failed", "decode", f"invalid job envelope: {e}", False))
+                                ("failed", "decode", f"invalid job envelope: {e}", False, -1))
             record = pack_record(DEAD, {"reason": f"invalid job envelope: {e}", "entry": entry, "at_ms": now_ms()})
             self.scripts("simple_dead", [self.keys.dead], [record, str(self.dead_max)])
             return 1
@@ -643,7 +865,8 @@ class Worker:
             outcome = self.execute(job_id, enc, envelope["payload"], 1, envelope.get("timeout_ms", 0))
         except Abandoned:
             if reply is not None:
-                self.send_reply(job_id, reply, enc, ("failed", "shutdown", "worker shut down before the job finished", False))
+                self.send_reply(job_id, reply, enc,
+                                ("failed", "shutdown", "worker shut down before the job finished", False, -1))
             raise
         if reply is not None:
             self.send_reply(job_id, reply, enc, outcome)
@@ -679,11 +902,12 @@ class Worker:
     def recoverable_once(self):
         k = self.keys
         self.sweep()
+        self.promote_if_due()
         claim_keys = [k.pending, k.tickets, k.leases, k.fence]
         claimed = self.scripts("job_claim", claim_keys, ["1", str(self.lease_ms), "0"])
         if not claimed:
             # The block timeout is in seconds, as Redis takes it.
-            if not self.r.execute_command("BLMPOP", self.block_s, 1, k.tickets, "RIGHT", "COUNT", 1):
+            if not self.r.execute_command("BLMPOP", self.wait_s(), 1, k.tickets, "RIGHT", "COUNT", 1):
                 return 0
             # After a ticket: ask for every free slot (one here), tickets taken 1.
             claimed = self.scripts("job_claim", claim_keys, ["1", str(self.lease_ms), "1"])
@@ -718,12 +942,14 @@ class Worker:
 
     def finish(self, job_id, token, outcome, claim):
         k = self.keys
+        # job_finish 10: the retry delay comes last ("-1": the job's backoff).
         if outcome[0] == "completed":
-            args = [job_id, token, "completed", outcome[1], "", "0"]
+            args = [job_id, token, "completed", outcome[1], "", "0", str(self.ttl), self.mode, "publish", "-1"]
         else:
-            args = [job_id, token, "failed", outcome[1], outcome[2], "1" if outcome[3] else "0"]
+            args = [job_id, token, "failed", outcome[1], outcome[2], "1" if outcome[3] else "0", str(self.ttl),
+                    self.mode, "publish", str(outcome[4])]
         try:
-            self.scripts("job_finish", [k.job(job_id), claim, k.pending, k.tickets], args + [str(self.ttl), self.mode])
+            self.scripts("job_finish", [k.job(job_id), claim, k.pending, k.tickets, k.delayed, k.clock], args)
         except ProtocolError as e:
             if e.code not in ("JQ_LEASE_LOST", "JQ_ALREADY_FINISHED"):
                 raise
@@ -745,6 +971,7 @@ class Worker:
         k = self.keys
         self.heartbeat()
         self.sweep()
+        self.promote_if_due()
         inflight = k.inflight(self.id)
         # One slot: look at the oldest ID waiting and take it with the
         # start; when nothing waits, block on BLMOVE.
@@ -753,7 +980,7 @@ class Worker:
         if seen:
             source, job_id = "pending", seen[0]
         else:
-            moved = self.r.execute_command("BLMOVE", k.pending, inflight, "RIGHT", "LEFT", self.block_s)
+            moved = self.r.execute_command("BLMOVE", k.pending, inflight, "RIGHT", "LEFT", self.wait_s())
             if moved is None:
                 return 0
             source, job_id = "inflight", moved
@@ -817,7 +1044,37 @@ def nap_sync_handler(payload, job):
     return f"slept {payload['name']}"
 
 
-HANDLERS = {"interop": interop_handler, "nap": nap_handler, "nap-sync": nap_sync_handler}
+# The delayed-job interop jobs: {"name": str}. The handler answers when it
+# ran, on this machine's clock (the tests run Redis on the same machine, so
+# that it is the server's too): {"name", "ran_ms", "attempt"}.
+def clock_handler(payload, job):
+    return {"name": payload["name"], "ran_ms": now_ms(), "attempt": job["attempt"]}
+
+
+# The retry interop jobs: {"name": str, "plan": [str, ...]}. Attempt n does
+# plan[n - 1]: "fail" (an exception: retried after the job's backoff),
+# "retry-after:<ms>" (RetryAfter) or "no-retry" (NoRetry); an attempt past
+# the plan completes with {"name", "runs"}: when each attempt of the job
+# that this worker ran started (ms, this machine's clock).
+RUNS = {}
+
+
+def plan_handler(payload, job):
+    runs = RUNS.setdefault(job["id"], [])
+    runs.append(now_ms())
+    plan = payload.get("plan", [])
+    step = plan[job["attempt"] - 1] if job["attempt"] <= len(plan) else "ok"
+    if step == "fail":
+        raise RuntimeError(f"planned failure of attempt {job['attempt']}")
+    if step.startswith("retry-after:"):
+        raise RetryAfter(int(step.split(":", 1)[1]) / 1000, "planned: retry after a delay")
+    if step == "no-retry":
+        raise NoRetry("planned: no retry")
+    return {"name": payload["name"], "runs": runs}
+
+
+HANDLERS = {"interop": interop_handler, "nap": nap_handler, "nap-sync": nap_sync_handler,
+            "clock": clock_handler, "plan": plan_handler}
 
 # What `client-timeouts` submits, with a worker whose default timeout is
 # 500 ms (tests/interop.rs): (name, sleep ms, own timeout ms, max attempts,
@@ -854,13 +1111,81 @@ def client_timeouts(url, queue_name, mode):
     return 1 if failures else 0
 
 
+# What `client-delayed` submits to a Rust worker that answers like
+# clock_handler ({"name", "ran_ms", "attempt"}) and fails the first attempt
+# of a job whose payload has "fail_first": (name, delay ms, run at ms from
+# now (None: no run-at time), max attempts, backoff). "past" has a run-at
+# time a minute ago and runs at once; "retry" (recoverable and reliable
+# modes) fails once and runs again after its fixed backoff of 400 ms.
+DELAYED_JOBS = (("now", 0, None, 1, None), ("d300", 300, None, 1, None), ("d800", 800, None, 1, None),
+                ("at500", 0, 500, 1, None), ("past", 0, -60_000, 1, None),
+                ("retry", 0, None, 2, ("fixed", 400)))
+
+
+def client_delayed(url, queue_name, mode):
+    """Submits DELAYED_JOBS and checks that none ran before it was due, nor
+    long after; 0 when all agree. Times are compared with 1 ms to spare:
+    this process and Redis read the same clock, but round it apart."""
+    queue = Client(url).queue(queue_name, mode)
+    r = queue.client.r
+    jobs = {}
+    for name, delay, run_at, attempts, backoff in DELAYED_JOBS:
+        if backoff and mode == "simple":
+            continue  # no retries in simple mode
+        policy = backoff_policy(*backoff) if backoff else ""
+        sent = now_ms()
+        run_at_ms = sent + run_at if run_at is not None else 0
+        job_id = queue.submit({"name": name, "fail_first": bool(backoff)}, max_attempts=attempts,
+                              delay_ms=delay, run_at_ms=run_at_ms, backoff=policy)
+        # When it is due: between these two (its run-at time, exactly;
+        # one in the past is due at once).
+        submitted = now_ms()
+        earliest, latest = (run_at_ms, max(run_at_ms, submitted)) if run_at_ms else (sent + delay, submitted + delay)
+        jobs[name] = (job_id, earliest, latest, policy)
+    failures = 0
+
+    def wrong(name, problem):
+        nonlocal failures
+        print(f"job {name}: {problem}", file=sys.stderr)
+        failures += 1
+
+    for name, (job_id, earliest, latest, _) in jobs.items():
+        if mode != "simple" and earliest > now_ms() + 100:
+            # Still delayed: its hash says when it is due (server time),
+            # and the delayed set holds its ID with that score.
+            due_ms = int(text(r.hget(queue.keys.job(job_id), "due_ms")) or 0)
+            if not earliest - 1 <= due_ms <= latest + 1:
+                wrong(name, f"due_ms {due_ms}, want {earliest} to {latest}")
+            if r.zscore(queue.keys.delayed, job_id) != due_ms:
+                wrong(name, "not in the delayed set with its due time")
+    for name, (job_id, earliest, latest, policy) in jobs.items():
+        try:
+            got = queue.result(job_id, timeout=30)
+        except (JobFailed, TimeoutError) as e:
+            wrong(name, f"no result: {e}")
+            continue
+        ran = got["ran_ms"]
+        if name == "retry":
+            # The second attempt, due 400 ms after the first failed: after
+            # the submit, and no later than it ran.
+            due_ms, stored = (text(v) for v in r.hmget(queue.keys.job(job_id), "due_ms", "backoff"))
+            due_ms = int(due_ms or 0)
+            if got["attempt"] != 2 or stored != policy or not earliest + 400 - 1 <= due_ms <= ran + 1:
+                wrong(name, f"attempt {got['attempt']}, due_ms {due_ms}, ran {ran}, backoff {stored!r}")
+        elif not earliest - 1 <= ran <= latest + 5000:
+            wrong(name, f"ran at {ran}, due from {earliest} to {latest}")
+    print(f"checked {len(jobs)} delayed jobs, {failures} wrong")
+    return 1 if failures else 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", help="run the interop handler on N jobs")
     c = sub.add_parser("client-check", help="submit the sample N times and check the results")
     t = sub.add_parser("client-timeouts", help="submit jobs with handler timeouts and check their outcomes")
-    for p in (w, c, t):
+    d = sub.add_parser("client-delayed", help="submit delayed jobs and check when they ran")
+    for p in (w, c, t, d):
         p.add_argument("--url", required=True)
         p.add_argument("--queue", required=True)
         p.add_argument("--mode", required=True, choices=MODES)
@@ -872,7 +1197,7 @@ def main(argv=None):
     conf = sub.add_parser("conformance", help="replay a conformance scenario file")
     conf.add_argument("--url", required=True)
     conf.add_argument("file")
-    vec = sub.add_parser("vectors", help="check golden encodings")
+    vec = sub.add_parser("vectors", help="check golden encodings, or backoff delays (backoff.json)")
     vec.add_argument("file")
     args = parser.parse_args(argv)
 
@@ -880,7 +1205,13 @@ def main(argv=None):
         worker = Worker(args.url, args.queue, args.mode, HANDLERS[args.handler], block_s=0.2,
                         timeout_ms=args.timeout_ms)
         print("ready", flush=True)
-        done = worker.run(count=args.count, idle_exit_s=30)
+        try:
+            done = worker.run(count=args.count, idle_exit_s=30)
+        except KeyboardInterrupt:
+            # SIGINT: the worker left (its jobs given back) before it ran
+            # its count.
+            print("interrupted")
+            return 130
         print(f"ran {done} jobs")
         return 0 if done == args.count else 1
     if args.command == "client-check":
@@ -896,6 +1227,8 @@ def main(argv=None):
         return 0
     if args.command == "client-timeouts":
         return client_timeouts(args.url, args.queue, args.mode)
+    if args.command == "client-delayed":
+        return client_delayed(args.url, args.queue, args.mode)
     if args.command == "conformance":
         import conformance
 
@@ -907,6 +1240,8 @@ def main(argv=None):
     if args.command == "vectors":
         import conformance
 
+        if pathlib.Path(args.file).name == "backoff.json":
+            return conformance.check_backoff(args.file)
         return conformance.check_vectors(args.file)
     return 2
 

@@ -19,6 +19,7 @@ use super::execute::{self, Input, Outcome};
 use super::finisher::{FinishRequest, Recording, record};
 use super::{Counters, Shared, persist};
 use crate::error::Error;
+use crate::job::RetryRule;
 use crate::keys::QueueKeys;
 use crate::mode::Mode;
 use crate::transitions::{self, BatchItem, OwnedFinish, Start, StartSettings};
@@ -200,7 +201,7 @@ pub(crate) async fn finish(
         Outcome::Completed(result) => OwnedFinish::Completed(result),
         o @ Outcome::Failed(..) => {
             let retry = o.retryable();
-            let Outcome::Failed(failure, message) = o else {
+            let Outcome::Failed(failure, message, rule) = o else {
                 unreachable!()
             };
             tracing::info!(job = %id, queue = keys.queue(), %failure, message, "job failed");
@@ -208,6 +209,10 @@ pub(crate) async fn finish(
                 kind: failure.as_str().to_owned(),
                 message,
                 retry,
+                retry_delay: match rule {
+                    RetryRule::After(delay) => Some(delay),
+                    _ => None,
+                },
             }
         }
     };

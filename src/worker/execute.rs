@@ -2,6 +2,7 @@
 //! panics, encoding the result. Erased to one function type so that the
 //! mode-specific code is not generic.
 
+use std::any::Any;
 use std::fmt::Display;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -16,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::encoding::Encoding;
 use crate::failure::FailureKind;
-use crate::job::Job;
+use crate::job::{Job, JobError, RetryRule};
 
 /// A job as the worker read it, before decoding.
 pub(crate) struct Input {
@@ -33,20 +34,49 @@ pub(crate) struct Input {
 /// What became of one job.
 pub(crate) enum Outcome {
     Completed(Vec<u8>),
-    Failed(FailureKind, String),
+    /// The failure, and what the handler asked for its retry (a
+    /// [`JobError`]; [`RetryRule::Policy`] for every other failure).
+    Failed(FailureKind, String, RetryRule),
 }
 
 impl Outcome {
-    /// Failures worth another attempt: the handler's own.
+    /// A failure whose retry the job's policy decides.
+    pub(crate) fn failed(kind: FailureKind, message: String) -> Self {
+        Outcome::Failed(kind, message, RetryRule::Policy)
+    }
+
+    /// Failures worth another attempt: the handler's own, unless it said
+    /// never.
     pub(crate) fn retryable(&self) -> bool {
         matches!(
             self,
             Outcome::Failed(
                 FailureKind::Handler | FailureKind::Panic | FailureKind::Timeout,
-                _
+                _,
+                RetryRule::Policy | RetryRule::After(_)
             )
         )
     }
+}
+
+/// The retry rule of a handler's error: its own when it is a [`JobError`],
+/// or a boxed error holding one.
+fn retry_rule<E: 'static>(error: &E) -> RetryRule {
+    let any = error as &dyn Any;
+    if let Some(e) = any.downcast_ref::<JobError>() {
+        return e.retry();
+    }
+    if let Some(e) = any.downcast_ref::<Box<dyn std::error::Error + Send + Sync>>() {
+        return e
+            .downcast_ref::<JobError>()
+            .map_or(RetryRule::Policy, JobError::retry);
+    }
+    if let Some(e) = any.downcast_ref::<Box<dyn std::error::Error + Send>>() {
+        return e
+            .downcast_ref::<JobError>()
+            .map_or(RetryRule::Policy, JobError::retry);
+    }
+    RetryRule::Policy
 }
 
 type BoxFuture = Pin<Box<dyn Future<Output = Outcome> + Send>>;
@@ -69,14 +99,14 @@ where
         let handler = handler.clone();
         Box::pin(async move {
             let Some(enc) = Encoding::parse(&input.enc) else {
-                return Outcome::Failed(
+                return Outcome::failed(
                     FailureKind::Decode,
                     format!("unknown encoding {:?}", input.enc),
                 );
             };
             let payload = match enc.decode::<P>(&input.payload, "payload") {
                 Ok(p) => p,
-                Err(e) => return Outcome::Failed(FailureKind::Decode, e.to_string()),
+                Err(e) => return Outcome::failed(FailureKind::Decode, e.to_string()),
             };
             let job = Job {
                 id: input.id,
@@ -87,7 +117,7 @@ where
             };
             match AssertUnwindSafe(handler(job)).catch_unwind().await {
                 Ok(Ok(value)) => match enc.encode(&value, "result") {
-                    Ok(bytes) if bytes.len() > max_result => Outcome::Failed(
+                    Ok(bytes) if bytes.len() > max_result => Outcome::failed(
                         FailureKind::TooLarge,
                         format!(
                             "result of {} bytes exceeds the maximum of {max_result} bytes",
@@ -95,16 +125,16 @@ where
                         ),
                     ),
                     Ok(bytes) => Outcome::Completed(bytes),
-                    Err(e) => Outcome::Failed(FailureKind::Encode, e.to_string()),
+                    Err(e) => Outcome::failed(FailureKind::Encode, e.to_string()),
                 },
-                Ok(Err(e)) => Outcome::Failed(FailureKind::Handler, e.to_string()),
+                Ok(Err(e)) => Outcome::Failed(FailureKind::Handler, e.to_string(), retry_rule(&e)),
                 Err(panic) => {
                     let message = panic
                         .downcast_ref::<&str>()
                         .map(|s| s.to_string())
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "handler panicked".into());
-                    Outcome::Failed(FailureKind::Panic, message)
+                    Outcome::failed(FailureKind::Panic, message)
                 }
             }
         })
@@ -125,7 +155,7 @@ pub(crate) async fn run(
             Some(limit) => tokio::time::timeout(limit, handler(input))
                 .await
                 .unwrap_or_else(|_| {
-                    Outcome::Failed(
+                    Outcome::failed(
                         FailureKind::Timeout,
                         format!("the handler ran longer than its timeout of {limit:?}"),
                     )

@@ -9,6 +9,7 @@
 //! outcomes, `execute` runs the handler, `fetch` owns the blocking pop.
 
 mod attempt;
+mod clock;
 mod execute;
 mod fetch;
 mod finisher;
@@ -118,6 +119,10 @@ impl WorkerBuilder {
     /// 30 s). The worker renews the leases of its running jobs every third
     /// of it; a job whose lease runs out (its worker died or hung) is put
     /// back on its queue. A job may set its own ([`crate::JobOptions::lease`]).
+    /// Reliable mode: the heartbeat TTL. Every mode: the lease of the
+    /// queue's timekeeper (the worker that promotes delayed jobs and fires
+    /// schedules), so it also bounds how long due jobs wait when that worker
+    /// dies: about one to two leases.
     pub fn lease(mut self, lease: Duration) -> Self {
         self.settings.lease = lease;
         self
@@ -261,6 +266,9 @@ pub struct WorkerStats {
     /// logged, and the queue is rested with backoff while the others are
     /// served.
     pub queue_errors: u64,
+    /// Jobs this worker submitted for recurring schedules (one per fire
+    /// it made; other workers of the queue make the others).
+    pub scheduled: u64,
 }
 
 #[derive(Default)]
@@ -273,6 +281,7 @@ pub(crate) struct Counters {
     lease_lost: AtomicU64,
     outcome_refused: AtomicU64,
     queue_errors: AtomicU64,
+    scheduled: AtomicU64,
 }
 
 impl Counters {
@@ -291,6 +300,7 @@ impl Counters {
             lease_lost: get(&self.lease_lost),
             outcome_refused: get(&self.outcome_refused),
             queue_errors: get(&self.queue_errors),
+            scheduled: get(&self.scheduled),
         }
     }
 }
@@ -321,6 +331,7 @@ impl std::fmt::Debug for Worker {
 /// What every part of a running worker shares.
 pub(crate) struct Shared {
     pub id: String,
+    pub mode: Mode,
     pub config: Config,
     pub settings: Settings,
     pub queues: Vec<Arc<QueueKeys>>,
@@ -409,6 +420,7 @@ impl Worker {
         let shared = Arc::new(Shared {
             handler: execute::erase(handler, self.config.max_payload_bytes),
             id: self.id,
+            mode: self.mode,
             config: self.config,
             settings: self.settings,
             queues: self.queues,
@@ -434,6 +446,7 @@ impl Worker {
         background.push(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
             finisher::finisher(shared.clone(), finish_requests),
         )));
+        let clock = clock::background(&shared);
         let mut tasks = JoinSet::new();
         let fetched = match self.mode {
             Mode::Simple => simple::fetch_loop(&shared, &mut tasks).await,
@@ -451,6 +464,14 @@ impl Worker {
             tracing::warn!(worker = %shared.id, "grace period over: abandoning running jobs");
             shared.hard_stop.cancel();
             while tasks.join_next().await.is_some() {}
+        }
+        // The clock task ends by itself at shutdown, once it has given up
+        // the timekeeper roles it held.
+        if tokio::time::timeout(shared.config.command_timeout * 2, clock)
+            .await
+            .is_err()
+        {
+            tracing::debug!(worker = %shared.id, "the clock task did not end in time");
         }
         shared.finished.cancel();
         drop(background);

@@ -102,7 +102,7 @@ async fn run_job(
                 crate::encoding::msgpack_prefix::<PartialEnvelope>(&entry, "job envelope")
                 && let Some(channel) = partial.reply.filter(|c| keys.owns_reply_channel(c))
             {
-                let failure = Outcome::Failed(
+                let failure = Outcome::failed(
                     FailureKind::Decode,
                     format!("invalid job envelope: {reason}"),
                 );
@@ -126,14 +126,14 @@ async fn run_job(
     let outcome = execute::run(&shared.handler, input, &shared.hard_stop)
         .await
         .unwrap_or_else(|| {
-            Outcome::Failed(
+            Outcome::failed(
                 FailureKind::Shutdown,
                 "worker shut down before the job finished".into(),
             )
         });
     match &outcome {
         Outcome::Completed(_) => Counters::add(&shared.counters.completed, 1),
-        Outcome::Failed(kind, message) => {
+        Outcome::Failed(kind, message, _) => {
             tracing::info!(job = %envelope.id, queue = keys.queue(), %kind, message, "job failed");
             Counters::add(&shared.counters.failed, 1);
         }
@@ -176,7 +176,7 @@ async fn send_reply(
             result: Some(ByteBuf::from(bytes)),
             error: None,
         },
-        Outcome::Failed(kind, message) => Reply {
+        Outcome::Failed(kind, message, _) => Reply {
             id: id.to_owned(),
             status: FAILED.into(),
             enc: None,

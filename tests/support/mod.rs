@@ -80,6 +80,55 @@ where
     Running { shutdown, task }
 }
 
+/// The path of example `name`'s binary, built (or brought up to date) once
+/// per test process.
+pub fn example_binary(name: &str) -> std::path::PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap(); // target/<profile>
+    let path = dir.join("examples").join(name);
+    let mut built = BUILT.lock().unwrap();
+    if !built.iter().any(|b| b == name) {
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--example", name])
+            .status()
+            .unwrap();
+        assert!(status.success(), "cargo build --example {name}");
+        built.push(name.to_owned());
+    }
+    path
+}
+
+/// A reliable-mode worker process (`examples/reliable_worker.rs`) on
+/// `queue`, with the environment settings `env` (`LEASE_MS`, `WORK_MS`...),
+/// started and ready. Returns the process and its worker ID.
+pub fn spawn_worker_process(
+    url: &str,
+    queue: &str,
+    env: &[(&str, &str)],
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(example_binary("reliable_worker"))
+        .env("REDIS_URL", url)
+        .env("QUEUE", queue)
+        .env("RUST_LOG", "off")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let id = line
+        .trim()
+        .strip_prefix("ready ")
+        .expect("the worker says ready")
+        .to_owned();
+    (child, id)
+}
+
 /// Reverses a string: the handler of most tests.
 pub async fn reverse(job: Job<String>) -> Result<String, std::convert::Infallible> {
     Ok(job.payload.chars().rev().collect())

@@ -170,6 +170,21 @@ impl RedisServer {
     }
 }
 
+/// For examples: the server at `REDIS_URL` when it is set, otherwise a
+/// throwaway one on a free loopback port. Returns that URL, and the
+/// throwaway server, which runs until it is dropped.
+#[allow(dead_code)] // not every program that includes this file uses it
+pub fn from_env_or_start() -> (Option<RedisServer>, String) {
+    match std::env::var("REDIS_URL") {
+        Ok(url) => (None, url),
+        Err(_) => {
+            let server = RedisServer::start();
+            let url = server.url();
+            (Some(server), url)
+        }
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
