@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish_batch
--- version: 7
+-- version: 8
 -- Recoverable and reliable modes: job_finish for several jobs of one queue
 -- in one call, so that a busy worker pays the cost of a script call once
 -- for all the jobs that finished meanwhile. Each job is checked and
@@ -176,7 +176,7 @@ for i = 1, n do
   if retry ~= '0' and retry ~= '1' then
     return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 6) .. '] retry must be 0 or 1')
   end
-  delays[i] = integer(ARGV[a + 7], -1, 1000000000000)
+  delays[i] = ARGV[a + 7] == '-1' and -1 or integer(ARGV[a + 7], -1, 1000000000000)
   if not delays[i] then
     return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 7) .. '] retry delay must be -1 or an integer from 0 to 1000000000000')
   end

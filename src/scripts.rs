@@ -403,7 +403,7 @@ mod tests {
         ("job_claim", 3, "adde030a39570d7b6674cc21117703874a2681dc"),
         ("job_extend", 2, "4b2a83c69f65eb415e7242c38c00848dfa0fd1a7"),
         ("job_finish", 10, "ae48da9847576f9e9612b5587d28886846dbde1c"),
-        ("job_finish_batch", 7, "94ba1565ffff2b38f487cfb64e31814ff0c61758"),
+        ("job_finish_batch", 8, "0e3b9e3dc2406549cf83326b864c91808f437f4b"),
         ("job_promote", 1, "295741c2e6222a5c7a11d2532eca31f17701455f"),
         ("job_release", 4, "8208523f166a206f6919757b89b0a7fd6416ae90"),
         ("job_requeue_stale", 2, "73e22f275cc2694a66abea6918415f7aba3c9f26"),
