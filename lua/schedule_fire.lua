@@ -1,6 +1,6 @@
 #!lua
 -- name: schedule_fire
--- version: 1
+-- version: 2
 -- Recoverable and reliable modes: fires a recurring schedule once. The
 -- caller read the schedule's due time DUE (its next_ms) and computed, from
 -- the spec and time zone, the fire after it, NEXT, and the first fire after
@@ -170,7 +170,7 @@ if refusal then
 end
 
 local rec = redis.call('HMGET', KEYS[3], 'next_ms', 'missed', 'grace_ms', 'enc', 'payload',
-  'lease_ms', 'max_attempts', 'timeout_ms', 'backoff')
+  'lease_ms', 'max_attempts', 'timeout_ms', 'backoff', 'fires', 'skipped')
 if not rec[1] then
   redis.call('ZREM', KEYS[2], name)
   return {'gone', ''}
@@ -185,7 +185,13 @@ if due > now_n then
 end
 local grace = integer(rec[3], 1, 1000000000000) or 60000
 local missed = now_n - due > grace
-local moved_to = missed and ARGV[6] or ARGV[5]
+-- Stored as canonical decimals, whatever form the arguments had.
+local moved_to = string.format('%d', missed and resume or next_n)
+-- The counters are rewritten (not HINCRBY, which fails on a value that is
+-- not an integer, after the job was written): one that is not a valid
+-- count starts over.
+local fires = (integer(rec[10], 0, 999999999999999) or 0) + 1
+local skipped = (integer(rec[11], 0, 999999999999999) or 0) + 1
 local outcome = 'fired'
 if missed and rec[2] == 'skip' then
   outcome = 'skipped'
@@ -214,12 +220,11 @@ if outcome == 'fired' then
     redis.call('LPUSH', KEYS[5], '1')
   end
   redis.call('HSET', KEYS[3], 'next_ms', moved_to, 'last_due_ms', ARGV[4], 'last_fired_ms', now_ms,
-    'last_job', id)
-  redis.call('HINCRBY', KEYS[3], 'fires', 1)
+    'last_job', id, 'fires', string.format('%d', fires))
 else
   redis.call('HSET', KEYS[3], 'next_ms', moved_to, 'last_due_ms', ARGV[4])
   if outcome == 'skipped' then
-    redis.call('HINCRBY', KEYS[3], 'skipped', 1)
+    redis.call('HSET', KEYS[3], 'skipped', string.format('%d', skipped))
   end
 end
 redis.call('ZADD', KEYS[2], moved_to, name)

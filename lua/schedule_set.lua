@@ -1,11 +1,13 @@
 #!lua
 -- name: schedule_set
--- version: 1
+-- version: 2
 -- Recoverable and reliable modes: creates or changes a recurring schedule
 -- of a queue: a record (hash) with the job each fire submits and when the
 -- next fire is due, and its entry in the queue's schedules set, scored by
 -- that time. The schedule's history (last fire, last job, fire count) is
--- kept when it is changed. The clock list is pushed (when empty), so that
+-- kept when it is changed; so is its next fire when its spec and time zone
+-- are unchanged (setting the same schedule again, as a fleet that upserts
+-- its schedules at every start does, neither delays nor drops a fire). The clock list is pushed (when empty), so that
 -- the queue's timekeeper learns the new due time. Workers fire schedules
 -- with schedule_fire; this script only records them.
 --
@@ -196,7 +198,12 @@ if refusal then
   return redis.error_reply(refusal)
 end
 
+local old = redis.call('HMGET', KEYS[3], 'spec', 'tz', 'next_ms')
 local existed = redis.call('EXISTS', KEYS[3]) == 1
+local kept = old[1] == spec and old[2] == tz and integer(old[3], 1, 999999999999999)
+if kept then
+  next_n = kept
+end
 local now = redis.call('TIME')
 local now_ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
 -- The definition is replaced as a whole; the history fields stay.

@@ -168,7 +168,6 @@ const COMMANDS: &[(&str, Need, &str)] = &[
         "job_finish, job_finish_batch; schedule_set, schedule_remove",
     ),
     ("+hkeys", Need::Client, "schedule_remove"),
-    ("+hincrby", Need::Worker, "schedule_fire: fire counts"),
     ("+rpush", Need::Worker, "requeues to the front of the queue"),
     ("+lpop", Need::Worker, "job_claim"),
     ("+rpop", Need::Worker, "job_claim"),

@@ -320,8 +320,14 @@ impl Queue {
                 max,
             });
         }
-        let record = schedule.record(self.encoding.as_str(), &bytes, now_ms())?;
         let con = &self.client.inner.con;
+        // The first fire counts from the server's clock, as every fire does.
+        let (secs, micros): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut con.clone())
+            .await
+            .map_err(Error::Redis)?;
+        let server_ms = secs * 1000 + micros / 1000;
+        let record = schedule.record(self.encoding.as_str(), &bytes, server_ms)?;
         match transitions::schedule_set(con, &self.keys, self.mode, name, &record).await {
             Err(Error::QueueNotRegistered { .. }) => {
                 transitions::queue_register(con, &self.keys, self.mode).await?;

@@ -239,6 +239,14 @@ impl Schedule {
 
 impl Spec {
     fn cron(pattern: &str, tz: Tz) -> Result<Self, String> {
+        // The documented grammar only: 5 fields, or 6 with seconds (no
+        // year field, which would make one-shot schedules, no `@hourly`).
+        let fields = pattern.split_whitespace().count();
+        if !(5..=6).contains(&fields) || pattern.contains('@') {
+            return Err(format!(
+                "cron pattern {pattern:?} must have 5 fields, or 6 with seconds first"
+            ));
+        }
         let cron = Cron::from_str(pattern)
             .map_err(|e| format!("cron pattern {pattern:?} does not parse: {e}"))?;
         Ok(Spec::Cron {

@@ -278,15 +278,15 @@ pub(crate) enum FireOutcome {
     Early,
 }
 
-/// `schedule_fire`: fires schedule `name` due at `due_ms`, moving it to
-/// `next_ms` (the fire after it), or to `resume_ms` (the first fire after
-/// now) when the fire was missed.
+/// `schedule_fire`: fires schedule `name` due at `due_ms` (the record's
+/// `next_ms` exactly as read), moving it to `next_ms` (the fire after it),
+/// or to `resume_ms` (the first fire after now) when the fire was missed.
 pub(crate) async fn schedule_fire(
     con: &Conn,
     keys: &QueueKeys,
     mode: Mode,
     name: &str,
-    (due_ms, next_ms, resume_ms): (u64, u64, u64),
+    (due_ms, next_ms, resume_ms): (&str, u64, u64),
 ) -> Result<FireOutcome, Error> {
     let id = format!("{name}@{due_ms}");
     let call = scripts::get(Name::ScheduleFire)
@@ -300,7 +300,7 @@ pub(crate) async fn schedule_fire(
         .arg(mode.as_str())
         .arg(PROTOCOL_VERSION.to_string())
         .arg(name)
-        .arg(due_ms.to_string())
+        .arg(due_ms)
         .arg(next_ms.to_string())
         .arg(resume_ms.to_string());
     let (outcome, job): (String, String) = run(con, &call, keys, None).await?;

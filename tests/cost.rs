@@ -86,13 +86,19 @@ async fn one_by_one(
 async fn a_simple_mode_job_costs_two_script_calls_and_one_pop() {
     let server = RedisServer::start();
     let q = queue_name("cost");
-    let builder = Worker::builder(config(&server)).queue(&q).concurrency(1);
+    // A long lease: the queue's timekeeper renews it every third of a lease
+    // (a script call that is no job's), not within this test.
+    let builder = Worker::builder(config(&server))
+        .queue(&q)
+        .concurrency(1)
+        .lease(Duration::from_secs(600));
     let (scripts, pops, inside) = one_by_one(&server, &q, Mode::Simple, builder, "blmpop").await;
     // Submit and reply; inside them HMGET + LPUSH (submit) and PUBLISH.
     assert_eq!(scripts, 2.0);
     assert_eq!(inside, 3.0);
-    // One pop per job, plus a few that timed out empty.
-    assert!((1.0..1.05).contains(&pops), "{pops} pops per job");
+    // One pop per job, plus a few that timed out empty (less one when the
+    // pop that served the first job was sent before the count began).
+    assert!((0.99..1.05).contains(&pops), "{pops} pops per job");
 }
 
 #[tokio::test]

@@ -287,3 +287,52 @@ async fn schedules_are_changed_listed_and_refused_when_invalid() {
         .collect();
     assert_eq!(names, BTreeSet::from(["report".to_string()]));
 }
+
+/// Setting the same schedule again (a fleet that upserts its schedules at
+/// every start) keeps its next fire: it neither delays nor drops fires. A
+/// next fire stored with a leading zero by another program is fired once
+/// and stored back canonical.
+#[tokio::test]
+async fn setting_a_schedule_again_keeps_its_phase_and_odd_numbers_do_not_spin() {
+    let server = RedisServer::start();
+    let q = queue_name("upsert");
+    let running = spawn_built(worker(&server, Mode::Recoverable, &q), double).await;
+    let client = Client::connect(config(&server)).await.unwrap();
+    let queue = client.queue(&q, Mode::Recoverable).await.unwrap();
+    let every = Schedule::every(Duration::from_millis(600));
+    queue.set_schedule("up", &every, &1u64).await.unwrap();
+    let first = queue.schedules().await.unwrap()[0].next_ms;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        queue.set_schedule("up", &every, &1u64).await.unwrap();
+    }
+    let times = fire_times(&server, &q, "up");
+    assert!(
+        times.len() >= 2,
+        "re-setting starved the schedule: {times:?}"
+    );
+    assert_eq!(Some(times[0]), first);
+    assert_every_tick_once(&times, 600);
+    // Another program wrote the next fire as "0<ms>".
+    queue.remove_schedule("up").await.unwrap();
+    let hourly = Schedule::every(Duration::from_secs(3600));
+    queue.set_schedule("odd", &hourly, &1u64).await.unwrap();
+    let mut con = server.connection();
+    let due = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 200;
+    let key = format!("jq:{{{q}}}:schedule:odd");
+    let _: () = con.hset(&key, "next_ms", format!("0{due}")).unwrap();
+    let _: () = con
+        .zadd(format!("jq:{{{q}}}:schedules"), "odd", due)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let next: String = con.hget(&key, "next_ms").unwrap();
+    assert_eq!(next, (due + 3_600_000).to_string());
+    let fires: String = con.hget(&key, "fires").unwrap();
+    assert_eq!(fires, "1");
+    let stats = running.stop().await;
+    assert!(stats.scheduled >= 3);
+}

@@ -67,6 +67,10 @@ struct Timer {
     /// The clock list was rung: the next call learns a new earliest due
     /// time, which this worker keeps in mind even if it is not the keeper.
     rung: bool,
+    /// Not the keeper, but following due times since a ring, for as long as
+    /// its calls find work (jobs due after the one rung for may be due
+    /// before the keeper's next call).
+    following: bool,
     /// Backoff after failed calls.
     backoff: Backoff,
 }
@@ -82,6 +86,7 @@ async fn run(shared: Arc<Shared>) {
             next: start,
             keeper: false,
             rung: false,
+            following: false,
             backoff: Backoff::default(),
         })
         .collect();
@@ -123,6 +128,17 @@ async fn run(shared: Arc<Shared>) {
         }
         soonest = timers.iter().map(|t| t.next).min().unwrap_or(now);
     }
+    // A worker that leaves while it follows a due time passes it on.
+    for timer in timers.iter().filter(|t| t.following || t.rung) {
+        let rung: redis::RedisResult<i64> = redis::cmd("LPUSH")
+            .arg(timer.keys.clock())
+            .arg("1")
+            .query_async(&mut shared.con.clone())
+            .await;
+        if let Err(e) = rung {
+            tracing::debug!(queue = timer.keys.queue(), error = %e, "could not pass a due time on");
+        }
+    }
     for timer in timers.iter_mut().filter(|t| t.keeper) {
         let released =
             transitions::job_promote(&shared.con, &timer.keys, shared.mode, &shared.id, 1, None)
@@ -137,7 +153,7 @@ async fn run(shared: Arc<Shared>) {
 }
 
 /// When a due schedule could not be fired, how long until the next try.
-const STUCK_RETRY: Duration = Duration::from_secs(1);
+const STUCK_RETRY: Duration = Duration::from_secs(10);
 
 /// Most schedules fired per round and queue.
 const FIRE_LIMIT: usize = 100;
@@ -199,10 +215,13 @@ async fn fire_one(shared: &Shared, keys: &QueueKeys, name: &str, now_ms: u64) ->
         .map_err(|e| crate::error::on_key(e, &key, "hash"))?;
     let Some(next_ms) = next_ms else {
         // Removed meanwhile (or never recorded): the script drops its entry.
-        transitions::schedule_fire(&shared.con, keys, shared.mode, name, (1, 2, 2)).await?;
+        transitions::schedule_fire(&shared.con, keys, shared.mode, name, ("1", 2, 2)).await?;
         return Ok(());
     };
-    let (Some(due), Some(spec)) = (next_ms.parse::<u64>().ok(), spec) else {
+    let due = Some(next_ms.as_str())
+        .filter(|v| !v.is_empty() && v.len() <= 15 && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse::<u64>().ok());
+    let (Some(due), Some(spec)) = (due, spec) else {
         return Err(Error::Config(format!(
             "schedule {name}: its record has no valid next_ms or spec"
         )));
@@ -216,9 +235,9 @@ async fn fire_one(shared: &Shared, keys: &QueueKeys, name: &str, now_ms: u64) ->
             "schedule {name} has no fire after {due}"
         )));
     };
-    match transitions::schedule_fire(&shared.con, keys, shared.mode, name, (due, next, resume))
-        .await?
-    {
+    // DUE goes back exactly as read: the script compares strings.
+    let fire = (next_ms.as_str(), next, resume);
+    match transitions::schedule_fire(&shared.con, keys, shared.mode, name, fire).await? {
         transitions::FireOutcome::Submitted(job) => {
             Counters::add(&shared.counters.scheduled, 1);
             tracing::debug!(queue = keys.queue(), schedule = name, job, "schedule fired");
@@ -274,6 +293,8 @@ async fn tick(shared: &Shared, timer: &mut Timer) {
         );
     }
     let rung = std::mem::take(&mut timer.rung);
+    let found_work = p.moved > 0 || p.schedule_in.is_some_and(|d| d.is_zero());
+    timer.following = !p.keeper && (rung || (timer.following && found_work));
     let mut due = p.next_in.map(|d| now + d.max(Duration::from_millis(1)));
     let mut fired = false;
     match p.schedule_in {
@@ -303,7 +324,7 @@ async fn tick(shared: &Shared, timer: &mut Timer) {
         // sleep for a later one).
         let periodic = now + lease / 2 + lease.mul_f64(fastrand::f64() / 2.0);
         match due {
-            Some(due) if rung => due.min(periodic),
+            Some(due) if timer.following => due.min(periodic),
             _ => periodic,
         }
     };
