@@ -213,8 +213,8 @@ const COMMANDS: &[(&str, Need, &str)] = &[
     ("+zrem", Need::Both, "leases, workers; schedules"),
     (
         "+zscore",
-        Need::Worker,
-        "job_extend, reliable_heartbeat, reliable_requeue_worker",
+        Need::Both,
+        "job_extend, reliable_heartbeat, reliable_requeue_worker; a status read (delayed)",
     ),
     (
         "+zrangebyscore",
@@ -485,6 +485,9 @@ mod tests {
             "ssubscribe",
             "wait",
             "hmget",
+            "zscore",
+            "zrange",
+            "time",
         ];
         let worker_plain = [
             "hello",

@@ -15,7 +15,7 @@ pub enum JobState {
     /// `queued` with a due time still to come ([`JobStatus::due_ms`]): the
     /// job waits in the queue's delayed set (a delay, a run-at time, or a
     /// retry's backoff). On the wire the state is `queued`; it is reported
-    /// as delayed while its `due_ms` is later than the reader's clock.
+    /// as delayed while its ID is in the delayed set.
     Delayed,
     /// `active`: a worker started it and holds its lease.
     Active,
@@ -130,13 +130,21 @@ impl JobStatus {
             return Ok(None);
         };
         let due_ms = number(10);
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let state = match JobState::parse(&state) {
-            JobState::Queued if due_ms.is_some_and(|due| due > now_ms) => JobState::Delayed,
-            other => other,
-        };
+        let mut state = JobState::parse(&state);
+        if state == JobState::Queued && due_ms.is_some() {
+            // A job that was ever delayed: it is delayed while its ID waits
+            // in the delayed set (the set, not a clock, says so).
+            let delayed = keys.delayed();
+            let score: Option<f64> = redis::cmd("ZSCORE")
+                .arg(&delayed)
+                .arg(id)
+                .query_async(&mut con.clone())
+                .await
+                .map_err(|e| crate::error::on_key(e, &delayed, "zset"))?;
+            if score.is_some() {
+                state = JobState::Delayed;
+            }
+        }
         Ok(Some(Self {
             state,
             attempt: small(1, 0),
