@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish
--- version: 10
+-- version: 11
 -- Recoverable and reliable modes: records a job's outcome under its fencing
 -- token, drops its claim (lease or in-flight entry) and rings the client's
 -- doorbell. The doorbell carries the outcome (the same record as a
@@ -120,6 +120,17 @@ local function wrongtype(key, want)
   end
 end
 
+-- The first 8 hex digits of s (lowercase, as redis.sha1hex writes them)
+-- read as an unsigned integer, digit by digit.
+local function hex8(s)
+  local v = 0
+  for i = 1, 8 do
+    local b = string.byte(s, i)
+    v = v * 16 + (b <= 57 and b - 48 or b - 87)
+  end
+  return v
+end
+
 -- The delay in ms before the retry of a job whose attempt number ATTEMPT
 -- failed, under its backoff POLICY (its hash's backoff field, protocol.md
 -- 8.7): 0 without a policy, or with one that does not parse. Evaluated in
@@ -144,10 +155,19 @@ local function backoff_ms(policy, id, attempt)
   end
   if jitter > 0 then
     -- Deterministic jitter: the first 8 hex digits of SHA1("<id>:<attempt>").
-    local h = tonumber(string.sub(redis.sha1hex(id .. ':' .. string.format('%d', attempt)), 1, 8), 16)
+    local h = hex8(redis.sha1hex(id .. ':' .. string.format('%d', attempt)))
     delay = delay - math.floor(delay * jitter / 1000 * h / 4294967296)
   end
   return delay
+end
+
+-- True when DUE (ms) is before the earliest due time in the delayed set,
+-- whose lowest entry's score is S (nil when the set is empty). A score that
+-- is not a strict integer (inf, a fraction: another program wrote it)
+-- counts as no earliest, so the clock is rung: one extra wake-up at most.
+local function before_earliest(due, s)
+  local earliest = s and integer(s, -999999999999999, 999999999999999)
+  return not earliest or due < earliest
 end
 
 -- Puts ID in the delayed set, due at DUE (ms), and rings the clock when it
@@ -155,7 +175,7 @@ end
 local function delay_job(delayed, clock, id, due)
   local first = redis.call('ZRANGE', delayed, '0', '0', 'WITHSCORES')
   redis.call('ZADD', delayed, string.format('%d', due), id)
-  if (not first[2] or due < tonumber(first[2])) and redis.call('LLEN', clock) == 0 then
+  if before_earliest(due, first[2]) and redis.call('LLEN', clock) == 0 then
     redis.call('LPUSH', clock, '1')
   end
 end

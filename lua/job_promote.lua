@@ -1,6 +1,6 @@
 #!lua
 -- name: job_promote
--- version: 1
+-- version: 2
 -- Every mode: moves the queue's due delayed jobs (due time <= server time)
 -- onto its pending list, oldest due first, at most LIMIT of them, and says
 -- when the next one is due. It also keeps the queue's timekeeper lease: the
@@ -187,9 +187,15 @@ local function due_in(key)
   if not earliest[2] then
     return -1
   end
-  local left = tonumber(earliest[2]) - now_n
-  if left ~= left or left < 0 then
-    return 0 -- due already (or a score of nan written by another program)
+  local due = integer(earliest[2], -999999999999999, 999999999999999)
+  if not due then
+    -- Not a strict integer (another program wrote it): "inf" is never due;
+    -- -inf or a fraction is treated as due now (the pass moves it by score).
+    return earliest[2] == 'inf' and 1000000000000 or 0
+  end
+  local left = due - now_n
+  if left < 0 then
+    return 0
   elseif left > 1000000000000 then
     return 1000000000000
   end

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_submit
--- version: 8
+-- version: 9
 -- Recoverable and reliable modes: stores one or more jobs, each in its own
 -- hash in state "queued", and appends their IDs to the queue's pending
 -- list, all at once. In recoverable mode it also pushes one ticket per job
@@ -319,7 +319,7 @@ end
 local earliest = false
 if any_delayed then
   local first = redis.call('ZRANGE', KEYS[4], '0', '0', 'WITHSCORES')
-  earliest = first[2] and tonumber(first[2])
+  earliest = first[2] and integer(first[2], -999999999999999, 999999999999999)
   local ring = false
   for i = 1, n do
     if dues[i] then

@@ -1,6 +1,6 @@
 #!lua
 -- name: simple_submit
--- version: 3
+-- version: 4
 -- Simple mode: appends one or more job envelopes to a queue's pending list,
 -- after checking that the queue is registered in simple mode with the same
 -- protocol version. Workers pop from the other end (RPOP side), so the list
@@ -95,6 +95,15 @@ local function text(s)
   return table.concat(out)
 end
 
+-- True when DUE (ms) is before the earliest due time in the delayed set,
+-- whose lowest entry's score is S (nil when the set is empty). A score that
+-- is not a strict integer (inf, a fraction: another program wrote it)
+-- counts as no earliest, so the clock is rung: one extra wake-up at most.
+local function before_earliest(due, s)
+  local earliest = s and integer(s, -999999999999999, 999999999999999)
+  return not earliest or due < earliest
+end
+
 if #KEYS ~= 4 or #ARGV < 5 then
   return redis.error_reply('JQ_BAD_ARGS expected 4 keys (meta, pending, delayed, clock), a mode, a protocol version, a delay, a run at time and at least one job envelope')
 end
@@ -154,7 +163,7 @@ if due then
   for i = 5, #ARGV do
     redis.call('ZADD', KEYS[3], score, ARGV[i])
   end
-  if (not first[2] or due < tonumber(first[2])) and redis.call('LLEN', KEYS[4]) == 0 then
+  if before_earliest(due, first[2]) and redis.call('LLEN', KEYS[4]) == 0 then
     redis.call('LPUSH', KEYS[4], '1')
   end
   return redis.call('LLEN', KEYS[2])

@@ -346,11 +346,7 @@ impl ScheduleInfo {
     /// order; `None` when the hash has no `spec` (not a schedule).
     pub(crate) fn from_fields(name: String, values: Vec<Option<String>>) -> Option<Self> {
         let get = |i: usize| values.get(i).cloned().flatten();
-        let number = |i: usize| {
-            get(i)
-                .filter(|v| !v.is_empty() && v.len() <= 15 && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<u64>().ok())
-        };
+        let number = |i: usize| crate::wire::lenient_u64(values.get(i).and_then(|v| v.as_deref()));
         Some(ScheduleInfo {
             name,
             spec: get(0)?,

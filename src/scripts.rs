@@ -402,13 +402,13 @@ mod tests {
     const LOCK: &[(&str, u32, &str)] = &[
         ("job_claim", 3, "adde030a39570d7b6674cc21117703874a2681dc"),
         ("job_extend", 2, "4b2a83c69f65eb415e7242c38c00848dfa0fd1a7"),
-        ("job_finish", 10, "ae48da9847576f9e9612b5587d28886846dbde1c"),
-        ("job_finish_batch", 8, "0e3b9e3dc2406549cf83326b864c91808f437f4b"),
-        ("job_promote", 1, "295741c2e6222a5c7a11d2532eca31f17701455f"),
+        ("job_finish", 11, "0798f885e7ebed9f5552f389ce0377d2cd27f784"),
+        ("job_finish_batch", 9, "32921f8c26f606c8981c3c6016f539ea3327ce0f"),
+        ("job_promote", 2, "a3f2d1bf3af9ddff62c27f8d21afa0b7da496650"),
         ("job_release", 4, "8208523f166a206f6919757b89b0a7fd6416ae90"),
         ("job_requeue_stale", 2, "73e22f275cc2694a66abea6918415f7aba3c9f26"),
         ("job_start", 10, "1dc6320f6e2b74dba6f9c8e9ad07f1247d5c6e32"),
-        ("job_submit", 8, "4888b3ba718f26e6b7c0594ab0c91778671cbb49"),
+        ("job_submit", 9, "96c5afc721499974623615391f3ebc22000242c1"),
         ("job_watch", 4, "de9c6d01ecd545c7672f1c9b205a50244a0b9b1d"),
         ("queue_register", 2, "fd73ede4309ea76b73388f4137b6e3c1f13478f9"),
         ("reliable_find_dead", 2, "322dc3ad60b2574712bf513d46ba0ca446061eff"),
@@ -421,7 +421,7 @@ mod tests {
         ("simple_dead", 2, "ca9bc35c0414a36b4dd218779cc9cda24d2c638b"),
         ("simple_reply", 3, "4906ec10e835b1dfae306c3e2b3afa84566e03df"),
         ("simple_requeue", 2, "808db420f9cfed6ce38126e98dc0f2af0b28f966"),
-        ("simple_submit", 3, "0b41dd1d15888edc963a138b0d402cfd35885305"),
+        ("simple_submit", 4, "7c3e84904481f4d75403c9fdca3a386a4562a089"),
     ];
 
     #[test]

@@ -116,11 +116,7 @@ impl JobStatus {
             .map(|v| v.map(|b| String::from_utf8_lossy(&b).into_owned()))
             .collect();
         let get = |i: usize| values.get(i).cloned().flatten().filter(|v| !v.is_empty());
-        let number = |i: usize| {
-            get(i)
-                .filter(|v| v.len() <= 15 && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<u64>().ok())
-        };
+        let number = |i: usize| crate::wire::lenient_u64(values.get(i).and_then(|v| v.as_deref()));
         let small = |i: usize, default: u32| {
             number(i)
                 .and_then(|n| u32::try_from(n).ok())

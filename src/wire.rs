@@ -339,6 +339,16 @@ pub(crate) fn unpack<T: serde::de::DeserializeOwned>(
     crate::encoding::msgpack_named(bytes, what)
 }
 
+/// A number field of a job or schedule hash, read leniently: a decimal
+/// integer of at most 15 digits, as the scripts write it; anything else
+/// (empty, signed, fractional, `inf`, text another program wrote) counts as
+/// absent.
+pub(crate) fn lenient_u64(value: Option<&str>) -> Option<u64> {
+    value
+        .filter(|v| !v.is_empty() && v.len() <= 15 && v.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|v| v.parse().ok())
+}
+
 /// Milliseconds since the Unix epoch on this machine's clock.
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -350,6 +360,30 @@ pub(crate) fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lenient_numbers_take_only_plain_decimals() {
+        assert_eq!(lenient_u64(Some("0")), Some(0));
+        assert_eq!(
+            lenient_u64(Some("999999999999999")),
+            Some(999_999_999_999_999)
+        );
+        for bad in [
+            "",
+            "-1",
+            "+1",
+            " 1",
+            "1.5",
+            "1e3",
+            "inf",
+            "nan",
+            "0x10",
+            "1000000000000000",
+        ] {
+            assert_eq!(lenient_u64(Some(bad)), None, "{bad:?}");
+        }
+        assert_eq!(lenient_u64(None), None);
+    }
 
     #[test]
     fn envelope_golden_bytes() {

@@ -203,7 +203,7 @@ fn the_library_computes_the_golden_backoff_delays() {
 }
 
 /// The same cases through the scripts' own computation: job_finish's
-/// `backoff_ms` (with the `integer` it uses), run with EVAL on a real
+/// `backoff_ms` (with the `integer` and `hex8` it uses), run with EVAL on a real
 /// redis-server, so that the scripts, the Rust library and the Python
 /// implementation agree to the ms. (The scenarios check that job_finish
 /// waits what it computes.)
@@ -222,8 +222,9 @@ fn the_scripts_compute_the_golden_backoff_delays() {
         source[start..end].to_owned()
     };
     let snippet = format!(
-        "{}{}\nlocal out = {{}}\nfor i = 1, #ARGV, 3 do\n  out[#out + 1] = backoff_ms(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]))\nend\nreturn out\n",
+        "{}{}{}\nlocal out = {{}}\nfor i = 1, #ARGV, 3 do\n  out[#out + 1] = backoff_ms(ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]))\nend\nreturn out\n",
         function("integer"),
+        function("hex8"),
         function("backoff_ms")
     );
     let server = RedisServer::start();
