@@ -9,7 +9,8 @@
 //! Environment: `REDIS_URL` (required), `QUEUE` (default `work`),
 //! `CONCURRENCY` (default 8), `LEASE_MS` (heartbeat TTL, default 30000),
 //! `SWEEP_MS` (recovery interval, default half the lease), `MAX_STALLS`
-//! (default 3), `WORK_MS` (how long each job sleeps, default 0).
+//! (default 3), `WORK_MS` (how long each job sleeps, default 0), `BLOCK_MS`
+//! (the longest blocking wait, default 500).
 //!
 //! Each job's payload is a number; the result is twice that number. The
 //! tests run this binary as separate OS processes and kill them with SIGKILL.
@@ -34,7 +35,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let queue = std::env::var("QUEUE").unwrap_or_else(|_| "work".into());
     let lease = Duration::from_millis(env_u64("LEASE_MS", 30_000));
     let work = Duration::from_millis(env_u64("WORK_MS", 0));
-    let mut builder = Worker::builder(Config::new(url).block_timeout(Duration::from_millis(500)))
+    let block = Duration::from_millis(env_u64("BLOCK_MS", 500));
+    let mut builder = Worker::builder(Config::new(url).block_timeout(block))
         .mode(Mode::Reliable)
         .queue(queue)
         .concurrency(env_u64("CONCURRENCY", 8) as usize)

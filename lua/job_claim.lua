@@ -1,24 +1,44 @@
 #!lua
 -- name: job_claim
--- version: 3
+-- version: 4
 -- Recoverable mode, first half of a claim: takes up to COUNT job IDs from
 -- the pending list and gives each a fencing token and a lease, at once.
 -- The job's hash is updated by job_start, which the worker calls next with
 -- the job's key in KEYS. A worker that dies between the two leaves the ID
 -- in the lease set, and job_requeue_stale puts it back when the lease ends:
 -- no job is ever stranded.
+-- The queue's gate (protocol.md 8.9) comes first: while the queue is paused
+-- nothing is claimed, and under a concurrency limit (counted as the lease
+-- set's size) or a rate limit (the rate set: one entry per claim within the
+-- window) at most what the limits leave. A worker held back this way waits
+-- on the gate list, and says so in its next call (HELD 1); a call made after
+-- a hold that leaves room passes the wake-up on (pushes the gate list), so
+-- that every held worker wakes in turn. A call that is held deletes the gate
+-- list's entry: at that moment the gate is shut, so no one needs it.
 --
 -- KEYS[1]  pending list    <prefix>:{<queue>}:pending
 -- KEYS[2]  tickets list    <prefix>:{<queue>}:tickets
 -- KEYS[3]  lease set       <prefix>:{<queue>}:leases   (sorted set: id -> deadline ms)
 -- KEYS[4]  fencing counter <prefix>:{<queue>}:fence    (absent, or an integer >= 0)
+-- KEYS[5]  queue metadata  <prefix>:{<queue>}:meta     (the gate's settings)
+-- KEYS[6]  rate set        <prefix>:{<queue>}:rate     (sorted set: token -> claim ms)
+-- KEYS[7]  gate list       <prefix>:{<queue>}:gate
 -- ARGV[1]  count           most IDs to take, 1 to 1000000
 -- ARGV[2]  lease ms        provisional lease, until job_start sets the job's
 --                          own; 1 to 10^12
 -- ARGV[3]  tickets taken   how many tickets the worker already popped (0 or 1)
+-- ARGV[4]  held            "1" when the worker's last call on this queue was
+--                          held back by the gate, else "0"
 --
--- Reply:   flat array: id 1, token 1, id 2, token 2, ... (empty when the
---          queue is empty). Tokens are decimal integers, increasing per queue.
+-- Reply:   flat array: hold, wait ms, limited, id 1, token 1, id 2, token 2,
+--          ... Hold is "" when the gate did not hold anything back, else
+--          why fewer than COUNT were claimed although jobs wait: "paused",
+--          "concurrency" or "rate"; wait ms is, for "rate" with no room at
+--          all, the time until one more claim may pass, else "-1" (wait on
+--          the gate list); limited is "1" when the queue has a concurrency
+--          limit (the worker passes it to job_start), else "0". Tokens are
+--          decimal integers, increasing per queue. A popped ticket whose job
+--          was held back is pushed back.
 -- Errors:  JQ_WRONGTYPE <key> <expected type> <found type>   a queue key of
 --          another type, or a fencing counter that is not an integer
 --          ("integer string")
@@ -107,8 +127,62 @@ local function bad_fence(key)
   end
 end
 
-if #KEYS ~= 4 or #ARGV ~= 3 then
-  return redis.error_reply('JQ_BAD_ARGS expected 4 keys (pending, tickets, leases, fence) and 3 arguments (count, lease ms, tickets taken)')
+-- The queue's gate (protocol.md 8.9): its pause and limits, read from its
+-- metadata. Returns the refusal when a key of the gate has another type;
+-- else nil and: ROOM, how many jobs may start now (math.huge: no limit);
+-- REASON, what set ROOM ("paused", "concurrency" or "rate"; nil: nothing);
+-- WAIT, when ROOM is 0 for the rate, the ms until one more may start (else
+-- -1: until a wake-up on the gate list); CMAX, the concurrency limit; RMAX
+-- and RWIN, the rate limit. Limits that do not parse count as absent.
+-- RUNNING() counts the queue's running jobs. Nothing is written when
+-- there are no limits; with a rate limit, starts older than its window
+-- leave the rate set.
+local function gate(meta, rate, gate_list, running_key, running, now_n)
+  local m = redis.pcall('HMGET', meta, 'paused', 'rate', 'concurrency')
+  if m.err then
+    return wrongtype(meta, 'hash') or m.err
+  end
+  if not m[1] and not m[2] and not m[3] then
+    return nil, math.huge
+  end
+  local refusal = wrongtype(rate, 'zset') or wrongtype(gate_list, 'list')
+    or (running_key and wrongtype(running_key, 'zset'))
+  if refusal then
+    return refusal
+  end
+  if m[1] == '1' then
+    return nil, 0, 'paused', -1
+  end
+  local room, reason, wait = math.huge, nil, -1
+  local cmax = integer(m[3], 1, 1000000)
+  if cmax then
+    room, reason = math.max(cmax - running(), 0), 'concurrency'
+  end
+  local rmax, rwin
+  if m[2] then
+    local a, b = string.match(m[2], '^([0-9]+):([0-9]+)$')
+    rmax, rwin = integer(a, 1, 1000000), integer(b, 1, 1000000000000)
+    if not rmax or not rwin then
+      rmax, rwin = nil, nil
+    end
+  end
+  if rmax then
+    redis.call('ZREMRANGEBYSCORE', rate, '-inf', string.format('%d', now_n - rwin))
+    local left = math.max(rmax - redis.call('ZCARD', rate), 0)
+    if left < room or (left == 0 and room == 0) then
+      room, reason = left, 'rate'
+      if left == 0 then
+        local oldest = redis.call('ZRANGE', rate, '0', '0', 'WITHSCORES')
+        local at = integer(oldest[2], 0, 999999999999999)
+        wait = at and math.max(at + rwin - now_n, 1) or 1
+      end
+    end
+  end
+  return nil, room, reason, wait, cmax, rmax, rwin
+end
+
+if #KEYS ~= 7 or #ARGV ~= 4 then
+  return redis.error_reply('JQ_BAD_ARGS expected 7 keys (pending, tickets, leases, fence, meta, rate, gate) and 4 arguments (count, lease ms, tickets taken, held)')
 end
 local count = integer(ARGV[1], 1, 1000000)
 if not count then
@@ -122,6 +196,9 @@ local taken = ARGV[3] == '1' and 1 or ARGV[3] == '0' and 0
 if not taken then
   return redis.error_reply('JQ_BAD_ARGS ARGV[3] tickets taken must be 0 or 1')
 end
+if ARGV[4] ~= '0' and ARGV[4] ~= '1' then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[4] held must be 0 or 1')
+end
 -- LLEN checks the pending list's type and says how many IDs wait.
 local waiting = redis.pcall('LLEN', KEYS[1])
 if type(waiting) == 'table' then
@@ -134,9 +211,10 @@ end
 if waiting == 0 then
   -- Resynchronise: no job waits, so no ticket should either.
   redis.call('DEL', KEYS[2])
-  return {}
+  return {'', '-1', '0'}
 end
 refusal = wrongtype(KEYS[3], 'zset') or bad_fence(KEYS[4])
+  or (ARGV[4] == '1' and wrongtype(KEYS[7], 'list'))
 if refusal then
   return redis.error_reply(refusal)
 end
@@ -144,20 +222,47 @@ end
 -- number argument with "%.17g", which costs more than the command itself.
 local function int(n) return string.format('%d', n) end
 local now = redis.call('TIME')
-local deadline = int(now[1] * 1000 + math.floor(now[2] / 1000) + lease)
-local out = {}
-for _ = 1, math.min(count, waiting) do
-  local id = redis.call('RPOP', KEYS[1])
-  local token = redis.call('INCR', KEYS[4])
-  redis.call('ZADD', KEYS[3], deadline, id)
-  out[#out + 1] = id
-  out[#out + 1] = int(token)
+local now_n = now[1] * 1000 + math.floor(now[2] / 1000)
+local room, reason, wait, cmax, rmax, rwin
+refusal, room, reason, wait, cmax, rmax, rwin = gate(KEYS[5], KEYS[6], KEYS[7], nil,
+  function() return redis.call('ZCARD', KEYS[3]) end, now_n)
+if refusal then
+  return redis.error_reply(refusal)
 end
-local claimed = #out / 2
+local limited = cmax and '1' or '0'
+if room == 0 then
+  -- Held back: the popped ticket goes back; the gate is shut, so a wake-up
+  -- waiting on the gate list is stale.
+  if taken == 1 then
+    redis.call('LPUSH', KEYS[2], '1')
+  end
+  redis.call('DEL', KEYS[7])
+  return {reason, int(wait), limited}
+end
+local deadline = int(now_n + lease)
+local out = {reason and math.min(count, waiting) > room and reason or '', '-1', limited}
+for _ = 1, math.min(count, waiting, room) do
+  local id = redis.call('RPOP', KEYS[1])
+  local token = int(redis.call('INCR', KEYS[4]))
+  redis.call('ZADD', KEYS[3], deadline, id)
+  if rmax then
+    redis.call('ZADD', KEYS[6], int(now_n), token)
+  end
+  out[#out + 1] = id
+  out[#out + 1] = token
+end
+local claimed = (#out - 3) / 2
+if rmax then
+  redis.call('PEXPIRE', KEYS[6], int(rwin))
+end
 if claimed == waiting then
   -- Resynchronise: no job waits, so no ticket should either.
   redis.call('DEL', KEYS[2])
 elseif claimed > taken then
   redis.call('LPOP', KEYS[2], int(claimed - taken))
+end
+if ARGV[4] == '1' and room > claimed and redis.call('LLEN', KEYS[7]) == 0 then
+  -- Woken from a hold with room to spare: wake the next held worker.
+  redis.call('LPUSH', KEYS[7], '1')
 end
 return out

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish
--- version: 11
+-- version: 12
 -- Recoverable and reliable modes: records a job's outcome under its fencing
 -- token, drops its claim (lease or in-flight entry) and rings the client's
 -- doorbell. The doorbell carries the outcome (the same record as a
@@ -13,6 +13,9 @@
 -- (a sweep or a recovery that already put the ID back on pending after the
 -- lease ran out must not make it twice; that retry then runs without delay).
 -- A completed job's payload is emptied; a failed job keeps it.
+-- A job started under a concurrency limit (slot = "1") gives its slot back:
+-- in reliable mode it leaves the running set; either way the gate list is
+-- pushed (when empty), so that a worker held back by the limit wakes.
 -- A completion from a worker whose job was taken over by a newer attempt is
 -- refused; a late completion when nobody else started the job is accepted.
 --
@@ -24,6 +27,8 @@
 -- KEYS[4]  tickets list    <prefix>:{<queue>}:tickets  (recoverable only)
 -- KEYS[5]  delayed set     <prefix>:{<queue>}:delayed
 -- KEYS[6]  clock list      <prefix>:{<queue>}:clock
+-- KEYS[7]  running set     <prefix>:{<queue>}:running  (reliable mode)
+-- KEYS[8]  gate list       <prefix>:{<queue>}:gate
 -- ARGV[1]  id
 -- ARGV[2]  token           the token job_start accepted (1 to 999999999999999)
 -- ARGV[3]  status          "completed" | "failed"
@@ -46,7 +51,9 @@
 --          JQ_WRONGTYPE <key> <expected type> <found type>  the job key (hash),
 --                                         the claim (zset or list), or, for a
 --                                         retry, pending, tickets or clock
---                                         (list) or delayed (zset)
+--                                         (list) or delayed (zset); for a job
+--                                         with a slot, running (zset) or gate
+--                                         (list)
 --          JQ_BAD_ARGS <detail>
 -- Writes nothing when it refuses.
 
@@ -180,8 +187,8 @@ local function delay_job(delayed, clock, id, due)
   end
 end
 
-if #KEYS ~= 6 or #ARGV ~= 10 then
-  return redis.error_reply('JQ_BAD_ARGS expected 6 keys (job, claim, pending, tickets, delayed, clock) and 10 arguments')
+if #KEYS ~= 8 or #ARGV ~= 10 then
+  return redis.error_reply('JQ_BAD_ARGS expected 8 keys (job, claim, pending, tickets, delayed, clock, running, gate) and 10 arguments')
 end
 local id, status, mode = ARGV[1], ARGV[3], ARGV[8]
 local token = integer(ARGV[2], 1, 999999999999999)
@@ -215,7 +222,7 @@ if not base then
   return redis.error_reply('JQ_BAD_ARGS KEYS[1] has no {<queue>} hash tag')
 end
 local job = redis.pcall('HMGET', KEYS[1], 'state', 'token', 'client', 'enc', 'error_kind',
-  'attempt', 'max_attempts', 'backoff')
+  'attempt', 'max_attempts', 'backoff', 'slot')
 if job.err then
   return redis.error_reply(wrongtype(KEYS[1], 'hash') or job.err)
 end
@@ -236,11 +243,13 @@ local wait = 0
 if retry then
   wait = retry_delay >= 0 and retry_delay or backoff_ms(job[8], id, attempt)
 end
+local slot = job[9] == '1'
 -- Every key it will write, checked before the first write.
 local refusal = wrongtype(KEYS[2], mode == 'reliable' and 'list' or 'zset')
   or (retry and wrongtype(KEYS[3], 'list'))
   or (retry and mode == 'recoverable' and wrongtype(KEYS[4], 'list'))
   or (retry and (wrongtype(KEYS[5], 'zset') or wrongtype(KEYS[6], 'list')))
+  or (slot and (wrongtype(KEYS[7], 'zset') or wrongtype(KEYS[8], 'list')))
 if refusal then
   return redis.error_reply(refusal)
 end
@@ -257,6 +266,14 @@ if mode == 'reliable' then
   claimed = redis.call('LREM', KEYS[2], '-1', id)
 else
   claimed = redis.call('ZREM', KEYS[2], id)
+end
+if slot then
+  if mode == 'reliable' then
+    redis.call('ZREM', KEYS[7], id)
+  end
+  if redis.call('LLEN', KEYS[8]) == 0 then
+    redis.call('LPUSH', KEYS[8], '1')
+  end
 end
 if retry then
   if claimed > 0 and wait > 0 then

@@ -1,13 +1,14 @@
 #!lua
 -- name: job_finish_batch
--- version: 9
+-- version: 10
 -- Recoverable and reliable modes: job_finish for several jobs of one queue
 -- in one call, so that a busy worker pays the cost of a script call once
 -- for all the jobs that finished meanwhile. Each job is checked and
 -- finished exactly as job_finish would; one job's refusal does not affect
 -- the others. The doorbells of one client's jobs go out as one message: the
 -- outcome record when there is one, an array of outcome records when there
--- are several.
+-- are several. A job started under a concurrency limit gives its slot back
+-- as in job_finish (the gate list is pushed once per call).
 --
 -- KEYS[1]    claim           recoverable: lease set <prefix>:{<queue>}:leases
 --                            reliable: the worker's in-flight list
@@ -15,7 +16,9 @@
 -- KEYS[3]    tickets list    <prefix>:{<queue>}:tickets  (recoverable only)
 -- KEYS[4]    delayed set     <prefix>:{<queue>}:delayed
 -- KEYS[5]    clock list      <prefix>:{<queue>}:clock
--- KEYS[5+i]  job hash of job i
+-- KEYS[6]    running set     <prefix>:{<queue>}:running  (reliable mode)
+-- KEYS[7]    gate list       <prefix>:{<queue>}:gate
+-- KEYS[7+i]  job hash of job i
 -- ARGV[1]    result ttl ms   1 to 10^12
 -- ARGV[2]    mode            "recoverable" | "reliable"
 -- ARGV[3]    notify          "publish" or "spublish" (sharded pub/sub)
@@ -32,8 +35,9 @@
 --          <found type>" when the job key holds another type: nothing of
 --          that job is touched).
 -- Errors:  JQ_WRONGTYPE <key> <expected type> <found type>  the claim (zset
---          or list), or, when a job of the call may be retried, pending,
---          tickets or clock (list) or delayed (zset)
+--          or list), the running set (zset) or the gate list, or, when a job
+--          of the call may be retried, pending, tickets or clock (list) or
+--          delayed (zset)
 --          JQ_BAD_ARGS <detail>
 -- Writes nothing when it refuses.
 
@@ -167,9 +171,9 @@ local function delay_job(delayed, clock, id, due)
   end
 end
 
-local n = #KEYS - 5
+local n = #KEYS - 7
 if n < 1 or #ARGV ~= 3 + 7 * n then
-  return redis.error_reply('JQ_BAD_ARGS expected 5 keys (claim, pending, tickets, delayed, clock) and a job key per job; 3 arguments and seven per job key')
+  return redis.error_reply('JQ_BAD_ARGS expected 7 keys (claim, pending, tickets, delayed, clock, running, gate) and a job key per job; 3 arguments and seven per job key')
 end
 local mode, notify = ARGV[2], ARGV[3]
 local ttl = integer(ARGV[1], 1, 1000000000000)
@@ -212,6 +216,7 @@ local refusal = wrongtype(KEYS[1], mode == 'reliable' and 'list' or 'zset')
   or (retries and wrongtype(KEYS[2], 'list'))
   or (retries and mode == 'recoverable' and wrongtype(KEYS[3], 'list'))
   or (retries and (wrongtype(KEYS[4], 'zset') or wrongtype(KEYS[5], 'list')))
+  or wrongtype(KEYS[6], 'zset') or wrongtype(KEYS[7], 'list')
 if refusal then
   return redis.error_reply(refusal)
 end
@@ -241,10 +246,12 @@ local function bin(s) return header(nil, 0xc4, #s) .. s end
 
 -- Doorbells per client, in the order of the clients' first jobs.
 local bells, clients = {}, {}
+-- Whether a job gave back a slot of the concurrency limit.
+local freed = false
 
 local function finish(key, id, token, status, a4, a5, retry, retry_delay)
   local job = redis.pcall('HMGET', key, 'state', 'token', 'client', 'enc', 'error_kind',
-    'attempt', 'max_attempts', 'backoff')
+    'attempt', 'max_attempts', 'backoff', 'slot')
   if job.err then
     -- Not the worker's to fix: refused for this job alone, nothing written.
     -- Its claim stays, so the sweep or recovery dead-letters it.
@@ -267,6 +274,13 @@ local function finish(key, id, token, status, a4, a5, retry, retry_delay)
     claimed = redis.call('LREM', KEYS[1], '-1', id)
   else
     claimed = redis.call('ZREM', KEYS[1], id)
+  end
+  if job[9] == '1' then
+    -- A slot of the concurrency limit is free again.
+    if mode == 'reliable' then
+      redis.call('ZREM', KEYS[6], id)
+    end
+    freed = true
   end
   local attempt = integer(job[6], 0, 1000000000) or 0
   if status == 'failed' and retry == '1' and attempt < (integer(job[7], 1, 1000000) or 1) then
@@ -315,8 +329,11 @@ end
 local out = {}
 for i = 1, n do
   local a = 3 + 7 * (i - 1)
-  out[i] = finish(KEYS[5 + i], ARGV[a + 1], tokens[i], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6],
+  out[i] = finish(KEYS[7 + i], ARGV[a + 1], tokens[i], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6],
     delays[i])
+end
+if freed and redis.call('LLEN', KEYS[7]) == 0 then
+  redis.call('LPUSH', KEYS[7], '1')
 end
 for _, client in ipairs(clients) do
   local list = bells[client]

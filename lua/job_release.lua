@@ -1,17 +1,20 @@
 #!lua
 -- name: job_release
--- version: 4
+-- version: 5
 -- Recoverable and reliable modes: gives a running job back to the front of its queue at
 -- once, without counting a stall or an attempt: its worker is shutting down
 -- and will not finish it. Refused when the job is not active under the token.
 -- The ID is pushed only when the claim still held it (a sweep or a recovery
--- may already have put it back after the lease ran out).
+-- may already have put it back after the lease ran out). A job started
+-- under a concurrency limit gives its slot back, as in job_finish.
 --
 -- KEYS[1]  job hash        <prefix>:{<queue>}:job:<id>
 -- KEYS[2]  claim           recoverable: lease set <prefix>:{<queue>}:leases
 --                          reliable: the worker's in-flight list
 -- KEYS[3]  pending list    <prefix>:{<queue>}:pending
 -- KEYS[4]  tickets list    <prefix>:{<queue>}:tickets  (recoverable only)
+-- KEYS[5]  running set     <prefix>:{<queue>}:running  (reliable mode)
+-- KEYS[6]  gate list       <prefix>:{<queue>}:gate
 -- ARGV[1]  id
 -- ARGV[2]  token           the token job_start accepted (1 to 999999999999999)
 -- ARGV[3]  mode            "recoverable" | "reliable"
@@ -21,7 +24,8 @@
 --          JQ_LEASE_LOST <current token>   (0: the hash has no valid token)
 --          JQ_ALREADY_FINISHED <state>
 --          JQ_WRONGTYPE <key> <expected type> <found type>  the job key (hash),
---          the claim (zset or list), pending or tickets (list)
+--          the claim (zset or list), pending or tickets (list); for a job
+--          with a slot, running (zset) or gate (list)
 --          JQ_BAD_ARGS <detail>
 -- Writes nothing when it refuses.
 
@@ -95,8 +99,8 @@ local function wrongtype(key, want)
   end
 end
 
-if #KEYS ~= 4 or #ARGV ~= 3 then
-  return redis.error_reply('JQ_BAD_ARGS expected 4 keys (job, claim, pending, tickets) and 3 arguments (id, token, mode)')
+if #KEYS ~= 6 or #ARGV ~= 3 then
+  return redis.error_reply('JQ_BAD_ARGS expected 6 keys (job, claim, pending, tickets, running, gate) and 3 arguments (id, token, mode)')
 end
 local id, mode = ARGV[1], ARGV[3]
 local token = integer(ARGV[2], 1, 999999999999999)
@@ -106,7 +110,7 @@ end
 if mode ~= 'recoverable' and mode ~= 'reliable' then
   return redis.error_reply('JQ_BAD_ARGS ARGV[3] mode must be recoverable or reliable')
 end
-local job = redis.pcall('HMGET', KEYS[1], 'state', 'token', 'attempt')
+local job = redis.pcall('HMGET', KEYS[1], 'state', 'token', 'attempt', 'slot')
 if job.err then
   return redis.error_reply(wrongtype(KEYS[1], 'hash') or job.err)
 end
@@ -123,6 +127,7 @@ end
 local refusal = wrongtype(KEYS[2], mode == 'reliable' and 'list' or 'zset')
   or wrongtype(KEYS[3], 'list')
   or (mode == 'recoverable' and wrongtype(KEYS[4], 'list'))
+  or (job[4] == '1' and (wrongtype(KEYS[5], 'zset') or wrongtype(KEYS[6], 'list')))
 if refusal then
   return redis.error_reply(refusal)
 end
@@ -136,6 +141,15 @@ if mode == 'reliable' then
   claimed = redis.call('LREM', KEYS[2], '1', id)
 else
   claimed = redis.call('ZREM', KEYS[2], id)
+end
+if job[4] == '1' then
+  -- A slot of the concurrency limit is free again.
+  if mode == 'reliable' then
+    redis.call('ZREM', KEYS[5], id)
+  end
+  if redis.call('LLEN', KEYS[6]) == 0 then
+    redis.call('LPUSH', KEYS[6], '1')
+  end
 end
 if claimed > 0 then
   if mode == 'recoverable' then

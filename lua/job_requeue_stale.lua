@@ -1,6 +1,6 @@
 #!lua
 -- name: job_requeue_stale
--- version: 2
+-- version: 3
 -- Recoverable mode: puts every job whose lease has run out back at the
 -- front of its queue (its worker died, hung, or lost its connection). Only
 -- one worker sweeps a queue per interval: the first to take the sweep
@@ -9,18 +9,21 @@
 -- replaced and the sweep runs; one of another type with a TTL is waited
 -- for. The job's hash is not touched here: job_start counts the stall when
 -- the job is next claimed. Lease members are handled as bytes: an ID that
--- is no valid job ID goes back too, and job_start dead-letters it.
+-- is no valid job ID goes back too, and job_start dead-letters it. Each
+-- requeued job frees a slot of a concurrency limit (protocol.md 8.9): the
+-- gate list is pushed (when empty), so that a worker held back wakes.
 --
 -- KEYS[1]  lease set       <prefix>:{<queue>}:leases
 -- KEYS[2]  pending list    <prefix>:{<queue>}:pending
 -- KEYS[3]  tickets list    <prefix>:{<queue>}:tickets
 -- KEYS[4]  sweep guard     <prefix>:{<queue>}:sweep
+-- KEYS[5]  gate list       <prefix>:{<queue>}:gate
 -- ARGV[1]  guard ms        how long this sweep excludes others, 1 to 10^12
 -- ARGV[2]  limit           most jobs to requeue in this call, 1 to 10^6
 --
 -- Reply:   number of jobs requeued, or -1 when another sweep holds the guard.
 -- Errors:  JQ_WRONGTYPE <key> <expected type> <found type>  leases (zset),
---          pending or tickets (list)
+--          pending, tickets or gate (list)
 --          JQ_BAD_ARGS <detail>
 -- Writes nothing when it refuses.
 
@@ -94,8 +97,8 @@ local function wrongtype(key, want)
   end
 end
 
-if #KEYS ~= 4 or #ARGV ~= 2 then
-  return redis.error_reply('JQ_BAD_ARGS expected 4 keys (leases, pending, tickets, sweep) and 2 arguments (guard ms, limit)')
+if #KEYS ~= 5 or #ARGV ~= 2 then
+  return redis.error_reply('JQ_BAD_ARGS expected 5 keys (leases, pending, tickets, sweep, gate) and 2 arguments (guard ms, limit)')
 end
 local guard = integer(ARGV[1], 1, 1000000000000)
 if not guard then
@@ -106,6 +109,7 @@ if not limit then
   return redis.error_reply('JQ_BAD_ARGS ARGV[2] limit must be an integer from 1 to 1000000')
 end
 local refusal = wrongtype(KEYS[1], 'zset') or wrongtype(KEYS[2], 'list') or wrongtype(KEYS[3], 'list')
+  or wrongtype(KEYS[5], 'list')
 if refusal then
   return redis.error_reply(refusal)
 end
@@ -124,5 +128,8 @@ for _, id in ipairs(expired) do
   redis.call('ZREM', KEYS[1], id)
   redis.call('RPUSH', KEYS[2], id)
   redis.call('LPUSH', KEYS[3], '1')
+end
+if #expired > 0 and redis.call('LLEN', KEYS[5]) == 0 then
+  redis.call('LPUSH', KEYS[5], '1')
 end
 return #expired

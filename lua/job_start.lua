@@ -1,6 +1,6 @@
 #!lua
 -- name: job_start
--- version: 10
+-- version: 11
 -- Recoverable mode, second half of a claim, for one or many claimed jobs of
 -- a queue in one call: marks each job active under its claim's fencing
 -- token, or tells the worker not to run it. An attempt that finds the job
@@ -22,7 +22,11 @@
 -- ARGV[5]    dead max         most entries kept in the dead-letter set; 1 to 10^9
 -- ARGV[6]    notify           "publish" or "spublish" (sharded pub/sub, used
 --                             on Redis Cluster) for the client's doorbell
--- ARGV[7..]  two arguments per job, in KEYS order: id, token (from
+-- ARGV[7]    limited          "1" when job_claim said the queue has a
+--                             concurrency limit: each job that runs gets
+--                             slot = "1", so that its finish wakes a worker
+--                             held back by the limit (protocol.md 8.9); else "0"
+-- ARGV[8..]  two arguments per job, in KEYS order: id, token (from
 --            job_claim; 1 to 999999999999999)
 --
 -- Reply:   array with one decision per job, in KEYS order:
@@ -139,8 +143,8 @@ local function wrongtype(key, want)
 end
 
 local n = #KEYS - 2
-if n < 1 or #ARGV ~= 6 + 2 * n then
-  return redis.error_reply('JQ_BAD_ARGS expected 2 keys (leases, dead_jobs) and a job key per job; 6 arguments and an id and a token per job key')
+if n < 1 or #ARGV ~= 7 + 2 * n then
+  return redis.error_reply('JQ_BAD_ARGS expected 2 keys (leases, dead_jobs) and a job key per job; 7 arguments and an id and a token per job key')
 end
 local default_lease = integer(ARGV[1], 1, 1000000000000)
 if not default_lease then
@@ -165,11 +169,15 @@ end
 if ARGV[6] ~= 'publish' and ARGV[6] ~= 'spublish' then
   return redis.error_reply('JQ_BAD_ARGS ARGV[6] notify must be publish or spublish')
 end
+if ARGV[7] ~= '0' and ARGV[7] ~= '1' then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[7] limited must be 0 or 1')
+end
+local limited = ARGV[7] == '1'
 local tokens = {}
 for i = 1, n do
-  tokens[i] = integer(ARGV[6 + 2 * i], 1, 999999999999999)
+  tokens[i] = integer(ARGV[7 + 2 * i], 1, 999999999999999)
   if not tokens[i] then
-    return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (6 + 2 * i) .. '] token must be an integer from 1 to 999999999999999')
+    return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (7 + 2 * i) .. '] token must be an integer from 1 to 999999999999999')
   end
 end
 -- Doorbells go to <prefix>:{<queue>}:reply:<client>.
@@ -272,14 +280,18 @@ local function start(key, id, token)
   local lease = integer(job[5], 1, 1000000000000) or default_lease
   local attempt = int((integer(job[6], 0, 1000000000) or 0) + 1)
   local stalled, leased = int(stalls), int(lease)
-  if job[7] == stalled or (not job[7] and stalls == 0) then
-    -- Stalls unchanged (0 is the default when the field is missing).
-    redis.call('HSET', key, 'state', 'active', 'token', int(token), 'attempt', attempt,
-      'started_ms', now_ms, 'worker', worker)
-  else
-    redis.call('HSET', key, 'state', 'active', 'token', int(token), 'attempt', attempt,
-      'stalls', stalled, 'started_ms', now_ms, 'worker', worker)
+  local fields = {'state', 'active', 'token', int(token), 'attempt', attempt,
+    'started_ms', now_ms, 'worker', worker}
+  if job[7] ~= stalled and (job[7] or stalls ~= 0) then
+    -- Stalls changed (0 is the default when the field is missing).
+    fields[#fields + 1] = 'stalls'
+    fields[#fields + 1] = stalled
   end
+  if limited then
+    fields[#fields + 1] = 'slot'
+    fields[#fields + 1] = '1'
+  end
+  redis.call('HSET', key, unpack(fields))
   redis.call('ZADD', KEYS[1], int(now_n + lease), id)
   return {'run', job[3] or '', job[4] or '', attempt, stalled, leased,
     timeout_of(job[8])}
@@ -287,7 +299,7 @@ end
 
 local out, seen = {}, {}
 for i = 1, n do
-  local id = ARGV[5 + 2 * i]
+  local id = ARGV[6 + 2 * i]
   if seen[id] then
     -- The same ID claimed twice (it was in the queue twice): one start only.
     out[i] = {'gone', 'duplicate'}

@@ -1,6 +1,6 @@
 #!lua
 -- name: reliable_requeue_worker
--- version: 2
+-- version: 3
 -- Reliable mode: moves every job ID in a worker's in-flight list back to
 -- the front of the queue, oldest first. Recovery runs it for a worker whose
 -- heartbeat expired (ONLY IF DEAD = 1: refused, doing nothing, when the
@@ -14,11 +14,16 @@
 -- like any dead worker's, and the retention rule removes the worker later,
 -- only after moving its list. IDs that were moved but never started are
 -- requeued too. The job hashes are not touched: the next reliable_start
--- counts a stall for jobs that were active.
+-- counts a stall for jobs that were active. Each requeued ID leaves the
+-- running set (protocol.md 8.9); when one was there, the gate list is
+-- pushed (when empty), so that a worker held back by a concurrency limit
+-- wakes.
 --
 -- KEYS[1]  worker set       <prefix>:{<queue>}:workers
 -- KEYS[2]  in-flight list   <prefix>:{<queue>}:inflight:<worker>
 -- KEYS[3]  pending list     <prefix>:{<queue>}:pending
+-- KEYS[4]  running set      <prefix>:{<queue>}:running
+-- KEYS[5]  gate list        <prefix>:{<queue>}:gate
 -- ARGV[1]  worker id        as stored in the worker set (any bytes)
 -- ARGV[2]  only if dead     "1" | "0"
 -- ARGV[3]  retention ms     with ONLY IF DEAD = 1: forget a worker dead this
@@ -26,7 +31,7 @@
 --
 -- Reply:   number of IDs requeued, or -1 when the worker is alive (ONLY IF DEAD = 1).
 -- Errors:  JQ_WRONGTYPE <key> <expected type> <found type>  workers (zset),
---          the in-flight list or pending (list)
+--          the in-flight list, pending or gate (list), running (zset)
 --          JQ_BAD_ARGS <detail>
 -- Writes nothing when it refuses.
 
@@ -100,8 +105,8 @@ local function wrongtype(key, want)
   end
 end
 
-if #KEYS ~= 3 or #ARGV ~= 3 then
-  return redis.error_reply('JQ_BAD_ARGS expected 3 keys (workers, inflight, pending) and 3 arguments (worker id, only if dead, retention ms)')
+if #KEYS ~= 5 or #ARGV ~= 3 then
+  return redis.error_reply('JQ_BAD_ARGS expected 5 keys (workers, inflight, pending, running, gate) and 3 arguments (worker id, only if dead, retention ms)')
 end
 -- The worker ID is any bytes, even empty: recovery passes every member
 -- of the worker set, including those another program wrote, so that each
@@ -118,6 +123,7 @@ if KEYS[2] == KEYS[3] then
   return redis.error_reply('JQ_BAD_ARGS KEYS[2] (the in-flight list) and KEYS[3] (pending) must differ')
 end
 local refusal = wrongtype(KEYS[1], 'zset') or wrongtype(KEYS[2], 'list') or wrongtype(KEYS[3], 'list')
+  or wrongtype(KEYS[4], 'zset') or wrongtype(KEYS[5], 'list')
 if refusal then
   return redis.error_reply(refusal)
 end
@@ -133,8 +139,13 @@ end
 -- nearest the right end, where workers take from. As many moves as the list
 -- holds, never "until empty": a loop that cannot end would stop the server.
 local moved = redis.call('LLEN', KEYS[2])
+local freed = 0
 for _ = 1, moved do
-  redis.call('LMOVE', KEYS[2], KEYS[3], 'LEFT', 'RIGHT')
+  local id = redis.call('LMOVE', KEYS[2], KEYS[3], 'LEFT', 'RIGHT')
+  freed = freed + redis.call('ZREM', KEYS[4], id)
+end
+if freed > 0 and redis.call('LLEN', KEYS[5]) == 0 then
+  redis.call('LPUSH', KEYS[5], '1')
 end
 if only_if_dead == '0' then
   -- Leaving: dead from now on, found by recovery until the retention ends.

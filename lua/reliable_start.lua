@@ -1,6 +1,6 @@
 #!lua
 -- name: reliable_start
--- version: 10
+-- version: 11
 -- Reliable mode: starts one or many jobs in one call: issues each attempt's
 -- fencing token and marks the job active, or tells the worker not to run
 -- it. With source "inflight" the IDs are already in the worker's in-flight
@@ -22,7 +22,11 @@
 -- KEYS[2]    dead-letter set  <prefix>:{<queue>}:dead_jobs
 -- KEYS[3]    fencing counter  <prefix>:{<queue>}:fence   (absent, or an integer >= 0)
 -- KEYS[4]    pending list     <prefix>:{<queue>}:pending
--- KEYS[4+i]  job hash of job i  <prefix>:{<queue>}:job:<id i>
+-- KEYS[5]    queue metadata   <prefix>:{<queue>}:meta     (the gate's settings)
+-- KEYS[6]    running set      <prefix>:{<queue>}:running  (sorted set: id -> start ms)
+-- KEYS[7]    rate set         <prefix>:{<queue>}:rate     (sorted set: token -> start ms)
+-- KEYS[8]    gate list        <prefix>:{<queue>}:gate
+-- KEYS[8+i]  job hash of job i  <prefix>:{<queue>}:job:<id i>
 -- ARGV[1]    max stalls       0 to 10^6
 -- ARGV[2]    worker id        not empty
 -- ARGV[3]    result ttl ms    how long a dead job's hash is kept; 1 to 10^12
@@ -30,7 +34,19 @@
 -- ARGV[5]    notify           "publish" or "spublish" (sharded pub/sub, used
 --                             on Redis Cluster) for the client's doorbell
 -- ARGV[6]    source           "inflight" | "pending"
--- ARGV[6+i]  id of job i, in KEYS order (from "pending": oldest first)
+-- ARGV[7]    held             "1" when the worker's last call was held back by
+--                             the gate, else "0"
+-- ARGV[7+i]  id of job i, in KEYS order (from "pending": oldest first)
+--
+-- The queue's gate (protocol.md 8.9) comes first: while the queue is paused
+-- no job starts, and under a concurrency limit (the running set's size) or a
+-- rate limit (the rate set: one entry per start within the window) at most
+-- what the limits leave. The jobs held back are "held": from "pending" they
+-- stay where they are; from "inflight" they go back to the tail of the
+-- pending list (next in line). A job started under a concurrency limit
+-- enters the running set and gets slot = "1" (its finish leaves the set and
+-- wakes a held worker). As in job_claim, a held call deletes the gate
+-- list's entry, and a call after a hold that leaves room pushes it.
 --
 -- Reply:   array with one decision per job, in KEYS order:
 --          {"run", enc, payload, attempt, stalls, token, timeout ms}  run it
@@ -48,12 +64,17 @@
 --                            client told
 --          {"gone", "duplicate"}  the ID came earlier in this call: the
 --                            extra copy left the in-flight list
+--          {"held", why, wait ms}  held back by the gate: why is "paused",
+--                            "concurrency" or "rate"; wait ms is, for "rate"
+--                            with no room at all, the time until one more
+--                            start may pass, else "-1" (wait on the gate list)
 --          {"missed"}        source "pending": not at the tail of the pending
 --                            list any more; source "inflight": not in the
 --                            in-flight list; untouched, do not run
 -- Errors:  JQ_WRONGTYPE <key> <expected type> <found type>  the in-flight
---          list, the dead-letter set, the pending list (source "pending"), or
---          a fencing counter of another type or not an integer ("integer")
+--          list, the dead-letter set, the pending list, the metadata, the
+--          running or rate set, the gate list, or a fencing counter of
+--          another type or not an integer ("integer")
 --          JQ_BAD_ARGS <detail>
 -- Writes nothing when it refuses.
 
@@ -162,9 +183,63 @@ local function bad_fence(key)
   end
 end
 
-local n, source = #KEYS - 4, ARGV[6]
-if n < 1 or #ARGV ~= 6 + n then
-  return redis.error_reply('JQ_BAD_ARGS expected 4 keys (inflight, dead_jobs, fence, pending) and a job key per job; 6 arguments and an id per job key')
+-- The queue's gate (protocol.md 8.9): its pause and limits, read from its
+-- metadata. Returns the refusal when a key of the gate has another type;
+-- else nil and: ROOM, how many jobs may start now (math.huge: no limit);
+-- REASON, what set ROOM ("paused", "concurrency" or "rate"; nil: nothing);
+-- WAIT, when ROOM is 0 for the rate, the ms until one more may start (else
+-- -1: until a wake-up on the gate list); CMAX, the concurrency limit; RMAX
+-- and RWIN, the rate limit. Limits that do not parse count as absent.
+-- RUNNING() counts the queue's running jobs. Nothing is written when
+-- there are no limits; with a rate limit, starts older than its window
+-- leave the rate set.
+local function gate(meta, rate, gate_list, running_key, running, now_n)
+  local m = redis.pcall('HMGET', meta, 'paused', 'rate', 'concurrency')
+  if m.err then
+    return wrongtype(meta, 'hash') or m.err
+  end
+  if not m[1] and not m[2] and not m[3] then
+    return nil, math.huge
+  end
+  local refusal = wrongtype(rate, 'zset') or wrongtype(gate_list, 'list')
+    or (running_key and wrongtype(running_key, 'zset'))
+  if refusal then
+    return refusal
+  end
+  if m[1] == '1' then
+    return nil, 0, 'paused', -1
+  end
+  local room, reason, wait = math.huge, nil, -1
+  local cmax = integer(m[3], 1, 1000000)
+  if cmax then
+    room, reason = math.max(cmax - running(), 0), 'concurrency'
+  end
+  local rmax, rwin
+  if m[2] then
+    local a, b = string.match(m[2], '^([0-9]+):([0-9]+)$')
+    rmax, rwin = integer(a, 1, 1000000), integer(b, 1, 1000000000000)
+    if not rmax or not rwin then
+      rmax, rwin = nil, nil
+    end
+  end
+  if rmax then
+    redis.call('ZREMRANGEBYSCORE', rate, '-inf', string.format('%d', now_n - rwin))
+    local left = math.max(rmax - redis.call('ZCARD', rate), 0)
+    if left < room or (left == 0 and room == 0) then
+      room, reason = left, 'rate'
+      if left == 0 then
+        local oldest = redis.call('ZRANGE', rate, '0', '0', 'WITHSCORES')
+        local at = integer(oldest[2], 0, 999999999999999)
+        wait = at and math.max(at + rwin - now_n, 1) or 1
+      end
+    end
+  end
+  return nil, room, reason, wait, cmax, rmax, rwin
+end
+
+local n, source = #KEYS - 8, ARGV[6]
+if n < 1 or #ARGV ~= 7 + n then
+  return redis.error_reply('JQ_BAD_ARGS expected 8 keys (inflight, dead_jobs, fence, pending, meta, running, rate, gate) and a job key per job; 7 arguments and an id per job key')
 end
 local max_stalls = integer(ARGV[1], 0, 1000000)
 if not max_stalls then
@@ -188,13 +263,16 @@ end
 if source ~= 'inflight' and source ~= 'pending' then
   return redis.error_reply('JQ_BAD_ARGS ARGV[6] source must be inflight or pending')
 end
+if ARGV[7] ~= '0' and ARGV[7] ~= '1' then
+  return redis.error_reply('JQ_BAD_ARGS ARGV[7] held must be 0 or 1')
+end
 -- Doorbells go to <prefix>:{<queue>}:reply:<client>.
 local base = string.match(KEYS[2], '^[^{]*{[^}]+}')
 if not base then
   return redis.error_reply('JQ_BAD_ARGS KEYS[2] has no {<queue>} hash tag')
 end
 local refusal = wrongtype(KEYS[1], 'list') or wrongtype(KEYS[2], 'zset') or bad_fence(KEYS[3])
-  or (source == 'pending' and wrongtype(KEYS[4], 'list'))
+  or wrongtype(KEYS[4], 'list') or (ARGV[7] == '1' and wrongtype(KEYS[8], 'list'))
 if refusal then
   return redis.error_reply(refusal)
 end
@@ -204,7 +282,14 @@ local publish = ARGV[5] == 'spublish' and 'SPUBLISH' or 'PUBLISH'
 local function int(n) return string.format('%d', n) end
 local ttl_ms, dead_trim = int(ttl), int(-dead_max - 1)
 local now = redis.call('TIME')
-local now_ms = int(now[1] * 1000 + math.floor(now[2] / 1000))
+local now_n = now[1] * 1000 + math.floor(now[2] / 1000)
+local now_ms = int(now_n)
+local room, reason, wait, cmax, rmax, rwin
+refusal, room, reason, wait, cmax, rmax, rwin = gate(KEYS[5], KEYS[7], KEYS[8], KEYS[6],
+  function() return redis.call('ZCARD', KEYS[6]) end, now_n)
+if refusal then
+  return redis.error_reply(refusal)
+end
 -- One token per job, issued at once; a job that does not run leaves a gap.
 local token = redis.call('INCRBY', KEYS[3], int(n)) - n
 
@@ -281,26 +366,53 @@ local function start(key, id)
   end
   local attempt = int((integer(job[4], 0, 1000000000) or 0) + 1)
   local stalled, fence = int(stalls), int(token)
-  if job[5] == stalled or (not job[5] and stalls == 0) then
-    -- Stalls unchanged (0 is the default when the field is missing).
-    redis.call('HSET', key, 'state', 'active', 'token', fence, 'attempt', attempt,
-      'started_ms', now_ms, 'worker', worker)
-  else
-    redis.call('HSET', key, 'state', 'active', 'token', fence, 'attempt', attempt,
-      'stalls', stalled, 'started_ms', now_ms, 'worker', worker)
+  local fields = {'state', 'active', 'token', fence, 'attempt', attempt,
+    'started_ms', now_ms, 'worker', worker}
+  if job[5] ~= stalled and (job[5] or stalls ~= 0) then
+    -- Stalls changed (0 is the default when the field is missing).
+    fields[#fields + 1] = 'stalls'
+    fields[#fields + 1] = stalled
   end
+  if cmax then
+    fields[#fields + 1] = 'slot'
+    fields[#fields + 1] = '1'
+    redis.call('ZADD', KEYS[6], now_ms, id)
+  end
+  if rmax then
+    redis.call('ZADD', KEYS[7], now_ms, fence)
+  end
+  redis.call('HSET', key, unpack(fields))
   return {'run', job[2] or '', job[3] or '', attempt, stalled, fence,
     timeout_of(job[6])}
 end
 
+-- The jobs after the first ROOM are held back. From "inflight" they go
+-- back to the tail of the pending list, oldest nearest the tail.
+local allowed = math.min(n, room)
+if source == 'inflight' then
+  for i = n, allowed + 1, -1 do
+    if redis.call('LREM', KEYS[1], '1', ARGV[7 + i]) > 0 then
+      redis.call('RPUSH', KEYS[4], ARGV[7 + i])
+    end
+  end
+end
+if allowed == 0 then
+  -- The gate is shut: a wake-up waiting on the gate list is stale.
+  redis.call('DEL', KEYS[8])
+elseif ARGV[7] == '1' and room > allowed and redis.call('LLEN', KEYS[8]) == 0 then
+  -- Woken from a hold with room to spare: wake the next held worker.
+  redis.call('LPUSH', KEYS[8], '1')
+end
+
 -- From pending: the longest run of the expected IDs (oldest first) still at
--- the tail moves to the in-flight list, in the order one LMOVE RIGHT LEFT
--- per ID would give; the rest is missed.
-local taken = n
+-- the tail, among those the gate lets through, moves to the in-flight list,
+-- in the order one LMOVE RIGHT LEFT per ID would give; the rest is missed.
+local taken = allowed
 if source == 'pending' then
-  local tail = redis.call('LRANGE', KEYS[4], -n, -1)
+  -- (LRANGE -0 -1 would be the whole list: nothing to read when none may start.)
+  local tail = allowed > 0 and redis.call('LRANGE', KEYS[4], int(-allowed), '-1') or {}
   taken = 0
-  while taken < n and tail[#tail - taken] == ARGV[7 + taken] do
+  while taken < allowed and tail[#tail - taken] == ARGV[8 + taken] do
     taken = taken + 1
   end
   if taken > 0 then
@@ -308,7 +420,7 @@ if source == 'pending' then
     for first = 1, taken, 1000 do
       local ids = {}
       for i = first, math.min(first + 999, taken) do
-        ids[#ids + 1] = ARGV[6 + i]
+        ids[#ids + 1] = ARGV[7 + i]
       end
       redis.call('LPUSH', KEYS[1], unpack(ids))
     end
@@ -316,9 +428,12 @@ if source == 'pending' then
 end
 
 local out, seen = {}, {}
+local held = {'held', reason or '', int(wait or -1)}
 for i = 1, n do
-  local id = ARGV[6 + i]
-  if i > taken then
+  local id = ARGV[7 + i]
+  if i > allowed then
+    out[i] = held
+  elseif i > taken then
     out[i] = {'missed'}
   elseif seen[id] then
     -- The same ID twice in one call (it was in the list twice): one start
@@ -330,7 +445,11 @@ for i = 1, n do
     out[i] = {'missed'}
   else
     seen[id] = true
-    out[i] = start(KEYS[4 + i], id)
+    out[i] = start(KEYS[8 + i], id)
   end
+end
+if rmax and allowed > 0 then
+  -- The rate set outlives its window only while starts come.
+  redis.call('PEXPIRE', KEYS[7], int(rwin))
 end
 return out

@@ -199,6 +199,16 @@ const COMMANDS: &[(&str, Need, &str)] = &[
         "the sweep guard: one without an expiry is replaced",
     ),
     ("+del", Need::Worker, "job_claim; wake lists"),
+    (
+        "+zcard",
+        Need::Worker,
+        "job_claim, reliable_start: counting running jobs and starts for the queue's limits",
+    ),
+    (
+        "+zremrangebyscore",
+        Need::Worker,
+        "job_claim, reliable_start: starts that left the rate limit's window",
+    ),
     ("+pexpire", Need::Worker, "outcome retention; wake lists"),
     (
         "+zadd",
@@ -244,7 +254,8 @@ const COMMANDS: &[(&str, Need, &str)] = &[
 ];
 
 /// The keys of a queue the client role may touch (what `queue_register`,
-/// `simple_submit`, `job_submit`, `job_watch` and status reads use).
+/// `simple_submit`, `job_submit`, `job_watch`, `queue_control` and status
+/// reads use).
 const CLIENT_KEYS: &[&str] = &[
     "meta",
     "pending",
@@ -253,6 +264,7 @@ const CLIENT_KEYS: &[&str] = &[
     "clock",
     "schedules",
     "schedule:*",
+    "gate",
     "job:*",
 ];
 
@@ -404,6 +416,7 @@ mod tests {
         "job_watch",
         "schedule_set",
         "schedule_remove",
+        "queue_control",
     ];
 
     fn role_runs(role: AclRole, script: &str) -> bool {
@@ -604,7 +617,7 @@ mod tests {
             .rules()
             .unwrap();
         assert_eq!(
-            client[..11],
+            client[..12],
             [
                 "clearselectors",
                 "resetkeys",
@@ -615,6 +628,7 @@ mod tests {
                 "~jq:{a}:clock",
                 "~jq:{a}:schedules",
                 "~jq:{a}:schedule:*",
+                "~jq:{a}:gate",
                 "~jq:{a}:job:*",
                 "resetchannels"
             ]

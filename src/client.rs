@@ -219,6 +219,16 @@ impl Queue {
         self.keys.queue()
     }
 
+    /// The client's multiplexed connection.
+    pub(crate) fn con(&self) -> &Conn {
+        &self.client.inner.con
+    }
+
+    /// The queue's keys.
+    pub(crate) fn keys(&self) -> &QueueKeys {
+        &self.keys
+    }
+
     /// The queue's mode.
     pub fn mode(&self) -> Mode {
         self.mode

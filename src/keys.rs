@@ -147,6 +147,25 @@ impl QueueKeys {
         format!("{}:schedule:{name}", self.base)
     }
 
+    /// Reliable mode: the IDs of the jobs started under a concurrency limit
+    /// and not finished, scored by start time (ms, server time). Recoverable
+    /// mode counts its lease set instead.
+    pub fn running(&self) -> String {
+        format!("{}:running", self.base)
+    }
+
+    /// Sorted set of the starts (fencing tokens) within the window of the
+    /// queue's rate limit, scored by start time (ms, server time).
+    pub fn rate(&self) -> String {
+        format!("{}:rate", self.base)
+    }
+
+    /// List (at most one entry) pushed when more jobs may start on a queue
+    /// whose pause or limits held workers back: the held workers wait on it.
+    pub fn gate(&self) -> String {
+        format!("{}:gate", self.base)
+    }
+
     /// Guard that lets one worker at a time sweep stale leases (recoverable
     /// mode) or recover dead workers (reliable mode).
     pub fn sweep(&self) -> String {

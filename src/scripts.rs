@@ -102,11 +102,12 @@ pub(crate) enum Name {
     ScheduleSet,
     ScheduleFire,
     ScheduleRemove,
+    QueueControl,
 }
 
 impl Name {
     #[cfg(test)]
-    const ALL: [Name; 22] = [
+    const ALL: [Name; 23] = [
         Name::QueueRegister,
         Name::SimpleSubmit,
         Name::SimpleReply,
@@ -129,6 +130,7 @@ impl Name {
         Name::ScheduleSet,
         Name::ScheduleFire,
         Name::ScheduleRemove,
+        Name::QueueControl,
     ];
 
     fn file_stem(self) -> &'static str {
@@ -152,6 +154,7 @@ impl Name {
             Name::ScheduleSet => "schedule_set",
             Name::ScheduleFire => "schedule_fire",
             Name::ScheduleRemove => "schedule_remove",
+            Name::QueueControl => "queue_control",
             Name::SimpleReply => "simple_reply",
             Name::SimpleRequeue => "simple_requeue",
             Name::SimpleDead => "simple_dead",
@@ -400,21 +403,22 @@ mod tests {
     /// the new line here and to protocol.md.
     #[rustfmt::skip]
     const LOCK: &[(&str, u32, &str)] = &[
-        ("job_claim", 3, "adde030a39570d7b6674cc21117703874a2681dc"),
+        ("job_claim", 4, "69c113c445b9853465eac7f2da0ca7aa3329e933"),
         ("job_extend", 2, "4b2a83c69f65eb415e7242c38c00848dfa0fd1a7"),
-        ("job_finish", 11, "0798f885e7ebed9f5552f389ce0377d2cd27f784"),
-        ("job_finish_batch", 9, "32921f8c26f606c8981c3c6016f539ea3327ce0f"),
+        ("job_finish", 12, "164ced47da07febf5edcaef078ff9c7424cf00b8"),
+        ("job_finish_batch", 10, "3e3bbad18ef82cd9989a8a222a5695e2958403af"),
         ("job_promote", 2, "a3f2d1bf3af9ddff62c27f8d21afa0b7da496650"),
-        ("job_release", 4, "8208523f166a206f6919757b89b0a7fd6416ae90"),
-        ("job_requeue_stale", 2, "73e22f275cc2694a66abea6918415f7aba3c9f26"),
-        ("job_start", 10, "1dc6320f6e2b74dba6f9c8e9ad07f1247d5c6e32"),
+        ("job_release", 5, "68be103489e4c145f97d53285ffd66800bcdff95"),
+        ("job_requeue_stale", 3, "e5eba56ff26d48d4790331b765b30762c17ff6ff"),
+        ("job_start", 11, "6cc7c556ed34834287a555e31154541803c45954"),
         ("job_submit", 9, "96c5afc721499974623615391f3ebc22000242c1"),
         ("job_watch", 4, "de9c6d01ecd545c7672f1c9b205a50244a0b9b1d"),
+        ("queue_control", 1, "40b51695c07bd74972f6c7d4273b7a01a86ca70a"),
         ("queue_register", 2, "fd73ede4309ea76b73388f4137b6e3c1f13478f9"),
         ("reliable_find_dead", 2, "322dc3ad60b2574712bf513d46ba0ca446061eff"),
         ("reliable_heartbeat", 2, "d43811e5b44947674f0de766e7c5a8d47bd0e20e"),
-        ("reliable_requeue_worker", 2, "56228e68de1160c06ab69d3563f1ad3a74685a80"),
-        ("reliable_start", 10, "4929c60d09cacc55fef0c884168f103da003553b"),
+        ("reliable_requeue_worker", 3, "98266361e503b45a644cf942a79e6c93234db9ab"),
+        ("reliable_start", 11, "8453935629c05104ea4059c14feca4ec4fdb48a8"),
         ("schedule_fire", 2, "6ade37d0bbf8a5acfbaf36d9606ee2eee5f344b9"),
         ("schedule_remove", 1, "7ae546d7c5a2c75881bc546cb69635498525f2c0"),
         ("schedule_set", 2, "294e5a83850456775b16b563d82dd22dc7b9d03b"),

@@ -331,29 +331,85 @@ pub(crate) async fn schedule_remove(
 /// its fencing token.
 pub(crate) type Claim = (Vec<u8>, String);
 
-/// `job_claim`: takes up to `count` IDs with provisional leases. Returns
-/// (id, fencing token) pairs.
+/// Why a queue's gate (protocol.md 8.9) held jobs back, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Hold {
+    /// `paused`, `concurrency` or `rate`.
+    pub reason: String,
+    /// For the rate: when one more start may pass. `None`: until the gate
+    /// list is pushed.
+    pub wait: Option<Duration>,
+}
+
+impl Hold {
+    fn parse(reason: &[u8], wait: &[u8]) -> Option<Hold> {
+        if reason.is_empty() {
+            return None;
+        }
+        let wait = std::str::from_utf8(wait)
+            .ok()
+            .and_then(|w| w.parse::<u64>().ok())
+            .map(Duration::from_millis);
+        Some(Hold {
+            reason: String::from_utf8_lossy(reason).into_owned(),
+            wait,
+        })
+    }
+}
+
+/// What `job_claim` took.
+pub(crate) struct Claimed {
+    /// (id, fencing token) pairs.
+    pub jobs: Vec<Claim>,
+    /// Set when the gate held back jobs that wait.
+    pub hold: Option<Hold>,
+    /// The queue has a concurrency limit (passed on to `job_start`).
+    pub limited: bool,
+}
+
+/// `job_claim`: takes up to `count` IDs with provisional leases, as far as
+/// the queue's gate lets it. `held`: this worker's last call on the queue
+/// was held back.
 pub(crate) async fn job_claim(
     con: &Conn,
     keys: &QueueKeys,
     count: usize,
     lease: Duration,
-    tickets_taken: usize,
-) -> Result<Vec<Claim>, Error> {
+    (tickets_taken, held): (usize, bool),
+) -> Result<Claimed, Error> {
     let call = scripts::get(Name::JobClaim)
         .call()
         .key(keys.pending())
         .key(keys.tickets())
         .key(keys.leases())
         .key(keys.fence())
+        .key(keys.meta())
+        .key(keys.rate())
+        .key(keys.gate())
         .arg(count.to_string())
         .arg(ms(lease))
-        .arg(tickets_taken.to_string());
+        .arg(tickets_taken.to_string())
+        .arg(flag(held));
     let flat: Vec<Vec<u8>> = run(con, &call, keys, None).await?;
-    Ok(flat
-        .chunks_exact(2)
-        .map(|p| (p[0].clone(), String::from_utf8_lossy(&p[1]).into_owned()))
-        .collect())
+    if flat.len() < 3 || flat.len().is_multiple_of(2) {
+        return Err(Error::Decode {
+            what: "job_claim reply",
+            message: format!("{} elements", flat.len()),
+        });
+    }
+    Ok(Claimed {
+        hold: Hold::parse(&flat[0], &flat[1]),
+        limited: flat[2] == b"1",
+        jobs: flat[3..]
+            .chunks_exact(2)
+            .map(|p| (p[0].clone(), String::from_utf8_lossy(&p[1]).into_owned()))
+            .collect(),
+    })
+}
+
+/// A boolean script argument.
+fn flag(on: bool) -> &'static str {
+    if on { "1" } else { "0" }
 }
 
 /// Settings `job_start` needs from the worker.
@@ -387,6 +443,9 @@ pub(crate) enum Start {
     /// Reliable mode, taken from the pending list: another worker took it
     /// first. Not ours: do not run.
     Missed,
+    /// Reliable mode: the queue's gate held it back (it waits on the
+    /// pending list).
+    Held(Hold),
 }
 
 /// `job_start`: marks claimed jobs of one queue active under their claims'
@@ -395,7 +454,7 @@ pub(crate) enum Start {
 pub(crate) async fn job_start(
     con: &Conn,
     keys: &QueueKeys,
-    claims: &[Claim],
+    (claims, limited): (&[Claim], bool),
     settings: &StartSettings<'_>,
 ) -> Result<Vec<Start>, Error> {
     let mut call = scripts::get(Name::JobStart)
@@ -407,7 +466,8 @@ pub(crate) async fn job_start(
         .arg(settings.worker_id)
         .arg(ms(settings.result_ttl))
         .arg(settings.dead_max.to_string())
-        .arg(notify(settings.sharded));
+        .arg(notify(settings.sharded))
+        .arg(flag(limited));
     for (id, token) in claims {
         call = call.key(keys.job_bytes(id)).arg(id).arg(token);
     }
@@ -450,6 +510,16 @@ fn parse_start(reply: &[Vec<u8>], sixth_is_lease: bool) -> Start {
         "dead" => Start::Dead,
         "lost" => Start::Skip("a newer claim owns it".into()),
         "missed" => Start::Missed,
+        "held" => Start::Held(
+            Hold::parse(
+                reply.get(1).map_or(&b"held"[..], |v| v.as_slice()),
+                reply.get(2).map_or(&[][..], |v| v.as_slice()),
+            )
+            .unwrap_or(Hold {
+                reason: "held".into(),
+                wait: None,
+            }),
+        ),
         _ => Start::Skip(format!("it is {}", text(1))),
     }
 }
@@ -493,6 +563,8 @@ pub(crate) fn job_finish(
         .key(keys.tickets())
         .key(keys.delayed())
         .key(keys.clock())
+        .key(keys.running())
+        .key(keys.gate())
         .arg(id)
         .arg(token);
     outcome_args(call, finish)
@@ -595,6 +667,8 @@ pub(crate) fn job_finish_batch(
         .key(keys.tickets())
         .key(keys.delayed())
         .key(keys.clock())
+        .key(keys.running())
+        .key(keys.gate())
         .arg(ms(result_ttl))
         .arg(mode.as_str())
         .arg(notify(sharded));
@@ -644,6 +718,8 @@ pub(crate) fn job_release(
         .key(claim)
         .key(keys.pending())
         .key(keys.tickets())
+        .key(keys.running())
+        .key(keys.gate())
         .arg(id)
         .arg(token)
         .arg(mode.as_str())
@@ -681,6 +757,7 @@ pub(crate) async fn job_requeue_stale(
         .key(keys.pending())
         .key(keys.tickets())
         .key(keys.sweep())
+        .key(keys.gate())
         .arg(ms(guard))
         .arg(limit.to_string());
     let n: i64 = run(con, &call, keys, None).await?;
@@ -748,7 +825,7 @@ pub(crate) enum Source {
 pub(crate) async fn reliable_start(
     con: &Conn,
     keys: &QueueKeys,
-    (source, ids): (Source, &[Vec<u8>]),
+    (source, ids, held): (Source, &[Vec<u8>], bool),
     settings: &StartSettings<'_>,
 ) -> Result<Vec<(Start, String)>, Error> {
     let mut call = scripts::get(Name::ReliableStart)
@@ -757,6 +834,10 @@ pub(crate) async fn reliable_start(
         .key(keys.dead_jobs())
         .key(keys.fence())
         .key(keys.pending())
+        .key(keys.meta())
+        .key(keys.running())
+        .key(keys.rate())
+        .key(keys.gate())
         .arg(settings.max_stalls.to_string())
         .arg(settings.worker_id)
         .arg(ms(settings.result_ttl))
@@ -765,7 +846,8 @@ pub(crate) async fn reliable_start(
         .arg(match source {
             Source::InFlight => "inflight",
             Source::Pending => "pending",
-        });
+        })
+        .arg(flag(held));
     for id in ids {
         call = call.key(keys.job_bytes(id)).arg(id);
     }
@@ -840,9 +922,36 @@ pub(crate) async fn reliable_requeue_worker(
         .key(keys.workers())
         .key(keys.inflight_bytes(worker_id))
         .key(keys.pending())
+        .key(keys.running())
+        .key(keys.gate())
         .arg(worker_id)
         .arg(if only_if_dead { "1" } else { "0" })
         .arg(ms(retention));
     let n: i64 = run(con, &call, keys, None).await?;
     Ok(u64::try_from(n).ok())
+}
+
+/// `queue_control`: sets (`Some`) or clears (`None`) a queue's controls
+/// (`paused`, `rate`, `concurrency`; protocol.md 8.9). Returns their
+/// previous values, in order (`None`: not set).
+pub(crate) async fn queue_control(
+    con: &Conn,
+    keys: &QueueKeys,
+    mode: Mode,
+    changes: &[(&str, Option<String>)],
+) -> Result<Vec<Option<String>>, Error> {
+    let mut call = scripts::get(Name::QueueControl)
+        .call()
+        .key(keys.meta())
+        .key(keys.gate())
+        .arg(mode.as_str())
+        .arg(PROTOCOL_VERSION.to_string());
+    for (field, value) in changes {
+        call = call.arg(*field).arg(value.as_deref().unwrap_or(""));
+    }
+    let previous: Vec<String> = run(con, &call, keys, None).await?;
+    Ok(previous
+        .into_iter()
+        .map(|v| (!v.is_empty()).then_some(v))
+        .collect())
 }

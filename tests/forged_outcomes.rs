@@ -109,6 +109,8 @@ async fn a_forged_finish_under_the_workers_token_is_counted_by_the_worker() {
         .key(format!("jq:{{{q}}}:tickets"))
         .key(format!("jq:{{{q}}}:delayed"))
         .key(format!("jq:{{{q}}}:clock"))
+        .key(format!("jq:{{{q}}}:running"))
+        .key(format!("jq:{{{q}}}:gate"))
         .arg(&id)
         .arg(&token)
         .arg("completed")

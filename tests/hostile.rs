@@ -1751,6 +1751,13 @@ enum Num {
     RetryDelay,
     /// `job_promote`'s limit: 1 to 10^5.
     PromoteLimit,
+    /// `queue_control`'s value of `paused`: "1", or "" (clear).
+    Paused,
+    /// `queue_control`'s value of `rate`: "<max>:<window ms>" (max 1 to
+    /// 10^6, window 1 to 10^12), or "" (clear).
+    Rate,
+    /// `queue_control`'s value of `concurrency`: 1 to 10^6, or "" (clear).
+    Concurrency,
 }
 
 impl Num {
@@ -1770,6 +1777,22 @@ impl Num {
             Num::RunAt => (0, 999_999_999_999_999),
             Num::RetryDelay => (-1, 1_000_000_000_000),
             Num::PromoteLimit => (1, 100_000),
+            Num::Paused => return Some(v.is_empty() || v == "1"),
+            Num::Rate => {
+                let ok = v.is_empty()
+                    || v.split_once(':').is_some_and(|(max, window)| {
+                        let digits =
+                            |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+                        digits(max)
+                            && digits(window)
+                            && strict_int(max).is_some_and(|n| (1..=1_000_000).contains(&n))
+                            && strict_int(window)
+                                .is_some_and(|n| (1..=1_000_000_000_000).contains(&n))
+                    });
+                return Some(ok);
+            }
+            Num::Concurrency if v.is_empty() => return Some(true),
+            Num::Concurrency => (1, 1_000_000),
         };
         Some(strict_int(v).is_some_and(|n| range.0 <= n && n <= range.1))
     }
@@ -1786,6 +1809,9 @@ enum Arity {
         argv: usize,
         per: usize,
     },
+    /// Exactly `keys` KEYS and `argv + 2 * n` ARGV, n >= 1 (pairs of a
+    /// name and a value, `queue_control`).
+    Pairs { keys: usize, argv: usize },
 }
 
 impl Arity {
@@ -1794,6 +1820,9 @@ impl Arity {
             Arity::Fixed { keys, min, max } => nkeys == keys && (min..=max).contains(&nargs),
             Arity::PerJob { keys, argv, per } => {
                 nkeys > keys && nargs == argv + per * (nkeys - keys)
+            }
+            Arity::Pairs { keys, argv } => {
+                nkeys == keys && nargs > argv && (nargs - argv).is_multiple_of(2)
             }
         }
     }
@@ -1865,6 +1894,13 @@ fn baselines() -> Vec<Baseline> {
             "1",
         ])
     };
+    // The queue's metadata with controls (protocol.md 8.9): pairs of a
+    // field and its value.
+    let controls = |mode: &str, fields: &[&str]| {
+        let mut command = meta(mode);
+        command.extend(fields.iter().map(|f| f.to_string()));
+        command
+    };
     let queued = |id: &str| {
         c(&[
             "HSET",
@@ -1901,7 +1937,59 @@ fn baselines() -> Vec<Baseline> {
             "5000",
         ])
     };
+    // A job started under a concurrency limit.
+    let slotted = |id: &str| c(&["HSET", &k(&format!("job:{id}")), "slot", "1"]);
     let many = usize::MAX;
+    let claim_keys: &[(&str, &'static str)] = &[
+        ("pending", "list"),
+        ("tickets", "list"),
+        ("leases", "zset"),
+        ("fence", "string"),
+        ("meta", "hash"),
+        ("rate", "zset"),
+        ("gate", "list"),
+    ];
+    let claim_numbers = vec![
+        (0, Num::Count),
+        (1, Num::Ms),
+        (2, Num::Tickets),
+        (3, Num::Flag),
+    ];
+    let start_keys: &[(&str, &'static str)] = &[
+        ("inflight:w1", "list"),
+        ("dead_jobs", "zset"),
+        ("fence", "string"),
+        ("pending", "list"),
+        ("meta", "hash"),
+        ("running", "zset"),
+        ("rate", "zset"),
+        ("gate", "list"),
+    ];
+    let start_numbers = vec![
+        (0, Num::MaxStalls),
+        (2, Num::Ms),
+        (3, Num::DeadMax),
+        (6, Num::Flag),
+    ];
+    let batch_numbers = vec![
+        (0, Num::Ms),
+        (4, Num::Token),
+        (8, Num::Flag),
+        (9, Num::RetryDelay),
+        (11, Num::Token),
+        (15, Num::Flag),
+        (16, Num::RetryDelay),
+    ];
+    let batch_arity = Arity::PerJob {
+        keys: 7,
+        argv: 3,
+        per: 7,
+    };
+    let start_arity = Arity::PerJob {
+        keys: 8,
+        argv: 7,
+        per: 1,
+    };
     vec![
         bl(
             "create",
@@ -2083,13 +2171,8 @@ fn baselines() -> Vec<Baseline> {
         bl(
             "claim one",
             "job_claim",
-            &[
-                ("pending", "list"),
-                ("tickets", "list"),
-                ("leases", "zset"),
-                ("fence", "string"),
-            ],
-            &[b"1", b"30000", b"0"],
+            claim_keys,
+            &[b"1", b"30000", b"0", b"0"],
             vec![
                 c(&["LPUSH", &k("pending"), "j2", "j1"]),
                 queued("j1"),
@@ -2097,20 +2180,16 @@ fn baselines() -> Vec<Baseline> {
                 c(&["LPUSH", &k("tickets"), "1", "1"]),
                 c(&["SET", &k("fence"), "5"]),
                 c(&["ZADD", &k("leases"), FUTURE, "j0"]),
+                meta("recoverable"),
             ],
-            vec![(0, Num::Count), (1, Num::Ms), (2, Num::Tickets)],
-            fixed(4, 3, 3),
+            claim_numbers.clone(),
+            fixed(7, 4, 4),
         ),
         bl(
             "claim all after a ticket",
             "job_claim",
-            &[
-                ("pending", "list"),
-                ("tickets", "list"),
-                ("leases", "zset"),
-                ("fence", "string"),
-            ],
-            &[b"5", b"30000", b"1"],
+            claim_keys,
+            &[b"5", b"30000", b"1", b"0"],
             vec![
                 c(&["LPUSH", &k("pending"), "j2", "j1"]),
                 queued("j1"),
@@ -2118,8 +2197,97 @@ fn baselines() -> Vec<Baseline> {
                 c(&["LPUSH", &k("tickets"), "1"]),
                 c(&["SET", &k("fence"), "5"]),
             ],
-            vec![(0, Num::Count), (1, Num::Ms), (2, Num::Tickets)],
-            fixed(4, 3, 3),
+            claim_numbers.clone(),
+            fixed(7, 4, 4),
+        ),
+        bl(
+            "paused, held, a ticket taken: pushed back, the gate list deleted",
+            "job_claim",
+            claim_keys,
+            &[b"2", b"30000", b"1", b"1"],
+            vec![
+                c(&["LPUSH", &k("pending"), "j2", "j1"]),
+                queued("j1"),
+                queued("j2"),
+                c(&["LPUSH", &k("tickets"), "1"]),
+                c(&["SET", &k("fence"), "5"]),
+                controls(
+                    "recoverable",
+                    &["paused", "1", "rate", "5:60000", "concurrency", "3"],
+                ),
+                c(&["ZADD", &k("rate"), "1", "3"]),
+                c(&["LPUSH", &k("gate"), "1"]),
+            ],
+            claim_numbers.clone(),
+            fixed(7, 4, 4),
+        ),
+        bl(
+            "concurrency limit reached (lease set full), a ticket taken",
+            "job_claim",
+            claim_keys,
+            &[b"1", b"30000", b"1", b"0"],
+            vec![
+                c(&["LPUSH", &k("pending"), "j2", "j1"]),
+                queued("j1"),
+                queued("j2"),
+                c(&["LPUSH", &k("tickets"), "1"]),
+                c(&["ZADD", &k("leases"), FUTURE, "j0"]),
+                controls("recoverable", &["concurrency", "1"]),
+                c(&["LPUSH", &k("gate"), "1"]),
+            ],
+            claim_numbers.clone(),
+            fixed(7, 4, 4),
+        ),
+        bl(
+            "concurrency limit leaves one of two",
+            "job_claim",
+            claim_keys,
+            &[b"2", b"30000", b"1", b"0"],
+            vec![
+                c(&["LPUSH", &k("pending"), "j2", "j1"]),
+                queued("j1"),
+                queued("j2"),
+                c(&["LPUSH", &k("tickets"), "1"]),
+                c(&["SET", &k("fence"), "5"]),
+                c(&["ZADD", &k("leases"), FUTURE, "j0"]),
+                controls("recoverable", &["concurrency", "2"]),
+            ],
+            claim_numbers.clone(),
+            fixed(7, 4, 4),
+        ),
+        bl(
+            "rate limit exhausted: an old start leaves the rate set, wait ms",
+            "job_claim",
+            claim_keys,
+            &[b"1", b"30000", b"0", b"0"],
+            vec![
+                c(&["LPUSH", &k("pending"), "j1"]),
+                queued("j1"),
+                c(&["LPUSH", &k("tickets"), "1"]),
+                controls("recoverable", &["rate", "2:60000"]),
+                c(&["ZADD", &k("rate"), "1", "1", FUTURE, "3", FUTURE, "4"]),
+                c(&["LPUSH", &k("gate"), "1"]),
+            ],
+            claim_numbers.clone(),
+            fixed(7, 4, 4),
+        ),
+        bl(
+            "rate and concurrency limits leave room, held: the next held worker woken",
+            "job_claim",
+            claim_keys,
+            &[b"5", b"30000", b"0", b"1"],
+            vec![
+                c(&["LPUSH", &k("pending"), "j2", "j1"]),
+                queued("j1"),
+                queued("j2"),
+                c(&["LPUSH", &k("tickets"), "1", "1"]),
+                c(&["SET", &k("fence"), "5"]),
+                c(&["ZADD", &k("leases"), FUTURE, "j0"]),
+                controls("recoverable", &["rate", "10:60000", "concurrency", "4"]),
+                c(&["ZADD", &k("rate"), "1", "1", FUTURE, "3"]),
+            ],
+            claim_numbers.clone(),
+            fixed(7, 4, 4),
         ),
         bl(
             "run one, dead-letter one",
@@ -2137,6 +2305,7 @@ fn baselines() -> Vec<Baseline> {
                 b"86400000",
                 b"10000",
                 b"publish",
+                b"0",
                 b"j1",
                 b"3",
                 b"j2",
@@ -2155,12 +2324,47 @@ fn baselines() -> Vec<Baseline> {
                 (1, Num::MaxStalls),
                 (3, Num::Ms),
                 (4, Num::DeadMax),
-                (7, Num::Token),
-                (9, Num::Token),
+                (6, Num::Flag),
+                (8, Num::Token),
+                (10, Num::Token),
             ],
             Arity::PerJob {
                 keys: 2,
-                argv: 6,
+                argv: 7,
+                per: 2,
+            },
+        ),
+        bl(
+            "limited: the job runs with a slot",
+            "job_start",
+            &[
+                ("leases", "zset"),
+                ("dead_jobs", "zset"),
+                ("job:j1", "hash"),
+            ],
+            &[
+                b"30000",
+                b"3",
+                b"w1",
+                b"86400000",
+                b"10000",
+                b"publish",
+                b"1",
+                b"j1",
+                b"3",
+            ],
+            vec![queued("j1"), c(&["ZADD", &k("leases"), FUTURE, "j1"])],
+            vec![
+                (0, Num::Ms),
+                (1, Num::MaxStalls),
+                (3, Num::Ms),
+                (4, Num::DeadMax),
+                (6, Num::Flag),
+                (8, Num::Token),
+            ],
+            Arity::PerJob {
+                keys: 2,
+                argv: 7,
                 per: 2,
             },
         ),
@@ -2174,6 +2378,8 @@ fn baselines() -> Vec<Baseline> {
                 ("tickets", "list"),
                 ("delayed", "zset"),
                 ("clock", "list"),
+                ("running", "zset"),
+                ("gate", "list"),
             ],
             &[
                 b"j1",
@@ -2198,7 +2404,7 @@ fn baselines() -> Vec<Baseline> {
                 (6, Num::Ms),
                 (9, Num::RetryDelay),
             ],
-            fixed(6, 10, 10),
+            fixed(8, 10, 10),
         ),
         bl(
             "fail and retry (reliable)",
@@ -2210,6 +2416,8 @@ fn baselines() -> Vec<Baseline> {
                 ("tickets", "list"),
                 ("delayed", "zset"),
                 ("clock", "list"),
+                ("running", "zset"),
+                ("gate", "list"),
             ],
             &[
                 b"j1",
@@ -2234,7 +2442,84 @@ fn baselines() -> Vec<Baseline> {
                 (6, Num::Ms),
                 (9, Num::RetryDelay),
             ],
-            fixed(6, 10, 10),
+            fixed(8, 10, 10),
+        ),
+        bl(
+            "complete a job with a slot: the gate list pushed",
+            "job_finish",
+            &[
+                ("job:j1", "hash"),
+                ("leases", "zset"),
+                ("pending", "list"),
+                ("tickets", "list"),
+                ("delayed", "zset"),
+                ("clock", "list"),
+                ("running", "zset"),
+                ("gate", "list"),
+            ],
+            &[
+                b"j1",
+                b"7",
+                b"completed",
+                b"\"r\"",
+                b"",
+                b"0",
+                b"86400000",
+                b"recoverable",
+                b"publish",
+                b"-1",
+            ],
+            vec![
+                active("j1", "7"),
+                slotted("j1"),
+                c(&["ZADD", &k("leases"), FUTURE, "j1"]),
+            ],
+            vec![
+                (1, Num::Token),
+                (5, Num::Flag),
+                (6, Num::Ms),
+                (9, Num::RetryDelay),
+            ],
+            fixed(8, 10, 10),
+        ),
+        bl(
+            "fail and retry a job with a slot (reliable): it leaves the running set",
+            "job_finish",
+            &[
+                ("job:j1", "hash"),
+                ("inflight:w1", "list"),
+                ("pending", "list"),
+                ("tickets", "list"),
+                ("delayed", "zset"),
+                ("clock", "list"),
+                ("running", "zset"),
+                ("gate", "list"),
+            ],
+            &[
+                b"j1",
+                b"7",
+                b"failed",
+                b"handler",
+                b"boom",
+                b"1",
+                b"86400000",
+                b"reliable",
+                b"publish",
+                b"2500",
+            ],
+            vec![
+                active("j1", "7"),
+                slotted("j1"),
+                c(&["LPUSH", &k("inflight:w1"), "j1"]),
+                c(&["ZADD", &k("running"), "1", "j1", "1", "j0"]),
+            ],
+            vec![
+                (1, Num::Token),
+                (5, Num::Flag),
+                (6, Num::Ms),
+                (9, Num::RetryDelay),
+            ],
+            fixed(8, 10, 10),
         ),
         bl(
             "renew",
@@ -2257,6 +2542,7 @@ fn baselines() -> Vec<Baseline> {
                 ("pending", "list"),
                 ("tickets", "list"),
                 ("sweep", "string"),
+                ("gate", "list"),
             ],
             &[b"15000", b"1000"],
             vec![
@@ -2264,7 +2550,7 @@ fn baselines() -> Vec<Baseline> {
                 c(&["LPUSH", &k("pending"), "j0"]),
             ],
             vec![(0, Num::Ms), (1, Num::Count)],
-            fixed(4, 2, 2),
+            fixed(5, 2, 2),
         ),
         bl(
             "watch",
@@ -2283,6 +2569,8 @@ fn baselines() -> Vec<Baseline> {
                 ("leases", "zset"),
                 ("pending", "list"),
                 ("tickets", "list"),
+                ("running", "zset"),
+                ("gate", "list"),
             ],
             &[b"j1", b"7", b"recoverable"],
             vec![
@@ -2291,18 +2579,54 @@ fn baselines() -> Vec<Baseline> {
                 c(&["LPUSH", &k("pending"), "j0"]),
             ],
             vec![(1, Num::Token)],
-            fixed(4, 3, 3),
+            fixed(6, 3, 3),
+        ),
+        bl(
+            "release a job with a slot (reliable): it leaves the running set",
+            "job_release",
+            &[
+                ("job:j1", "hash"),
+                ("inflight:w1", "list"),
+                ("pending", "list"),
+                ("tickets", "list"),
+                ("running", "zset"),
+                ("gate", "list"),
+            ],
+            &[b"j1", b"7", b"reliable"],
+            vec![
+                active("j1", "7"),
+                slotted("j1"),
+                c(&["LPUSH", &k("inflight:w1"), "j1"]),
+                c(&["LPUSH", &k("pending"), "j0"]),
+                c(&["ZADD", &k("running"), "1", "j1", "1", "j0"]),
+            ],
+            vec![(1, Num::Token)],
+            fixed(6, 3, 3),
+        ),
+        bl(
+            "release a job with a slot (recoverable): the gate list pushed",
+            "job_release",
+            &[
+                ("job:j1", "hash"),
+                ("leases", "zset"),
+                ("pending", "list"),
+                ("tickets", "list"),
+                ("running", "zset"),
+                ("gate", "list"),
+            ],
+            &[b"j1", b"7", b"recoverable"],
+            vec![
+                active("j1", "7"),
+                slotted("j1"),
+                c(&["ZADD", &k("leases"), FUTURE, "j1"]),
+            ],
+            vec![(1, Num::Token)],
+            fixed(6, 3, 3),
         ),
         bl(
             "from pending",
             "reliable_start",
-            &[
-                ("inflight:w1", "list"),
-                ("dead_jobs", "zset"),
-                ("fence", "string"),
-                ("pending", "list"),
-                ("job:j1", "hash"),
-            ],
+            &[start_keys, &[("job:j1", "hash")][..]].concat(),
             &[
                 b"3",
                 b"w1",
@@ -2310,6 +2634,7 @@ fn baselines() -> Vec<Baseline> {
                 b"10000",
                 b"publish",
                 b"pending",
+                b"0",
                 b"j1",
             ],
             vec![
@@ -2317,24 +2642,15 @@ fn baselines() -> Vec<Baseline> {
                 queued("j1"),
                 c(&["HSET", &k("job:j1"), "timeout_ms", "1500"]),
                 c(&["SET", &k("fence"), "2"]),
+                meta("reliable"),
             ],
-            vec![(0, Num::MaxStalls), (2, Num::Ms), (3, Num::DeadMax)],
-            Arity::PerJob {
-                keys: 4,
-                argv: 6,
-                per: 1,
-            },
+            start_numbers.clone(),
+            start_arity,
         ),
         bl(
             "from inflight, dead-letter",
             "reliable_start",
-            &[
-                ("inflight:w1", "list"),
-                ("dead_jobs", "zset"),
-                ("fence", "string"),
-                ("pending", "list"),
-                ("job:j2", "hash"),
-            ],
+            &[start_keys, &[("job:j2", "hash")][..]].concat(),
             &[
                 b"3",
                 b"w1",
@@ -2342,6 +2658,7 @@ fn baselines() -> Vec<Baseline> {
                 b"10000",
                 b"publish",
                 b"inflight",
+                b"0",
                 b"j2",
             ],
             vec![
@@ -2350,12 +2667,161 @@ fn baselines() -> Vec<Baseline> {
                 c(&["HSET", &k("job:j2"), "stalls", "3"]),
                 c(&["LPUSH", &k("pending"), "j0"]),
             ],
-            vec![(0, Num::MaxStalls), (2, Num::Ms), (3, Num::DeadMax)],
-            Arity::PerJob {
-                keys: 4,
-                argv: 6,
-                per: 1,
-            },
+            start_numbers.clone(),
+            start_arity,
+        ),
+        bl(
+            "from inflight, paused, held: the IDs back on pending, the gate list deleted",
+            "reliable_start",
+            &[start_keys, &[("job:j1", "hash"), ("job:j2", "hash")][..]].concat(),
+            &[
+                b"3",
+                b"w1",
+                b"86400000",
+                b"10000",
+                b"publish",
+                b"inflight",
+                b"1",
+                b"j1",
+                b"j2",
+            ],
+            vec![
+                c(&["LPUSH", &k("inflight:w1"), "j1", "j2"]),
+                queued("j1"),
+                queued("j2"),
+                c(&["LPUSH", &k("pending"), "j0"]),
+                c(&["SET", &k("fence"), "2"]),
+                controls("reliable", &["paused", "1", "concurrency", "5"]),
+                c(&["LPUSH", &k("gate"), "1"]),
+            ],
+            start_numbers.clone(),
+            start_arity,
+        ),
+        bl(
+            "from pending, paused, held: IDs untouched, the gate list deleted",
+            "reliable_start",
+            &[start_keys, &[("job:j1", "hash"), ("job:j2", "hash")][..]].concat(),
+            &[
+                b"3",
+                b"w1",
+                b"86400000",
+                b"10000",
+                b"publish",
+                b"pending",
+                b"1",
+                b"j1",
+                b"j2",
+            ],
+            vec![
+                c(&["LPUSH", &k("pending"), "j1", "j2"]),
+                queued("j1"),
+                queued("j2"),
+                c(&["SET", &k("fence"), "2"]),
+                controls("reliable", &["paused", "1", "concurrency", "5"]),
+                c(&["LPUSH", &k("gate"), "1"]),
+            ],
+            start_numbers.clone(),
+            start_arity,
+        ),
+        bl(
+            "from pending, a concurrency limit leaves one of two: the other stays",
+            "reliable_start",
+            &[start_keys, &[("job:j1", "hash"), ("job:j2", "hash")][..]].concat(),
+            &[
+                b"3",
+                b"w1",
+                b"86400000",
+                b"10000",
+                b"publish",
+                b"pending",
+                b"0",
+                b"j1",
+                b"j2",
+            ],
+            vec![
+                c(&["LPUSH", &k("pending"), "j1", "j2"]),
+                queued("j1"),
+                queued("j2"),
+                controls("reliable", &["concurrency", "2"]),
+                c(&["ZADD", &k("running"), "1", "j0"]),
+            ],
+            start_numbers.clone(),
+            start_arity,
+        ),
+        bl(
+            "from inflight, a concurrency limit leaves one of two: the other back on pending",
+            "reliable_start",
+            &[start_keys, &[("job:j1", "hash"), ("job:j2", "hash")][..]].concat(),
+            &[
+                b"3",
+                b"w1",
+                b"86400000",
+                b"10000",
+                b"publish",
+                b"inflight",
+                b"0",
+                b"j1",
+                b"j2",
+            ],
+            vec![
+                c(&["LPUSH", &k("inflight:w1"), "j1", "j2"]),
+                queued("j1"),
+                queued("j2"),
+                c(&["LPUSH", &k("pending"), "j0"]),
+                controls("reliable", &["concurrency", "2"]),
+                c(&["ZADD", &k("running"), "1", "j0"]),
+                c(&["LPUSH", &k("gate"), "1"]),
+            ],
+            start_numbers.clone(),
+            start_arity,
+        ),
+        bl(
+            "from pending, rate and concurrency limits leave room, held: the next held worker woken",
+            "reliable_start",
+            &[start_keys, &[("job:j1", "hash")][..]].concat(),
+            &[
+                b"3",
+                b"w1",
+                b"86400000",
+                b"10000",
+                b"publish",
+                b"pending",
+                b"1",
+                b"j1",
+            ],
+            vec![
+                c(&["LPUSH", &k("pending"), "j1"]),
+                queued("j1"),
+                controls("reliable", &["rate", "10:60000", "concurrency", "5"]),
+                c(&["ZADD", &k("rate"), "1", "1", FUTURE, "3"]),
+                c(&["ZADD", &k("running"), "1", "j0"]),
+            ],
+            start_numbers.clone(),
+            start_arity,
+        ),
+        bl(
+            "from inflight, rate limit exhausted: back on pending, wait ms",
+            "reliable_start",
+            &[start_keys, &[("job:j1", "hash")][..]].concat(),
+            &[
+                b"3",
+                b"w1",
+                b"86400000",
+                b"10000",
+                b"publish",
+                b"inflight",
+                b"0",
+                b"j1",
+            ],
+            vec![
+                c(&["LPUSH", &k("inflight:w1"), "j1"]),
+                queued("j1"),
+                controls("reliable", &["rate", "1:60000"]),
+                c(&["ZADD", &k("rate"), "1", "1", FUTURE, "3"]),
+                c(&["LPUSH", &k("gate"), "1"]),
+            ],
+            start_numbers.clone(),
+            start_arity,
         ),
         bl(
             "beat",
@@ -2382,6 +2848,8 @@ fn baselines() -> Vec<Baseline> {
                 ("workers", "zset"),
                 ("inflight:w2", "list"),
                 ("pending", "list"),
+                ("running", "zset"),
+                ("gate", "list"),
             ],
             &[b"w2", b"1", b"300000"],
             vec![
@@ -2390,7 +2858,27 @@ fn baselines() -> Vec<Baseline> {
                 c(&["LPUSH", &k("pending"), "j0"]),
             ],
             vec![(1, Num::Flag), (2, Num::Ms)],
-            fixed(3, 3, 3),
+            fixed(5, 3, 3),
+        ),
+        bl(
+            "requeue a dead worker whose job held a slot: it leaves the running set",
+            "reliable_requeue_worker",
+            &[
+                ("workers", "zset"),
+                ("inflight:w2", "list"),
+                ("pending", "list"),
+                ("running", "zset"),
+                ("gate", "list"),
+            ],
+            &[b"w2", b"1", b"300000"],
+            vec![
+                c(&["ZADD", &k("workers"), "1", "w2"]),
+                c(&["LPUSH", &k("inflight:w2"), "j2", "j3"]),
+                c(&["LPUSH", &k("pending"), "j0"]),
+                c(&["ZADD", &k("running"), "1", "j2", "1", "j0"]),
+            ],
+            vec![(1, Num::Flag), (2, Num::Ms)],
+            fixed(5, 3, 3),
         ),
         bl(
             "complete one, retry one",
@@ -2401,6 +2889,8 @@ fn baselines() -> Vec<Baseline> {
                 ("tickets", "list"),
                 ("delayed", "zset"),
                 ("clock", "list"),
+                ("running", "zset"),
+                ("gate", "list"),
                 ("job:j1", "hash"),
                 ("job:j2", "hash"),
             ],
@@ -2428,20 +2918,52 @@ fn baselines() -> Vec<Baseline> {
                 active("j2", "8"),
                 c(&["ZADD", &k("leases"), FUTURE, "j1", FUTURE, "j2"]),
             ],
-            vec![
-                (0, Num::Ms),
-                (4, Num::Token),
-                (8, Num::Flag),
-                (9, Num::RetryDelay),
-                (11, Num::Token),
-                (15, Num::Flag),
-                (16, Num::RetryDelay),
+            batch_numbers.clone(),
+            batch_arity,
+        ),
+        bl(
+            "complete one, retry one, both with a slot (reliable): they leave the running set",
+            "job_finish_batch",
+            &[
+                ("inflight:w1", "list"),
+                ("pending", "list"),
+                ("tickets", "list"),
+                ("delayed", "zset"),
+                ("clock", "list"),
+                ("running", "zset"),
+                ("gate", "list"),
+                ("job:j1", "hash"),
+                ("job:j2", "hash"),
             ],
-            Arity::PerJob {
-                keys: 5,
-                argv: 3,
-                per: 7,
-            },
+            &[
+                b"86400000",
+                b"reliable",
+                b"publish",
+                b"j1",
+                b"7",
+                b"completed",
+                b"\"r\"",
+                b"",
+                b"0",
+                b"-1",
+                b"j2",
+                b"8",
+                b"failed",
+                b"handler",
+                b"boom",
+                b"1",
+                b"-1",
+            ],
+            vec![
+                active("j1", "7"),
+                active("j2", "8"),
+                slotted("j1"),
+                slotted("j2"),
+                c(&["LPUSH", &k("inflight:w1"), "j1", "j2"]),
+                c(&["ZADD", &k("running"), "1", "j1", "1", "j2", "1", "j0"]),
+            ],
+            batch_numbers.clone(),
+            batch_arity,
         ),
         bl(
             "promote",
@@ -2546,6 +3068,62 @@ fn baselines() -> Vec<Baseline> {
             ],
             vec![],
             fixed(2, 1, 1),
+        ),
+        bl(
+            "pause",
+            "queue_control",
+            &[("meta", "hash"), ("gate", "list")],
+            &[b"recoverable", b"1", b"paused", b"1"],
+            vec![meta("recoverable")],
+            vec![(1, Num::Protocol), (3, Num::Paused)],
+            Arity::Pairs { keys: 2, argv: 2 },
+        ),
+        bl(
+            "set a rate and a concurrency limit on a paused queue: the gate list pushed",
+            "queue_control",
+            &[("meta", "hash"), ("gate", "list")],
+            &[b"reliable", b"1", b"rate", b"5:1000", b"concurrency", b"3"],
+            vec![controls("reliable", &["paused", "1", "concurrency", "2"])],
+            vec![(1, Num::Protocol), (3, Num::Rate), (5, Num::Concurrency)],
+            Arity::Pairs { keys: 2, argv: 2 },
+        ),
+        bl(
+            "clear every control",
+            "queue_control",
+            &[("meta", "hash"), ("gate", "list")],
+            &[
+                b"recoverable",
+                b"1",
+                b"concurrency",
+                b"",
+                b"paused",
+                b"",
+                b"rate",
+                b"",
+            ],
+            vec![controls(
+                "recoverable",
+                &["paused", "1", "rate", "5:1000", "concurrency", "2"],
+            )],
+            vec![
+                (1, Num::Protocol),
+                (3, Num::Concurrency),
+                (5, Num::Paused),
+                (7, Num::Rate),
+            ],
+            Arity::Pairs { keys: 2, argv: 2 },
+        ),
+        bl(
+            "resume while the gate list holds a wake-up",
+            "queue_control",
+            &[("meta", "hash"), ("gate", "list")],
+            &[b"reliable", b"1", b"paused", b""],
+            vec![
+                controls("reliable", &["paused", "1"]),
+                c(&["LPUSH", &k("gate"), "1"]),
+            ],
+            vec![(1, Num::Protocol), (3, Num::Paused)],
+            Arity::Pairs { keys: 2, argv: 2 },
         ),
     ]
 }
@@ -2872,6 +3450,7 @@ mutation_tests! {
     mutate_schedule_set => "schedule_set",
     mutate_schedule_fire => "schedule_fire",
     mutate_schedule_remove => "schedule_remove",
+    mutate_queue_control => "queue_control",
 }
 
 /// Values a random mutation puts in an argument.
@@ -3023,6 +3602,8 @@ fn requeue_worker_onto_its_own_list_does_not_hang_redis() {
             k("workers").into_bytes(),
             k("pending").into_bytes(),
             k("pending").into_bytes(),
+            k("running").into_bytes(),
+            k("gate").into_bytes(),
         ],
         args: vec![b"w2".to_vec(), b"1".to_vec(), b"300000".to_vec()],
     };
@@ -3076,6 +3657,8 @@ fn refusals_that_quote_stored_bytes_are_readable() {
                     k_bytes(b"workers"),
                     k_bytes(b"inflight:\xff\xfe"),
                     k_bytes(b"pending"),
+                    k_bytes(b"running"),
+                    k_bytes(b"gate"),
                 ],
                 args: vec![b"\xff\xfe".to_vec(), b"1".to_vec(), b"300000".to_vec()],
             },
@@ -3094,6 +3677,48 @@ fn refusals_that_quote_stored_bytes_are_readable() {
                 script: "queue_register",
                 keys: vec![k_bytes(b"meta")],
                 args: vec![b"recoverable".to_vec(), b"1".to_vec()],
+            },
+        ),
+        (
+            "a queue mode that is not UTF-8, read by queue_control",
+            vec![b(&[
+                b"HSET",
+                &k_bytes(b"meta"),
+                b"mode",
+                b"\xffmode",
+                b"protocol",
+                b"1",
+            ])],
+            RawCall {
+                script: "queue_control",
+                keys: vec![k_bytes(b"meta"), k_bytes(b"gate")],
+                args: vec![
+                    b"recoverable".to_vec(),
+                    b"1".to_vec(),
+                    b"paused".to_vec(),
+                    b"1".to_vec(),
+                ],
+            },
+        ),
+        (
+            "a control name and value that are not UTF-8, refused by queue_control",
+            vec![b(&[
+                b"HSET",
+                &k_bytes(b"meta"),
+                b"mode",
+                b"recoverable",
+                b"protocol",
+                b"1",
+            ])],
+            RawCall {
+                script: "queue_control",
+                keys: vec![k_bytes(b"meta"), k_bytes(b"gate")],
+                args: vec![
+                    b"recoverable".to_vec(),
+                    b"1".to_vec(),
+                    b"\xffpaused".to_vec(),
+                    b"\xfe".to_vec(),
+                ],
             },
         ),
         (
@@ -3142,6 +3767,8 @@ fn refusals_that_quote_stored_bytes_are_readable() {
                     k_bytes(b"tickets"),
                     k_bytes(b"delayed"),
                     k_bytes(b"clock"),
+                    k_bytes(b"running"),
+                    k_bytes(b"gate"),
                 ],
                 args: [
                     &b"j1"[..],
@@ -3177,6 +3804,8 @@ fn refusals_that_quote_stored_bytes_are_readable() {
                     k_bytes(b"leases"),
                     k_bytes(b"pending"),
                     k_bytes(b"tickets"),
+                    k_bytes(b"running"),
+                    k_bytes(b"gate"),
                 ],
                 args: vec![b"j1".to_vec(), b"7".to_vec(), b"recoverable".to_vec()],
             },

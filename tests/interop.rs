@@ -5,7 +5,9 @@
 //! nested maps, lists, binary data, unicode and large integers. Each side
 //! checks what it received. The Python side also replays the conformance
 //! suite, the golden encodings and the golden backoff delays. Delayed jobs,
-//! retry backoff and the handler's own retry choice run across both too.
+//! retry backoff and the handler's own retry choice run across both too, and
+//! so do the queue controls (pause, concurrency limit): the Python worker
+//! honours the gate, and the Python client's controls hold a Rust worker.
 
 mod support;
 
@@ -1213,5 +1215,327 @@ async fn a_python_worker_never_takes_the_timekeeper_role() {
             "{mode}: the timekeeper lease changed hands while a Rust worker served the queue"
         );
         rust.stop().await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Queue controls (protocol.md 8.9): queue_control, job_claim 4, job_start 11,
+// reliable_start 11, and the gate list
+// ---------------------------------------------------------------------------
+
+/// The states (`state` of each job hash) of jobs `ids` of queue `q`, read
+/// in one transaction: one moment of the queue.
+async fn job_states(
+    con: &mut redis::aio::MultiplexedConnection,
+    q: &str,
+    ids: &[String],
+) -> Vec<Option<String>> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for id in ids {
+        pipe.hget(format!("jq:{{{q}}}:job:{id}"), "state");
+    }
+    pipe.query_async(con).await.unwrap()
+}
+
+/// How many scripts the server ran so far (EVALSHA and EVAL calls, from
+/// INFO commandstats): a worker that spins on a shut gate makes thousands
+/// a second.
+async fn script_calls(con: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(con)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split_once("calls=")?
+                .1
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// How many `ERR` error replies the server sent so far (INFO errorstats:
+/// Redis's own errors, such as a script's command refused; not the
+/// scripts' JQ_ refusals).
+async fn err_replies(con: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("errorstats")
+        .query_async(con)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("errorstat_ERR:count="))
+        .and_then(|n| n.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Stops a Python worker that serves forever (`--count` beyond its jobs)
+/// with SIGINT, and checks that it left cleanly (exit code 130).
+async fn interrupt_python_worker(mut worker: std::process::Child, what: &str) {
+    let interrupted = Command::new("kill")
+        .args(["-INT", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let exited = tokio::task::spawn_blocking(move || worker.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        exited.code(),
+        Some(130),
+        "the Python worker stops on SIGINT ({what})"
+    );
+}
+
+/// A queue paused from Rust (`Queue::pause`) holds a Python worker back, in
+/// recoverable and reliable modes: its job_claim / reliable_start calls are
+/// held (and a popped ticket, or an ID moved to its in-flight list, goes
+/// back), so for a second no job leaves `queued`; meanwhile it waits on the
+/// queue's gate list instead of spinning (a few script calls a second, not
+/// thousands). `Queue::resume` pushes the gate list: the worker wakes and
+/// runs every job promptly, none before the resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_worker_starts_nothing_while_its_queue_is_paused() {
+    let server = RedisServer::start();
+    let client = Client::connect(config(&server)).await.unwrap();
+    let mut con = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    const JOBS: u32 = 5;
+    for mode in [Mode::Recoverable, Mode::Reliable] {
+        let q = queue_name("py-paused");
+        let queue = client.queue(&q, mode).await.unwrap();
+        assert!(!queue.pause().await.unwrap(), "{mode}: was not paused");
+        assert!(queue.controls().await.unwrap().paused, "{mode}");
+        let worker = python_worker(&server, &q, mode, "clock", JOBS);
+        let mut handles = Vec::new();
+        for n in 0..JOBS {
+            let tick = Tick {
+                name: format!("p{n}"),
+                fail_first: false,
+            };
+            handles.push(queue.submit(&tick).await.unwrap());
+        }
+        let ids: Vec<String> = handles.iter().map(|h| h.id().to_owned()).collect();
+        let calls_before = script_calls(&mut con).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let calls = script_calls(&mut con).await - calls_before;
+        let states = job_states(&mut con, &q, &ids).await;
+        assert!(
+            states.iter().all(|s| s.as_deref() == Some("queued")),
+            "{mode}: a job left queued while the queue was paused: {states:?}"
+        );
+        // The Python worker wakes every 200 ms at most (its block_s) and
+        // makes a few calls each time (heartbeat, job_promote, the start).
+        assert!(
+            calls < 200,
+            "{mode}: {calls} script calls in a second while held: the worker spins"
+        );
+        let resumed = now_ms();
+        assert!(queue.resume().await.unwrap(), "{mode}: was paused");
+        for handle in handles {
+            let ran: Ran = handle.result_timeout(WAIT).await.unwrap();
+            // 1 ms to spare: Python and Redis round the same clock apart.
+            assert!(
+                ran.ran_ms + 1 >= resumed,
+                "{mode}: job {} ran {} ms before the resume",
+                ran.name,
+                resumed - ran.ran_ms
+            );
+            assert!(
+                ran.ran_ms <= resumed + 3_000,
+                "{mode}: job {} ran {} ms after the resume",
+                ran.name,
+                ran.ran_ms - resumed
+            );
+        }
+        python_worker_succeeds(worker, mode.as_str()).await;
+    }
+}
+
+/// A concurrency limit of 2 (`Queue::set_concurrency_limit`) holds across
+/// four Python worker processes (each runs one job at a time), in
+/// recoverable and reliable modes: the job hashes, sampled in one
+/// transaction every 20 ms while 200 ms jobs run, never show more than two
+/// `active` at once (and do show two: the limit is used). Every finish
+/// gives its slot back (job_finish pushes the gate list, waking a held
+/// worker), so all jobs complete, and none is left counted: the running
+/// set (reliable) and the lease set are empty at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_limit_holds_across_python_workers() {
+    use redis::AsyncCommands;
+
+    let server = RedisServer::start();
+    let client = Client::connect(config(&server)).await.unwrap();
+    let mut con = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    const JOBS: usize = 12;
+    const LIMIT: usize = 2;
+    for mode in [Mode::Recoverable, Mode::Reliable] {
+        let q = queue_name("py-limited");
+        let queue = client.queue(&q, mode).await.unwrap();
+        queue
+            .set_concurrency_limit(Some(LIMIT as u32))
+            .await
+            .unwrap();
+        assert_eq!(
+            queue.controls().await.unwrap().concurrency,
+            Some(LIMIT as u32)
+        );
+        let workers: Vec<_> = (0..4)
+            .map(|_| python_worker(&server, &q, mode, "nap-sync", 1_000))
+            .collect();
+        let mut handles = Vec::new();
+        for n in 0..JOBS {
+            let nap = Nap {
+                name: format!("c{n}"),
+                sleep_ms: 200,
+            };
+            handles.push(queue.submit(&nap).await.unwrap());
+        }
+        let ids: Vec<String> = handles.iter().map(|h| h.id().to_owned()).collect();
+        let mut peak = 0;
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let states = job_states(&mut con, &q, &ids).await;
+            let active = states
+                .iter()
+                .filter(|s| s.as_deref() == Some("active"))
+                .count();
+            assert!(
+                active <= LIMIT,
+                "{mode}: {active} jobs active at once under a limit of {LIMIT}: {states:?}"
+            );
+            peak = peak.max(active);
+            if states.iter().all(|s| s.as_deref() == Some("completed")) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{mode}: the jobs did not complete: {states:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(peak, LIMIT, "{mode}: the limit's slots were never all used");
+        for (n, handle) in handles.into_iter().enumerate() {
+            let got: String = handle.result_timeout(WAIT).await.unwrap();
+            assert_eq!(got, format!("slept c{n}"), "{mode}");
+        }
+        let running: usize = con.zcard(format!("jq:{{{q}}}:running")).await.unwrap();
+        let leases: usize = con.zcard(format!("jq:{{{q}}}:leases")).await.unwrap();
+        assert_eq!((running, leases), (0, 0), "{mode}: slots left taken");
+        for worker in workers {
+            interrupt_python_worker(worker, mode.as_str()).await;
+        }
+    }
+}
+
+/// The Python client's queue controls (queue_control) against a Rust
+/// worker, in recoverable and reliable modes: `jobqueue.py pause` holds the
+/// Rust worker back (its jobs stay `queued`, `Queue::controls` reads the
+/// pause, and its start calls are held, not failing: no `ERR` reply), and
+/// `jobqueue.py resume` lets it run them, none before. The
+/// rate and concurrency limits the Python client sets are the ones the
+/// Rust client reads, and `--clear` removes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_worker_honours_a_pause_from_the_python_client() {
+    use job_async_redis::{JobState, RateLimit};
+
+    let server = RedisServer::start();
+    let client = Client::connect(config(&server)).await.unwrap();
+    let mut con = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for mode in [Mode::Recoverable, Mode::Reliable] {
+        let q = queue_name("py-pauses");
+        let builder = Worker::builder(config(&server))
+            .mode(mode)
+            .queue(&q)
+            .concurrency(4);
+        let worker = spawn_built(builder, |job: Job<Tick>| async move {
+            Ok::<_, String>(Ran {
+                name: job.payload.name,
+                ran_ms: now_ms(),
+                attempt: job.attempt,
+            })
+        })
+        .await;
+        let queue = client.queue(&q, mode).await.unwrap();
+        python_check(&server, "pause", &q, mode, &[], "pause").await;
+        assert!(queue.controls().await.unwrap().paused, "{mode}");
+        let mut handles = Vec::new();
+        for n in 0..4 {
+            let tick = Tick {
+                name: format!("r{n}"),
+                fail_first: false,
+            };
+            handles.push(queue.submit(&tick).await.unwrap());
+        }
+        let errors_before = err_replies(&mut con).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            err_replies(&mut con).await,
+            errors_before,
+            "{mode}: the worker's calls failed while the queue was paused"
+        );
+        for handle in &handles {
+            let status = queue.status(handle.id()).await.unwrap().unwrap();
+            assert_eq!(
+                status.state,
+                JobState::Queued,
+                "{mode}: started while paused"
+            );
+        }
+        let resumed = now_ms();
+        python_check(&server, "resume", &q, mode, &[], "resume").await;
+        for handle in handles {
+            let ran: Ran = handle.result_timeout(WAIT).await.unwrap();
+            assert!(
+                ran.ran_ms + 1 >= resumed && ran.ran_ms <= resumed + 5_000,
+                "{mode}: job {} ran at {}, resumed at {resumed}",
+                ran.name,
+                ran.ran_ms
+            );
+        }
+        let limits = [
+            ("rate-limit", &["--max", "5", "--window-ms", "1000"][..]),
+            ("concurrency-limit", &["--max", "3"][..]),
+        ];
+        for (command, extra) in limits {
+            python_check(&server, command, &q, mode, extra, command).await;
+        }
+        let controls = queue.controls().await.unwrap();
+        assert!(!controls.paused, "{mode}");
+        assert_eq!(
+            controls.rate,
+            Some(RateLimit::new(5, Duration::from_millis(1_000))),
+            "{mode}"
+        );
+        assert_eq!(controls.concurrency, Some(3), "{mode}");
+        for command in ["rate-limit", "concurrency-limit"] {
+            python_check(&server, command, &q, mode, &["--clear"], command).await;
+        }
+        let controls = queue.controls().await.unwrap();
+        assert_eq!(
+            (controls.rate, controls.concurrency),
+            (None, None),
+            "{mode}"
+        );
+        let stats = worker.stop().await;
+        assert_eq!((stats.completed, stats.failed), (4, 0), "{mode}");
     }
 }

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use job_async_redis::{
-    AclProfile, AclRole, Client, Config, Error, FailureKind, Job, JobOptions, Mode, Worker,
-    load_scripts,
+    AclProfile, AclRole, Client, Config, Error, FailureKind, Job, JobOptions, JobState, Mode,
+    RateLimit, Worker, load_scripts,
 };
 use redis::{ConnectionLike, RedisResult};
 use support::{RedisCluster, RedisServer, queue_name, spawn_built, spawn_worker};
@@ -406,9 +406,26 @@ async fn every_mode(d: &Deployment, client: Config, worker: Config, queues: &Que
     {
         assert_eq!(h.result_timeout::<u32>(WAIT).await.unwrap(), n * 3);
     }
+    // Queue controls: the client pauses and limits the queue (meta, gate);
+    // the worker obeys (running, rate, gate) and is woken by the resume.
+    assert!(!queue.pause().await.unwrap());
+    let h = queue.submit(&5u32).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let state = queue.status(h.id()).await.unwrap().unwrap().state;
+    assert_eq!(state, JobState::Queued, "a paused queue started a job");
+    queue.set_concurrency_limit(Some(1)).await.unwrap();
+    queue
+        .set_rate_limit(Some(RateLimit::new(100, Duration::from_secs(1))))
+        .await
+        .unwrap();
+    assert!(queue.resume().await.unwrap());
+    match h.result_timeout::<u32>(WAIT).await {
+        Ok(n) => assert_eq!(n, 15),
+        Err(e) => panic!("{e}; refused meanwhile: {:?}", d.denials(&[])),
+    }
     // Once idle, the worker blocks in BLMOVE for up to 60 s.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(stops_promptly(running, "reliable").await.completed, 3);
+    assert_eq!(stops_promptly(running, "reliable").await.completed, 4);
 }
 
 /// The full profile: one user for clients and workers.

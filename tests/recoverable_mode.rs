@@ -470,6 +470,7 @@ async fn a_late_completion_is_accepted_when_nobody_else_took_the_job() {
         .key(format!("jq:{{{q}}}:pending"))
         .key(format!("jq:{{{q}}}:tickets"))
         .key(format!("jq:{{{q}}}:sweep-by-test"))
+        .key(format!("jq:{{{q}}}:gate"))
         .arg(1000)
         .arg(100)
         .invoke(&mut con)

@@ -158,28 +158,30 @@ def check_doorbells(url, path):
             scripts("job_submit", [k.meta, k.pending, k.tickets, k.delayed, k.clock, k.job(job_id)],
                     ["recoverable", "1", job_id, records[0].get("enc", "json"), b'"hi"', "c7", "0", "1", "0",
                      "0", "0", ""])
-        claim_keys = [k.pending, k.tickets, k.leases, k.fence]
+        # job_claim 4's reply starts with the gate's hold, wait and
+        # limited: the first ID is claimed[3], its token claimed[4].
+        claim_keys = [k.pending, k.tickets, k.leases, k.fence, k.meta, k.rate, k.gate]
         if v["produced_by"] == "job_start":
             if records[0]["status"] == "dead":
                 # Started, its lease ran out, swept; started again with max
                 # stalls 0: dead.
-                claimed = scripts("job_claim", claim_keys, ["1", "1", "0"])
+                claimed = scripts("job_claim", claim_keys, ["1", "1", "0", "0"])
                 scripts("job_start", [k.leases, k.dead_jobs, k.job(ids[0])],
-                        ["1", "3", "w1", "60000", "100", "publish", ids[0], claimed[1]])
+                        ["1", "3", "w1", "60000", "100", "publish", "0", ids[0], claimed[4]])
                 time.sleep(0.01)
-                scripts("job_requeue_stale", [k.leases, k.pending, k.tickets, k.sweep], ["1", "10"])
+                scripts("job_requeue_stale", [k.leases, k.pending, k.tickets, k.sweep, k.gate], ["1", "10"])
                 max_stalls = "0"
             else:
                 # A hash that is not a valid job: failed, without an error record.
                 r.hset(k.job(ids[0]), "state", "bogus")
                 max_stalls = "3"
-            claimed = scripts("job_claim", claim_keys, ["1", "30000", "0"])
+            claimed = scripts("job_claim", claim_keys, ["1", "30000", "0", "0"])
             scripts("job_start", [k.leases, k.dead_jobs, k.job(ids[0])],
-                    ["30000", max_stalls, "w1", "60000", "100", "publish", ids[0], claimed[1]])
+                    ["30000", max_stalls, "w1", "60000", "100", "publish", "0", ids[0], claimed[4]])
         else:
-            claimed = scripts("job_claim", claim_keys, [str(len(ids)), "30000", "0"])
-            tokens = [text(t) for t in claimed[1::2]]
-            start_args = ["30000", "3", "w1", "60000", "100", "publish"]
+            claimed = scripts("job_claim", claim_keys, [str(len(ids)), "30000", "0", "0"])
+            tokens = [text(t) for t in claimed[4::2]]
+            start_args = ["30000", "3", "w1", "60000", "100", "publish", "0"]
             for job_id, token in zip(ids, tokens):
                 start_args += [job_id, token]
             scripts("job_start", [k.leases, k.dead_jobs] + [k.job(i) for i in ids], start_args)
@@ -190,10 +192,11 @@ def check_doorbells(url, path):
                 else:
                     outcomes.append([rec["id"], token, "failed", rec["error"]["kind"], rec["error"]["message"], "0"])
             if v["produced_by"] == "job_finish":
-                scripts("job_finish", [k.job(ids[0]), k.leases, k.pending, k.tickets, k.delayed, k.clock],
+                scripts("job_finish", [k.job(ids[0]), k.leases, k.pending, k.tickets, k.delayed, k.clock,
+                                       k.running, k.gate],
                         outcomes[0] + ["60000", "recoverable", "publish", "-1"])
             else:
-                scripts("job_finish_batch", [k.leases, k.pending, k.tickets, k.delayed, k.clock]
+                scripts("job_finish_batch", [k.leases, k.pending, k.tickets, k.delayed, k.clock, k.running, k.gate]
                         + [k.job(i) for i in ids],
                         ["60000", "recoverable", "publish"] + [a for o in outcomes for a in o + ["-1"]])
         message = None

@@ -36,6 +36,18 @@ read job_promote's "schedule in ms", nor run schedule_fire): a queue with
 schedules needs a worker that fires them. The client side has no
 schedules either (schedule_set and schedule_remove are the Rust client's).
 
+Queue controls (protocol.md 8.9): the client pauses and resumes a queue and
+sets or clears its rate and concurrency limits (queue_control); the start
+scripts (job_claim, reliable_start) enforce them. The worker honours them
+as the Rust worker does: a call that the queue's gate held back says why
+and, for a rate limit, for how long; the worker then stops asking the
+queue and stops blocking on its tickets (recoverable) or pending list
+(reliable), and blocks on the queue's gate list instead (pushed when more
+jobs may start), for at most the rate's wait or `block_s`; then it asks
+again, telling the script it was held ("held" 1), so that a wake-up it
+does not use passes on to the next held worker. It never spins on a shut
+gate.
+
 As a program (used by the Rust interop and conformance tests):
 
     python3 jobqueue.py worker --url URL --queue Q --mode MODE --count N
@@ -43,6 +55,9 @@ As a program (used by the Rust interop and conformance tests):
     python3 jobqueue.py client-check --url URL --queue Q --mode MODE --enc ENC --count N
     python3 jobqueue.py client-timeouts --url URL --queue Q --mode MODE
     python3 jobqueue.py client-delayed --url URL --queue Q --mode MODE
+    python3 jobqueue.py pause|resume|controls --url URL --queue Q --mode MODE
+    python3 jobqueue.py rate-limit --url URL --queue Q --mode MODE (--max N --window-ms MS | --clear)
+    python3 jobqueue.py concurrency-limit --url URL --queue Q --mode MODE (--max N | --clear)
     python3 jobqueue.py conformance --url URL FILE.json
     python3 jobqueue.py vectors FILE.json      (vectors.json or backoff.json)
 """
@@ -71,6 +86,9 @@ MAX_MS = 10**12
 MAX_RUN_AT_MS = 999_999_999_999_999
 # Most delayed jobs one job_promote call moves (the Rust worker's batch).
 PROMOTE_LIMIT = 1000
+# Most starts per window of a rate limit, and most running jobs of a
+# concurrency limit (protocol.md 8.9).
+MAX_LIMIT = 1_000_000
 LUA_DIR = pathlib.Path(__file__).resolve().parents[2] / "lua"
 MODES = ("simple", "recoverable", "reliable")
 FINISHED = ("completed", "failed", "dead")
@@ -431,7 +449,7 @@ class Keys:
 
     def __getattr__(self, name):
         if name in ("meta", "pending", "dead", "tickets", "leases", "fence", "dead_jobs", "sweep", "workers",
-                    "delayed", "timekeeper", "clock", "schedules"):
+                    "delayed", "timekeeper", "clock", "schedules", "rate", "running", "gate"):
             return f"{self.base}:{name}"
         raise AttributeError(name)
 
@@ -606,6 +624,83 @@ class Queue:
             # record) needs nothing special.
             self.client.wait_message(job_id, min(left, 1.0))
 
+    # queue controls (protocol.md 8.9) --------------------------------------
+
+    def control(self, changes):
+        """queue_control 1: sets each control of `changes`, a list of
+        (control, value) pairs ("paused" "1", "rate" "<max>:<window ms>",
+        "concurrency" "<max>"; the value "" clears it), in one atomic call.
+        Returns their previous values, in order ("" when one was not set).
+        A change that may let more jobs start (anything but a pause) pushes
+        the queue's gate list, which wakes the workers it held back.
+        Recoverable and reliable modes only: simple-mode workers pop jobs
+        without a script, so nothing could enforce them."""
+        if self.mode == "simple":
+            raise ValueError("simple mode has no queue controls: its workers pop jobs without a script")
+        args = [self.mode, PROTOCOL_VERSION]
+        for control, value in changes:
+            args += [control, value]
+        call = ("queue_control", [self.keys.meta, self.keys.gate], args)
+        try:
+            previous = self.client.scripts(*call)
+        except ProtocolError as e:
+            if e.code != "JQ_QUEUE_UNKNOWN":
+                raise
+            # The metadata is gone (deleted, or Redis lost its data): as
+            # for a submit, register the queue and send the call again.
+            register(self.client.scripts, self.keys, self.mode)
+            previous = self.client.scripts(*call)
+        return [text(v) for v in previous]
+
+    def pause(self):
+        """Pauses the queue: from now on no worker starts a job from it
+        (running jobs finish; submits and delayed jobs go on). Returns
+        whether it was paused already."""
+        return self.control([("paused", "1")])[0] != ""
+
+    def resume(self):
+        """Resumes the queue: the workers its pause held back start jobs at
+        once. Returns whether it was paused."""
+        return self.control([("paused", "")])[0] != ""
+
+    def set_rate_limit(self, max_starts, window_ms=None):
+        """At most `max_starts` (1 to 10^6) jobs start in any window of
+        `window_ms` (1 to 10^12), across all the queue's workers; None
+        removes the limit. Returns the previous limit as stored ("" for
+        none)."""
+        if max_starts is None:
+            return self.control([("rate", "")])[0]
+        if not (type(max_starts) is int and type(window_ms) is int and 1 <= max_starts <= MAX_LIMIT
+                and 1 <= window_ms <= MAX_MS):
+            raise ValueError(f"a rate limit is 1 to {MAX_LIMIT} starts per window of 1 to {MAX_MS} ms")
+        return self.control([("rate", f"{max_starts}:{window_ms}")])[0]
+
+    def set_concurrency_limit(self, max_running):
+        """At most `max_running` (1 to 10^6) of the queue's jobs run at once,
+        across all its workers; None removes the limit. Returns the previous
+        limit as stored ("" for none). The count is the lease set's size
+        (recoverable mode: jobs running when the limit is set count) or the
+        running set's (reliable mode: only jobs started under a limit)."""
+        if max_running is None:
+            return self.control([("concurrency", "")])[0]
+        if not (type(max_running) is int and 1 <= max_running <= MAX_LIMIT):
+            raise ValueError(f"a concurrency limit is 1 to {MAX_LIMIT}")
+        return self.control([("concurrency", str(max_running))])[0]
+
+    def controls(self):
+        """The queue's controls, read as the start scripts read them (a
+        value that does not parse counts as absent): {"paused": bool,
+        "rate": (max, window ms) or None, "concurrency": int or None}."""
+        paused, rate, concurrency = (text(v) for v in self.client.r.hmget(
+            self.keys.meta, "paused", "rate", "concurrency"))
+        parsed_rate = None
+        m = re.fullmatch(r"([0-9]{1,15}):([0-9]{1,15})", rate or "")
+        if m and 1 <= int(m.group(1)) <= MAX_LIMIT and 1 <= int(m.group(2)) <= MAX_MS:
+            parsed_rate = (int(m.group(1)), int(m.group(2)))
+        limit = int(concurrency) if re.fullmatch(r"[0-9]{1,15}", concurrency or "") else None
+        return {"paused": paused == "1", "rate": parsed_rate,
+                "concurrency": limit if limit is not None and 1 <= limit <= MAX_LIMIT else None}
+
 
 class Abandoned(Exception):
     """The worker is being stopped (KeyboardInterrupt, SystemExit) while a
@@ -692,6 +787,17 @@ class Worker:
     Rust workers). Alone on a queue, it runs a delayed job no earlier than
     it is due and, when idle, at most about `block_s` late.
 
+    Queue controls (section 8.9): a job_claim or reliable_start call that
+    the queue's gate (pause, rate or concurrency limit) held back makes the
+    worker "held": it no longer claims, nor blocks on the tickets
+    (recoverable) or BLMOVEs from the pending list (reliable), but blocks
+    on the queue's gate list, until it is pushed (a resume, a limit
+    changed, a slot given back) or the hold's time to ask again comes (a
+    rate limit's wait, at most `block_s`: a wake-up can be lost with a
+    connection). Then it calls the start script again with "held" 1,
+    which passes the wake-up on when room is left. A call that is not held
+    back ends the hold.
+
     Settings (section 18) keep this library's and the Rust library's
     defaults, except `block_s`: this worker renews its heartbeat on the
     thread that blocks, so the block timeout must stay well below a third of
@@ -726,6 +832,11 @@ class Worker:
         self.registered = False
         # When to call job_promote next at the latest (time.monotonic()).
         self.promote_at = 0.0
+        # Why the queue's gate held this worker back at its last start call
+        # ("paused", "concurrency", "rate"; None: not held), and when to
+        # ask again without a wake-up (time.monotonic()).
+        self.held = None
+        self.ask_at = 0.0
         register(self.scripts, self.keys, mode)
 
     def run(self, count=None, idle_exit_s=None):
@@ -748,7 +859,8 @@ class Worker:
                 # Leave: anything still in flight goes back at once, and the
                 # worker is marked dead (recovery finds anything moved into
                 # its list later; the retention then forgets it).
-                self.scripts("reliable_requeue_worker", [self.keys.workers, self.keys.inflight(self.id), self.keys.pending],
+                k = self.keys
+                self.scripts("reliable_requeue_worker", [k.workers, k.inflight(self.id), k.pending, k.running, k.gate],
                              [self.id, "0", str(self.retention_ms)])
             # Nothing to give up at exit: it never holds the timekeeper role.
         return done
@@ -794,6 +906,39 @@ class Worker:
         next wait."""
         self.promote()
         return min(self.block_s, max(self.promote_at - time.monotonic(), 0.001))
+
+    # the queue's gate (protocol.md 8.9) ------------------------------------
+
+    def note_gate(self, reason, wait_ms):
+        """Remembers what a start call (job_claim, reliable_start) said of
+        the queue's gate: `reason` "" when it held nothing back (any hold
+        ends), else why it held this worker back, and `wait_ms`: for a rate
+        limit with no room at all, how long until the next start may pass;
+        -1 (anything else): until the gate list is pushed. Either way the
+        worker asks again after `block_s` at the latest: a wake-up can be
+        lost with a connection (the Rust worker's block timeout)."""
+        if not reason:
+            self.held = None
+            return
+        wait_s = self.block_s if wait_ms < 0 else min(wait_ms / 1000, self.block_s)
+        self.held = reason
+        self.ask_at = time.monotonic() + wait_s
+
+    def may_ask(self):
+        """True when the worker may call the start script: it is not held,
+        or its time to ask again came (or the gate list woke it)."""
+        return self.held is None or time.monotonic() >= self.ask_at
+
+    def wait_gate(self):
+        """Held back: blocks on the queue's gate list, never on its tickets
+        or pending list, until it is pushed or the time to ask again comes
+        (cut short, like every blocking wait, when the next delayed job is
+        due). Popping the entry takes the wake-up: the next start call
+        (with "held" 1) pushes it again when it leaves room, for the next
+        held worker."""
+        timeout = min(self.wait_s(), max(self.ask_at - time.monotonic(), 0.001))
+        if self.r.execute_command("BLMPOP", timeout, 1, self.keys.gate, "LEFT", "COUNT", 1):
+            self.ask_at = time.monotonic()  # more jobs may start: ask at once
 
     def execute(self, job_id, enc, body, attempt, timeout_ms=0):
         """Decodes, runs the handler, encodes: ("completed", bytes) or
@@ -888,7 +1033,10 @@ class Worker:
         self.last_sweep = time.monotonic()
         k = self.keys
         if self.mode == "recoverable":
-            self.scripts("job_requeue_stale", [k.leases, k.pending, k.tickets, k.sweep], [str(self.sweep_ms), "1000"])
+            # job_requeue_stale 3: a requeued job frees a slot of a
+            # concurrency limit, so the script pushes the gate list.
+            self.scripts("job_requeue_stale", [k.leases, k.pending, k.tickets, k.sweep, k.gate],
+                         [str(self.sweep_ms), "1000"])
         else:
             dead = self.scripts("reliable_find_dead", [k.workers, k.sweep], [str(self.sweep_ms), "100"])
             if isinstance(dead, list):
@@ -896,28 +1044,52 @@ class Worker:
                 # program wrote.
                 for worker in dead:
                     if worker != self.id.encode():
-                        self.scripts("reliable_requeue_worker", [k.workers, k.inflight(worker), k.pending],
+                        self.scripts("reliable_requeue_worker",
+                                     [k.workers, k.inflight(worker), k.pending, k.running, k.gate],
                                      [worker, "1", str(self.retention_ms)])
+
+    def claim(self, tickets_taken):
+        """job_claim 4 of one job (this worker has one slot): (id, token,
+        limited) or None. Its reply starts with what the queue's gate did
+        (hold reason, wait ms, limited), which note_gate records; "held" 1
+        when the last call was held back. A ticket this worker popped
+        (`tickets_taken` 1) whose job the gate held back is pushed back by
+        the script."""
+        k = self.keys
+        reply = self.scripts("job_claim", [k.pending, k.tickets, k.leases, k.fence, k.meta, k.rate, k.gate],
+                             ["1", str(self.lease_ms), str(tickets_taken), "1" if self.held else "0"])
+        self.note_gate(text(reply[0]), int(reply[1]))
+        if len(reply) < 5:
+            return None
+        # limited: the queue has a concurrency limit; job_start marks the
+        # job's slot, so that its finish wakes a worker the limit held back.
+        return reply[3], text(reply[4]), text(reply[2])
 
     def recoverable_once(self):
         k = self.keys
         self.sweep()
         self.promote_if_due()
-        claim_keys = [k.pending, k.tickets, k.leases, k.fence]
-        claimed = self.scripts("job_claim", claim_keys, ["1", str(self.lease_ms), "0"])
+        if not self.may_ask():
+            # Held back by the queue's gate: no claim, no ticket wait.
+            self.wait_gate()
+            return 0
+        claimed = self.claim(0)
         if not claimed:
+            if self.held:
+                return 0  # the gate held it back: the next call waits on the gate list
             # The block timeout is in seconds, as Redis takes it.
             if not self.r.execute_command("BLMPOP", self.wait_s(), 1, k.tickets, "RIGHT", "COUNT", 1):
                 return 0
             # After a ticket: ask for every free slot (one here), tickets taken 1.
-            claimed = self.scripts("job_claim", claim_keys, ["1", str(self.lease_ms), "1"])
+            claimed = self.claim(1)
             if not claimed:
                 return 0
         # The ID as bytes: job_start never runs one that is not UTF-8.
-        job_id, token = claimed[0], text(claimed[1])
+        job_id, token, limited = claimed
+        # job_start 11: "limited" (from job_claim) before the id/token pairs.
         start = self.scripts("job_start", [k.leases, k.dead_jobs, k.job(job_id)],
                              [str(self.lease_ms), str(self.max_stalls), self.id, str(self.ttl), str(self.dead_max),
-                              "publish", job_id, token])[0]
+                              "publish", limited, job_id, token])[0]
         if text(start[0]) != "run":
             return 1
         # The sixth element of job_start's decision is the job's lease in
@@ -934,7 +1106,10 @@ class Worker:
         except Abandoned:
             k = self.keys
             try:
-                self.scripts("job_release", [k.job(job_id), claim, k.pending, k.tickets], [job_id, token, self.mode])
+                # job_release 5: a job with a slot gives it back (running
+                # set, gate list).
+                self.scripts("job_release", [k.job(job_id), claim, k.pending, k.tickets, k.running, k.gate],
+                             [job_id, token, self.mode])
             except ProtocolError as e:
                 print(f"could not give {text(job_id)} back: {e}", file=sys.stderr)
             raise
@@ -949,7 +1124,10 @@ class Worker:
             args = [job_id, token, "failed", outcome[1], outcome[2], "1" if outcome[3] else "0", str(self.ttl),
                     self.mode, "publish", str(outcome[4])]
         try:
-            self.scripts("job_finish", [k.job(job_id), claim, k.pending, k.tickets, k.delayed, k.clock], args)
+            # job_finish 12: a job with a slot gives it back (it leaves the
+            # running set in reliable mode; the gate list is pushed).
+            self.scripts("job_finish", [k.job(job_id), claim, k.pending, k.tickets, k.delayed, k.clock, k.running,
+                                        k.gate], args)
         except ProtocolError as e:
             if e.code not in ("JQ_LEASE_LOST", "JQ_ALREADY_FINISHED"):
                 raise
@@ -972,6 +1150,10 @@ class Worker:
         self.heartbeat()
         self.sweep()
         self.promote_if_due()
+        if not self.may_ask():
+            # Held back by the queue's gate: no BLMOVE from pending.
+            self.wait_gate()
+            return 0
         inflight = k.inflight(self.id)
         # One slot: look at the oldest ID waiting and take it with the
         # start; when nothing waits, block on BLMOVE.
@@ -984,12 +1166,23 @@ class Worker:
             if moved is None:
                 return 0
             source, job_id = "inflight", moved
-        start = self.scripts("reliable_start", [inflight, k.dead_jobs, k.fence, k.pending, k.job(job_id)],
+        # reliable_start 11: the gate's keys before the job's, and "held"
+        # 1 when the last call was held back.
+        start = self.scripts("reliable_start",
+                             [inflight, k.dead_jobs, k.fence, k.pending, k.meta, k.running, k.rate, k.gate,
+                              k.job(job_id)],
                              [str(self.max_stalls), self.id, str(self.ttl), str(self.dead_max), "publish",
-                              source, job_id])[0]
-        if text(start[0]) == "missed":
+                              source, "1" if self.held else "0", job_id])[0]
+        decision = text(start[0])
+        if decision == "held":
+            # The gate held it back: it waits on pending (moved back there
+            # from "inflight"), and this worker on the gate list.
+            self.note_gate(text(start[1]), int(start[2]))
+            return 0
+        self.note_gate("", -1)
+        if decision == "missed":
             return 0  # another worker took it first: look again
-        if text(start[0]) != "run":
+        if decision != "run":
             return 1
         token = text(start[5])  # reliable_start: the sixth element is the token
         self.run_started(job_id, token, start, inflight)
@@ -997,8 +1190,8 @@ class Worker:
 
 
 def start_timeout(start):
-    """The seventh element of a `run` decision (job_start 10, reliable_start
-    10): the job's own handler timeout in ms, 0 for none (the worker's
+    """The seventh element of a `run` decision (job_start 11, reliable_start
+    11): the job's own handler timeout in ms, 0 for none (the worker's
     default). Anything that is not an integer from 1 to 10^12 counts as 0."""
     try:
         ms = int(text(start[6]))
@@ -1178,6 +1371,34 @@ def client_delayed(url, queue_name, mode):
     return 1 if failures else 0
 
 
+def control_command(args, parser):
+    """The queue-control subcommands: each changes one control and prints
+    what it was before (`controls` prints them all as JSON)."""
+    if args.mode == "simple":
+        parser.error("simple mode has no queue controls")
+    queue = Client(args.url).queue(args.queue, args.mode)
+    if args.command == "pause":
+        print("was paused" if queue.pause() else "was running")
+    elif args.command == "resume":
+        print("was paused" if queue.resume() else "was running")
+    elif args.command == "controls":
+        controls = queue.controls()
+        rate = controls["rate"]
+        controls["rate"] = f"{rate[0]}:{rate[1]}" if rate else None
+        print(json.dumps(controls))
+    else:
+        if args.clear == (args.max is not None) or (args.command == "rate-limit" and
+                                                    (args.max is None) != (args.window_ms is None)):
+            parser.error(f"{args.command}: give --clear, or the limit (--max"
+                         + (" and --window-ms" if args.command == "rate-limit" else "") + ")")
+        if args.command == "rate-limit":
+            previous = queue.set_rate_limit(args.max, args.window_ms)
+        else:
+            previous = queue.set_concurrency_limit(args.max)
+        print(f"previous limit: {previous or 'none'}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1185,7 +1406,13 @@ def main(argv=None):
     c = sub.add_parser("client-check", help="submit the sample N times and check the results")
     t = sub.add_parser("client-timeouts", help="submit jobs with handler timeouts and check their outcomes")
     d = sub.add_parser("client-delayed", help="submit delayed jobs and check when they ran")
-    for p in (w, c, t, d):
+    # Queue controls (protocol.md 8.9): each prints the previous value.
+    pa = sub.add_parser("pause", help="pause a queue: no worker starts its jobs until resumed")
+    rs = sub.add_parser("resume", help="resume a paused queue")
+    rl = sub.add_parser("rate-limit", help="set or clear a queue's rate limit")
+    cl = sub.add_parser("concurrency-limit", help="set or clear a queue's concurrency limit")
+    co = sub.add_parser("controls", help="print a queue's controls as JSON")
+    for p in (w, c, t, d, pa, rs, rl, cl, co):
         p.add_argument("--url", required=True)
         p.add_argument("--queue", required=True)
         p.add_argument("--mode", required=True, choices=MODES)
@@ -1194,6 +1421,11 @@ def main(argv=None):
     c.add_argument("--enc", required=True, choices=("msgpack", "json"))
     w.add_argument("--handler", choices=sorted(HANDLERS), default="interop")
     w.add_argument("--timeout-ms", type=int, default=None, help="the worker's default handler timeout")
+    rl.add_argument("--max", type=int, help="most starts per window")
+    rl.add_argument("--window-ms", type=int, help="the window, in ms")
+    cl.add_argument("--max", type=int, help="most jobs running at once")
+    for p in (rl, cl):
+        p.add_argument("--clear", action="store_true", help="remove the limit")
     conf = sub.add_parser("conformance", help="replay a conformance scenario file")
     conf.add_argument("--url", required=True)
     conf.add_argument("file")
@@ -1229,6 +1461,8 @@ def main(argv=None):
         return client_timeouts(args.url, args.queue, args.mode)
     if args.command == "client-delayed":
         return client_delayed(args.url, args.queue, args.mode)
+    if args.command in ("pause", "resume", "rate-limit", "concurrency-limit", "controls"):
+        return control_command(args, parser)
     if args.command == "conformance":
         import conformance
 

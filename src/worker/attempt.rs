@@ -111,7 +111,8 @@ pub(crate) fn spawn_started(
             tracing::debug!(job = %id, why, "claimed job not run");
             return;
         }
-        Start::Missed => return,
+        // The fetch loops handle these before: nothing to run.
+        Start::Missed | Start::Held(_) => return,
     };
     let Ok(id) = String::from_utf8(id) else {
         // The start scripts never answer "run" for such an ID; were one to,

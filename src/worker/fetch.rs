@@ -45,7 +45,8 @@ const WAKE_TTL_MS: u64 = 60_000;
 impl Fetcher {
     /// One BLMPOP of up to `count` entries from the first non-empty list of
     /// `key_of(queue)` over `queues` (in that order), blocking up to the
-    /// configured block timeout. `Ok(None)`: nothing arrived (timeout,
+    /// configured block timeout, or until a held queue must be asked again
+    /// (see `gate`). `Ok(None)`: nothing arrived (timeout,
     /// shutdown, or a dropped connection, see [`Fetcher::take_reconnected`]).
     ///
     /// # Errors
@@ -65,6 +66,11 @@ impl Fetcher {
         } else {
             (queues, shared.config.block_timeout)
         };
+        // A held queue must be asked again when its rate window lets the
+        // next start pass (BLMPOP takes at least a millisecond).
+        let timeout = shared.holds.next_ask().map_or(timeout, |ask| {
+            timeout.min(ask.max(Duration::from_millis(1)))
+        });
         let Some(first) = queues.first() else {
             return Ok(None);
         };

@@ -6,13 +6,15 @@
 //! fetch loop. Each mode's file (`simple`, `recoverable`, `reliable`) holds
 //! only how that mode takes jobs and keeps them alive; `attempt` runs a
 //! stored job from its start decision to its outcome, `finisher` records
-//! outcomes, `execute` runs the handler, `fetch` owns the blocking pop.
+//! outcomes, `execute` runs the handler, `fetch` owns the blocking pop,
+//! `gate` remembers which queues' pause or limits held the worker back.
 
 mod attempt;
 mod clock;
 mod execute;
 mod fetch;
 mod finisher;
+mod gate;
 mod health;
 mod recoverable;
 mod reliable;
@@ -347,6 +349,8 @@ pub(crate) struct Shared {
     pub counters: Counters,
     /// Queues rested after failures.
     pub health: health::Health,
+    /// Queues whose gate (pause, limits) held this worker back.
+    pub holds: gate::Holds,
     /// Recoverable and reliable modes: the jobs this worker is running.
     pub active: attempt::Active,
     /// Reliable mode: when the heartbeat last succeeded.
@@ -431,6 +435,7 @@ impl Worker {
             finished: CancellationToken::new(),
             counters: Counters::default(),
             health: health::Health::default(),
+            holds: gate::Holds::default(),
             active: attempt::Active::default(),
             last_beat: std::sync::Mutex::new(None),
             finisher,

@@ -7,6 +7,10 @@
 //! ticket lists (BLMPOP), never on the job IDs: a worker that dies right
 //! after a pop loses a ticket (other workers find the job on their next
 //! pass, at most one block timeout later), never a job.
+//!
+//! A queue whose gate (pause, limits) holds the worker back is skipped, and
+//! its gate list takes the place of its tickets in the blocking pop (see
+//! `gate`).
 
 use std::sync::Arc;
 
@@ -36,8 +40,29 @@ pub(crate) fn background(shared: &Arc<Shared>) -> Vec<AbortOnDropHandle<()>> {
     ]
 }
 
-/// A claimed job of one queue: the queue, the ID as stored, the token.
-type Claimed = (Arc<QueueKeys>, Vec<u8>, String);
+/// A claimed job of one queue: the queue, the ID as stored, the token, and
+/// whether the queue has a concurrency limit.
+type Claimed = (Arc<QueueKeys>, Vec<u8>, String, bool);
+
+/// The list the blocking pop waits on for `queue`: its gate list while its
+/// gate holds the worker back, else its tickets.
+fn wait_key(shared: &Shared, queue: &QueueKeys) -> String {
+    if shared.holds.is_held(queue.queue()) {
+        queue.gate()
+    } else {
+        queue.tickets()
+    }
+}
+
+/// Remembers whether `job_claim` on `keys` was held back by the gate.
+fn note_gate(shared: &Shared, keys: &QueueKeys, got: &transitions::Claimed) {
+    match &got.hold {
+        Some(hold) => shared
+            .holds
+            .hold(keys.queue(), hold, shared.config.block_timeout),
+        None => shared.holds.release(keys.queue()),
+    }
+}
 
 /// Claims and runs jobs while there are free slots, until shutdown. A queue
 /// whose calls fail for a reason retrying at once cannot fix is rested while
@@ -77,7 +102,9 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
             // Every queue is empty: wait for a ticket. After a timeout, ask
             // the queues again (a ticket can be lost with a worker that died
             // right after popping it).
-            let popped = fetcher.pop(shared, &serving, |q| q.tickets(), 1).await;
+            let popped = fetcher
+                .pop(shared, &serving, |q| wait_key(shared, q), 1)
+                .await;
             let (key, popped) = match popped {
                 Ok(Some(popped)) => popped,
                 Ok(None) => {
@@ -86,12 +113,24 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
                 }
                 Err(e) if is_fatal(&e) => return Err(e),
                 Err(e) => {
-                    rest_queues_of(shared, &serving, |q| q.tickets(), "wait for tickets", &e);
+                    rest_queues_of(
+                        shared,
+                        &serving,
+                        |q| wait_key(shared, q),
+                        "wait for tickets",
+                        &e,
+                    );
                     drained = false;
                     continue;
                 }
             };
-            let keys = queue_of(shared, &key, |q| q.tickets());
+            let keys = queue_of(shared, &key, |q| wait_key(shared, q));
+            if key == keys.gate() {
+                // More jobs may start on a held queue: ask it again now.
+                shared.holds.wake(keys.queue());
+                drained = false;
+                continue;
+            }
             if shared.shutdown.is_cancelled() {
                 let _: redis::RedisResult<()> = redis::cmd("LPUSH")
                     .arg(&key)
@@ -101,12 +140,16 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
                 return Ok(());
             }
             let lease = shared.settings.lease;
-            match transitions::job_claim(&shared.con, &keys, permits.len(), lease, 1).await {
-                Ok(jobs) => {
+            match transitions::job_claim(&shared.con, &keys, permits.len(), lease, (1, false)).await
+            {
+                Ok(got) => {
                     shared.health.recovered(keys.queue());
-                    claimed = jobs
+                    note_gate(shared, &keys, &got);
+                    let limited = got.limited;
+                    claimed = got
+                        .jobs
                         .into_iter()
-                        .map(|(id, token)| (keys.clone(), id, token))
+                        .map(|(id, token)| (keys.clone(), id, token, limited))
                         .collect()
                 }
                 Err(e) if is_fatal(&e) => return Err(e),
@@ -146,16 +189,16 @@ async fn start_claimed(
         let queue = claimed[0].0.queue().to_owned();
         let split = claimed
             .iter()
-            .position(|(k, _, _)| k.queue() != queue)
+            .position(|(k, _, _, _)| k.queue() != queue)
             .unwrap_or(claimed.len());
         let rest = claimed.split_off(split);
-        let keys = claimed[0].0.clone();
+        let (keys, limited) = (claimed[0].0.clone(), claimed[0].3);
         let claims: Vec<Claim> = claimed
             .into_iter()
-            .map(|(_, id, token)| (id, token))
+            .map(|(_, id, token, _)| (id, token))
             .collect();
         claimed = rest;
-        match transitions::job_start(&shared.con, &keys, &claims, &settings).await {
+        match transitions::job_start(&shared.con, &keys, (&claims, limited), &settings).await {
             Ok(decisions) => {
                 for ((id, token), start) in claims.into_iter().zip(decisions) {
                     let permit = permits
@@ -198,12 +241,21 @@ async fn claim_in_order(
         if want == 0 {
             break;
         }
-        match transitions::job_claim(&shared.con, keys, want, shared.settings.lease, 0).await {
-            Ok(jobs) => {
+        if !shared.holds.may_ask(keys.queue()) {
+            // Held back by its gate: its gate list wakes the worker.
+            continue;
+        }
+        let held = shared.holds.is_held(keys.queue());
+        let lease = shared.settings.lease;
+        match transitions::job_claim(&shared.con, keys, want, lease, (0, held)).await {
+            Ok(got) => {
                 shared.health.recovered(keys.queue());
+                note_gate(shared, keys, &got);
+                let limited = got.limited;
                 claimed.extend(
-                    jobs.into_iter()
-                        .map(|(id, token)| (Arc::clone(keys), id, token)),
+                    got.jobs
+                        .into_iter()
+                        .map(|(id, token)| (Arc::clone(keys), id, token, limited)),
                 );
             }
             Err(e) if is_fatal(&e) => return Err(e),

@@ -121,6 +121,18 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
                 }
             }
         }
+        let queue = keys.queue();
+        if !shared.holds.may_ask(queue) {
+            // Held back by the queue's gate: wait on its gate list until it
+            // is pushed or the hold's time to ask again comes.
+            match fetcher.pop(shared, &[&keys], |q| q.gate(), 1).await {
+                Ok(Some(_)) => shared.holds.wake(queue),
+                Ok(None) => {}
+                Err(e) => setback(shared, &mut backoff, "wait on the gate list", e).await?,
+            }
+            continue;
+        }
+        let held = shared.holds.is_held(queue);
         let (source, mut ids) = if unstarted.is_empty() {
             (Source::Pending, Vec::new())
         } else {
@@ -160,7 +172,7 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
         let decisions = match transitions::reliable_start(
             &shared.con,
             &keys,
-            (source, &ids),
+            (source, &ids, held),
             &settings,
         )
         .await
@@ -176,10 +188,23 @@ pub(crate) async fn fetch_loop(shared: &Arc<Shared>, tasks: &mut JoinSet<()>) ->
             }
         };
         backoff.reset();
-        shared.health.recovered(keys.queue());
+        shared.health.recovered(queue);
+        match decisions.iter().find_map(|(start, _)| match start {
+            Start::Held(hold) => Some(hold),
+            _ => None,
+        }) {
+            Some(hold) => {
+                shared.holds.hold(queue, hold, shared.config.block_timeout);
+                // Held IDs wait on the pending list (moved back there when
+                // they came from our in-flight list).
+                drained = false;
+            }
+            None => shared.holds.release(queue),
+        }
         for (id, (start, token)) in ids.into_iter().zip(decisions) {
-            if matches!(start, Start::Missed) {
-                // Another worker took it: look again.
+            if matches!(start, Start::Missed | Start::Held(_)) {
+                // Another worker took it, or the gate held it back: look
+                // again (when the gate lets us).
                 drained = false;
                 continue;
             }
