@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish
--- version: 12
+-- version: 13
 -- Recoverable and reliable modes: records a job's outcome under its fencing
 -- token, drops its claim (lease or in-flight entry) and rings the client's
 -- doorbell. The doorbell carries the outcome (the same record as a
@@ -16,6 +16,9 @@
 -- A job started under a concurrency limit (slot = "1") gives its slot back:
 -- in reliable mode it leaves the running set; either way the gate list is
 -- pushed (when empty), so that a worker held back by the limit wakes.
+-- A job that ends (not retried) gives its unique lock back (protocol.md
+-- 8.10), and a job that records events appends "retried", "completed" or
+-- "failed" to the event stream (protocol.md 8.12).
 -- A completion from a worker whose job was taken over by a newer attempt is
 -- refused; a late completion when nobody else started the job is accepted.
 --
@@ -29,6 +32,7 @@
 -- KEYS[6]  clock list      <prefix>:{<queue>}:clock
 -- KEYS[7]  running set     <prefix>:{<queue>}:running  (reliable mode)
 -- KEYS[8]  gate list       <prefix>:{<queue>}:gate
+-- KEYS[9]  event stream    <prefix>:{<queue>}:events
 -- ARGV[1]  id
 -- ARGV[2]  token           the token job_start accepted (1 to 999999999999999)
 -- ARGV[3]  status          "completed" | "failed"
@@ -177,6 +181,25 @@ local function before_earliest(due, s)
   return not earliest or due < earliest
 end
 
+-- Appends a lifecycle event to the queue's event stream (protocol.md 8.12),
+-- capped near MAXLEN entries (the job's events field, a number). Best effort: a
+-- stream key of another type drops the event, never the transition.
+local function event(stream, maxlen, ...)
+  redis.pcall('XADD', stream, 'MAXLEN', '~', string.format('%d', maxlen), '*', ...)
+end
+
+-- Deletes the job's unique lock (protocol.md 8.10) while the job still
+-- holds it. The lock's key is derived from the job's unique field, inside
+-- this queue (BASE is <prefix>:{<queue>}); a lock of another type is left.
+local function release_unique(base, ukey, id)
+  if ukey then
+    local lock = base .. ':unique:' .. ukey
+    if redis.pcall('GET', lock) == id then
+      redis.call('DEL', lock)
+    end
+  end
+end
+
 -- Puts ID in the delayed set, due at DUE (ms), and rings the clock when it
 -- is due before every job already there.
 local function delay_job(delayed, clock, id, due)
@@ -187,8 +210,8 @@ local function delay_job(delayed, clock, id, due)
   end
 end
 
-if #KEYS ~= 8 or #ARGV ~= 10 then
-  return redis.error_reply('JQ_BAD_ARGS expected 8 keys (job, claim, pending, tickets, delayed, clock, running, gate) and 10 arguments')
+if #KEYS ~= 9 or #ARGV ~= 10 then
+  return redis.error_reply('JQ_BAD_ARGS expected 9 keys (job, claim, pending, tickets, delayed, clock, running, gate, events) and 10 arguments')
 end
 local id, status, mode = ARGV[1], ARGV[3], ARGV[8]
 local token = integer(ARGV[2], 1, 999999999999999)
@@ -222,7 +245,7 @@ if not base then
   return redis.error_reply('JQ_BAD_ARGS KEYS[1] has no {<queue>} hash tag')
 end
 local job = redis.pcall('HMGET', KEYS[1], 'state', 'token', 'client', 'enc', 'error_kind',
-  'attempt', 'max_attempts', 'backoff', 'slot')
+  'attempt', 'max_attempts', 'backoff', 'slot', 'unique', 'events', 'worker')
 if job.err then
   return redis.error_reply(wrongtype(KEYS[1], 'hash') or job.err)
 end
@@ -244,6 +267,8 @@ if retry then
   wait = retry_delay >= 0 and retry_delay or backoff_ms(job[8], id, attempt)
 end
 local slot = job[9] == '1'
+local events = integer(job[11], 1, 1000000000)
+local attempt_s, worker_s = events and string.format('%d', attempt), job[12] or ''
 -- Every key it will write, checked before the first write.
 local refusal = wrongtype(KEYS[2], mode == 'reliable' and 'list' or 'zset')
   or (retry and wrongtype(KEYS[3], 'list'))
@@ -281,9 +306,17 @@ if retry then
     redis.call('HSET', KEYS[1], 'state', 'queued', 'error_kind', ARGV[4], 'error', ARGV[5],
       'due_ms', int(due))
     delay_job(KEYS[5], KEYS[6], id, due)
+    if events then
+      event(KEYS[9], events, 'event', 'retried', 'id', id, 'attempt', attempt_s, 'worker', worker_s,
+        'kind', ARGV[4], 'due_ms', int(due))
+    end
     return 'queued'
   end
   redis.call('HSET', KEYS[1], 'state', 'queued', 'error_kind', ARGV[4], 'error', ARGV[5])
+  if events then
+    event(KEYS[9], events, 'event', 'retried', 'id', id, 'attempt', attempt_s, 'worker', worker_s,
+      'kind', ARGV[4])
+  end
   if claimed > 0 then
     redis.call('LPUSH', KEYS[3], id)
     if mode == 'recoverable' then
@@ -303,6 +336,15 @@ else
     'finished_ms', now_ms)
 end
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
+release_unique(base, job[10], id)
+if events then
+  if status == 'completed' then
+    event(KEYS[9], events, 'event', 'completed', 'id', id, 'attempt', attempt_s, 'worker', worker_s)
+  else
+    event(KEYS[9], events, 'event', 'failed', 'id', id, 'attempt', attempt_s, 'worker', worker_s,
+      'kind', ARGV[4])
+  end
+end
 -- MessagePack by hand: Lua's cmsgpack has no bin type for the result.
 -- The fixed keys and statuses are written as literal fixstr bytes.
 local function header(small, code, n)

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish_batch
--- version: 10
+-- version: 11
 -- Recoverable and reliable modes: job_finish for several jobs of one queue
 -- in one call, so that a busy worker pays the cost of a script call once
 -- for all the jobs that finished meanwhile. Each job is checked and
@@ -8,7 +8,8 @@
 -- the others. The doorbells of one client's jobs go out as one message: the
 -- outcome record when there is one, an array of outcome records when there
 -- are several. A job started under a concurrency limit gives its slot back
--- as in job_finish (the gate list is pushed once per call).
+-- as in job_finish (the gate list is pushed once per call); unique locks and
+-- events as in job_finish.
 --
 -- KEYS[1]    claim           recoverable: lease set <prefix>:{<queue>}:leases
 --                            reliable: the worker's in-flight list
@@ -18,7 +19,8 @@
 -- KEYS[5]    clock list      <prefix>:{<queue>}:clock
 -- KEYS[6]    running set     <prefix>:{<queue>}:running  (reliable mode)
 -- KEYS[7]    gate list       <prefix>:{<queue>}:gate
--- KEYS[7+i]  job hash of job i
+-- KEYS[8]    event stream    <prefix>:{<queue>}:events
+-- KEYS[8+i]  job hash of job i
 -- ARGV[1]    result ttl ms   1 to 10^12
 -- ARGV[2]    mode            "recoverable" | "reliable"
 -- ARGV[3]    notify          "publish" or "spublish" (sharded pub/sub)
@@ -161,6 +163,25 @@ local function before_earliest(due, s)
   return not earliest or due < earliest
 end
 
+-- Appends a lifecycle event to the queue's event stream (protocol.md 8.12),
+-- capped near MAXLEN entries (the job's events field, a number). Best effort: a
+-- stream key of another type drops the event, never the transition.
+local function event(stream, maxlen, ...)
+  redis.pcall('XADD', stream, 'MAXLEN', '~', string.format('%d', maxlen), '*', ...)
+end
+
+-- Deletes the job's unique lock (protocol.md 8.10) while the job still
+-- holds it. The lock's key is derived from the job's unique field, inside
+-- this queue (BASE is <prefix>:{<queue>}); a lock of another type is left.
+local function release_unique(base, ukey, id)
+  if ukey then
+    local lock = base .. ':unique:' .. ukey
+    if redis.pcall('GET', lock) == id then
+      redis.call('DEL', lock)
+    end
+  end
+end
+
 -- Puts ID in the delayed set, due at DUE (ms), and rings the clock when it
 -- is due before every job already there.
 local function delay_job(delayed, clock, id, due)
@@ -171,9 +192,9 @@ local function delay_job(delayed, clock, id, due)
   end
 end
 
-local n = #KEYS - 7
+local n = #KEYS - 8
 if n < 1 or #ARGV ~= 3 + 7 * n then
-  return redis.error_reply('JQ_BAD_ARGS expected 7 keys (claim, pending, tickets, delayed, clock, running, gate) and a job key per job; 3 arguments and seven per job key')
+  return redis.error_reply('JQ_BAD_ARGS expected 8 keys (claim, pending, tickets, delayed, clock, running, gate, events) and a job key per job; 3 arguments and seven per job key')
 end
 local mode, notify = ARGV[2], ARGV[3]
 local ttl = integer(ARGV[1], 1, 1000000000000)
@@ -251,7 +272,7 @@ local freed = false
 
 local function finish(key, id, token, status, a4, a5, retry, retry_delay)
   local job = redis.pcall('HMGET', key, 'state', 'token', 'client', 'enc', 'error_kind',
-    'attempt', 'max_attempts', 'backoff', 'slot')
+    'attempt', 'max_attempts', 'backoff', 'slot', 'unique', 'events', 'worker')
   if job.err then
     -- Not the worker's to fix: refused for this job alone, nothing written.
     -- Its claim stays, so the sweep or recovery dead-letters it.
@@ -283,15 +304,25 @@ local function finish(key, id, token, status, a4, a5, retry, retry_delay)
     freed = true
   end
   local attempt = integer(job[6], 0, 1000000000) or 0
+  local events = integer(job[11], 1, 1000000000)
+  local attempt_s, worker_s = events and int(attempt), job[12] or ''
   if status == 'failed' and retry == '1' and attempt < (integer(job[7], 1, 1000000) or 1) then
     local wait = retry_delay >= 0 and retry_delay or backoff_ms(job[8], id, attempt)
     if claimed > 0 and wait > 0 then
       local due = now[1] * 1000 + math.floor(now[2] / 1000) + wait
       redis.call('HSET', key, 'state', 'queued', 'error_kind', a4, 'error', a5, 'due_ms', int(due))
       delay_job(KEYS[4], KEYS[5], id, due)
+      if events then
+        event(KEYS[8], events, 'event', 'retried', 'id', id, 'attempt', attempt_s, 'worker', worker_s,
+          'kind', a4, 'due_ms', int(due))
+      end
       return 'queued'
     end
     redis.call('HSET', key, 'state', 'queued', 'error_kind', a4, 'error', a5)
+    if events then
+      event(KEYS[8], events, 'event', 'retried', 'id', id, 'attempt', attempt_s, 'worker', worker_s,
+        'kind', a4)
+    end
     if claimed > 0 then
       redis.call('LPUSH', KEYS[2], id)
       if mode == 'recoverable' then
@@ -314,6 +345,15 @@ local function finish(key, id, token, status, a4, a5, retry, retry_delay)
       .. '\167message' .. str(a5)
   end
   redis.call('PEXPIRE', key, ttl_ms)
+  release_unique(base, job[10], id)
+  if events then
+    if status == 'completed' then
+      event(KEYS[8], events, 'event', 'completed', 'id', id, 'attempt', attempt_s, 'worker', worker_s)
+    else
+      event(KEYS[8], events, 'event', 'failed', 'id', id, 'attempt', attempt_s, 'worker', worker_s,
+        'kind', a4)
+    end
+  end
   local client = job[3]
   if client and client ~= '' then
     if not bells[client] then
@@ -329,7 +369,7 @@ end
 local out = {}
 for i = 1, n do
   local a = 3 + 7 * (i - 1)
-  out[i] = finish(KEYS[7 + i], ARGV[a + 1], tokens[i], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6],
+  out[i] = finish(KEYS[8 + i], ARGV[a + 1], tokens[i], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6],
     delays[i])
 end
 if freed and redis.call('LLEN', KEYS[7]) == 0 then

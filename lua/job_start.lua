@@ -1,6 +1,6 @@
 #!lua
 -- name: job_start
--- version: 11
+-- version: 12
 -- Recoverable mode, second half of a claim, for one or many claimed jobs of
 -- a queue in one call: marks each job active under its claim's fencing
 -- token, or tells the worker not to run it. An attempt that finds the job
@@ -13,7 +13,8 @@
 --
 -- KEYS[1]    lease set        <prefix>:{<queue>}:leases
 -- KEYS[2]    dead-letter set  <prefix>:{<queue>}:dead_jobs  (sorted set: id -> time ms)
--- KEYS[2+i]  job hash of job i  <prefix>:{<queue>}:job:<id i>
+-- KEYS[3]    event stream     <prefix>:{<queue>}:events
+-- KEYS[3+i]  job hash of job i  <prefix>:{<queue>}:job:<id i>
 -- ARGV[1]    lease ms         the worker's default, used when the job has
 --                             none; 1 to 10^12
 -- ARGV[2]    max stalls       0 to 10^6
@@ -142,9 +143,9 @@ local function wrongtype(key, want)
   end
 end
 
-local n = #KEYS - 2
+local n = #KEYS - 3
 if n < 1 or #ARGV ~= 7 + 2 * n then
-  return redis.error_reply('JQ_BAD_ARGS expected 2 keys (leases, dead_jobs) and a job key per job; 7 arguments and an id and a token per job key')
+  return redis.error_reply('JQ_BAD_ARGS expected 3 keys (leases, dead_jobs, events) and a job key per job; 7 arguments and an id and a token per job key')
 end
 local default_lease = integer(ARGV[1], 1, 1000000000000)
 if not default_lease then
@@ -214,6 +215,25 @@ local function bury(id)
   redis.call('ZREMRANGEBYRANK', KEYS[2], '0', dead_trim)
 end
 
+-- Appends a lifecycle event to the queue's event stream (protocol.md 8.12),
+-- capped near MAXLEN entries (the job's events field, a number). Best effort: a
+-- stream key of another type drops the event, never the transition.
+local function event(stream, maxlen, ...)
+  redis.pcall('XADD', stream, 'MAXLEN', '~', string.format('%d', maxlen), '*', ...)
+end
+
+-- Deletes the job's unique lock (protocol.md 8.10) while the job still
+-- holds it. The lock's key is derived from the job's unique field, inside
+-- this queue (BASE is <prefix>:{<queue>}); a lock of another type is left.
+local function release_unique(base, ukey, id)
+  if ukey then
+    local lock = base .. ':unique:' .. ukey
+    if redis.pcall('GET', lock) == id then
+      redis.call('DEL', lock)
+    end
+  end
+end
+
 -- An ID no job may have: never run. Its hash, if any, fails.
 local function invalid(key, id, why)
   bury(id)
@@ -233,12 +253,13 @@ local function start(key, id, token)
     return invalid(key, id, 'job ID is not valid UTF-8')
   end
   local job = redis.pcall('HMGET', key, 'state', 'token', 'enc', 'payload', 'lease_ms',
-    'attempt', 'stalls', 'timeout_ms')
+    'attempt', 'stalls', 'timeout_ms', 'events')
   if job.err then
     bury(id)
     return {'gone', 'not a hash'}
   end
   local state = job[1]
+  local events = integer(job[9], 1, 1000000000)
   if (integer(job[2], 0, 999999999999999) or 0) > token then
     return {'lost'}
   end
@@ -274,6 +295,10 @@ local function start(key, id, token)
       bury(id)
       redis.call('PEXPIRE', key, ttl_ms)
       tell(key, id, 'dead')
+      release_unique(base, redis.call('HGET', key, 'unique'), id)
+      if events then
+        event(KEYS[3], events, 'event', 'dead', 'id', id, 'kind', 'stalled')
+      end
       return {'dead'}
     end
   end
@@ -293,6 +318,9 @@ local function start(key, id, token)
   end
   redis.call('HSET', key, unpack(fields))
   redis.call('ZADD', KEYS[1], int(now_n + lease), id)
+  if events then
+    event(KEYS[3], events, 'event', 'started', 'id', id, 'attempt', attempt, 'worker', worker)
+  end
   return {'run', job[3] or '', job[4] or '', attempt, stalled, leased,
     timeout_of(job[8])}
 end
@@ -305,7 +333,7 @@ for i = 1, n do
     out[i] = {'gone', 'duplicate'}
   else
     seen[id] = true
-    out[i] = start(KEYS[2 + i], id, tokens[i])
+    out[i] = start(KEYS[3 + i], id, tokens[i])
   end
 end
 return out

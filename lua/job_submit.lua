@@ -1,6 +1,6 @@
 #!lua
 -- name: job_submit
--- version: 9
+-- version: 10
 -- Recoverable and reliable modes: stores one or more jobs, each in its own
 -- hash in state "queued", and appends their IDs to the queue's pending
 -- list, all at once. In recoverable mode it also pushes one ticket per job
@@ -10,16 +10,28 @@
 -- pending when it is due. When such a job is due before every job already
 -- delayed, the clock list is pushed (unless it holds an entry already), so
 -- that a worker blocked on it learns the new earliest due time.
+-- A job with a unique key (protocol.md 8.10) is enqueued only when no job
+-- holds the key: the lock <prefix>:{<queue>}:unique:<key> names its holder.
+-- Mode "active" holds it while the holder is queued, delayed or running (a
+-- lock whose holder has finished or is gone is stale and taken over; the
+-- finishing scripts delete it); mode "throttle" holds it for its TTL,
+-- whatever becomes of the holder. A job refused this way is not written:
+-- the reply names the holder instead. When the queue's metadata has
+-- "events" (protocol.md 8.12), each job written carries it and a
+-- "submitted" (or "delayed") event is appended to the event stream.
 --
 -- KEYS[1]    queue metadata hash   <prefix>:{<queue>}:meta
 -- KEYS[2]    pending list          <prefix>:{<queue>}:pending
 -- KEYS[3]    tickets list          <prefix>:{<queue>}:tickets
 -- KEYS[4]    delayed set           <prefix>:{<queue>}:delayed
 -- KEYS[5]    clock list            <prefix>:{<queue>}:clock
--- KEYS[5+i]  job hash of job i     <prefix>:{<queue>}:job:<id i>
+-- KEYS[6]    event stream          <prefix>:{<queue>}:events
+-- KEYS[6+i]  job hash of job i     <prefix>:{<queue>}:job:<id i>
+-- KEYS[6+n+j]  the unique lock of the j-th job with a unique key, in job
+--            order               <prefix>:{<queue>}:unique:<key>
 -- ARGV[1]    mode                  "recoverable" | "reliable"
 -- ARGV[2]    protocol version      decimal integer from 1 to 1000000
--- ARGV[3..]  ten arguments per job, in KEYS order:
+-- ARGV[3..]  eleven arguments per job, in KEYS order:
 --            id (1 to 256 bytes of valid UTF-8), enc, payload, client ID to
 --            notify ("" for none; at most 64 bytes: the outcome is announced
 --            on <prefix>:{<queue>}:reply:<client ID>), lease ms (0: the
@@ -31,9 +43,14 @@
 --            epoch; at most one of delay and run at is not 0), backoff (""
 --            for none, else "<kind>:<base ms>:<max ms>:<jitter>" with kind
 --            "fixed" or "exponential", 1 <= base <= max <= 10^12, jitter
---            0 to 1000 thousandths; protocol.md 8.7)
+--            0 to 1000 thousandths; protocol.md 8.7), unique ("" for
+--            none, else "<mode>:<ttl ms>:<key>": mode "active" with ttl 0
+--            (no expiry) to 10^12, or "throttle" with ttl 1 to 10^12; key
+--            1 to 256 bytes of valid UTF-8)
 --
--- Reply:   length of the pending list after the call.
+-- Reply:   flat array: the length of the pending list after the call, then
+--          for each job refused for its unique key, its index (1-based, in
+--          KEYS order) and the ID of the job holding the key.
 -- Errors:  JQ_QUEUE_UNKNOWN <meta key>
 --          JQ_MODE_MISMATCH <queue mode> <requested mode>
 --          JQ_PROTOCOL_MISMATCH <queue protocol> <requested protocol>
@@ -42,7 +59,9 @@
 --                                or the ID appears twice in this call
 --          JQ_WRONGTYPE <key> <expected type> <found type>   meta, pending,
 --                                (recoverable mode) tickets, or, when a job
---                                of the call is delayed, delayed or clock
+--                                of the call is delayed, delayed or clock;
+--                                a unique lock (string); with events on, the
+--                                event stream (stream)
 --          JQ_BAD_ARGS <detail>
 -- Checks every job before writing anything; writes nothing when it refuses.
 
@@ -124,9 +143,9 @@ local function text(s)
   return table.concat(out)
 end
 
-local n = #KEYS - 5
-if n < 1 or #ARGV ~= 2 + 10 * n then
-  return redis.error_reply('JQ_BAD_ARGS expected 5 keys (meta, pending, tickets, delayed, clock) and a job key per job; a mode, a protocol version and ten arguments per job key')
+local n = (#ARGV - 2) / 11
+if n < 1 or n ~= math.floor(n) or #KEYS < 6 + n then
+  return redis.error_reply('JQ_BAD_ARGS expected 6 keys (meta, pending, tickets, delayed, clock, events), a job key per job and a lock key per unique job; a mode, a protocol version and eleven arguments per job')
 end
 local mode = ARGV[1]
 if mode ~= 'simple' and mode ~= 'recoverable' and mode ~= 'reliable' then
@@ -140,9 +159,11 @@ local seen = {}
 -- Per job, the lease, max attempts, timeout and backoff to store (nil: the
 -- default), and its delay or due time (nil: none).
 local leases, attempts, timeouts, backoffs, delays, run_ats = {}, {}, {}, {}, {}, {}
+-- Per job with a unique key: its mode, TTL (ms; 0: none), key and lock key.
+local uniques, locks = {}, 0
 local any_delayed = false
 for i = 1, n do
-  local a = 2 + 10 * (i - 1)
+  local a = 2 + 11 * (i - 1)
   local id = ARGV[a + 1]
   if id == '' or #id > 256 then
     return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 1) .. '] job ID must be 1 to 256 bytes')
@@ -150,8 +171,8 @@ for i = 1, n do
   if not utf8(id) then
     return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 1) .. '] job ID is not valid UTF-8')
   end
-  if KEYS[5 + i] ~= base .. ':job:' .. id then
-    return redis.error_reply('JQ_BAD_ARGS job key ' .. text(KEYS[5 + i]) .. ' does not match id ' .. id)
+  if KEYS[6 + i] ~= base .. ':job:' .. id then
+    return redis.error_reply('JQ_BAD_ARGS job key ' .. text(KEYS[6 + i]) .. ' does not match id ' .. id)
   end
   if #ARGV[a + 4] > 64 then
     return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 4) .. '] client ID longer than 64 bytes')
@@ -205,12 +226,30 @@ for i = 1, n do
     end
     backoffs[i] = policy
   end
+  local spec = ARGV[a + 11]
+  if spec ~= '' then
+    local umode, ttl, ukey = string.match(spec, '^(%l+):([0-9]+):(.*)$')
+    local ttl_n = integer(ttl, umode == 'throttle' and 1 or 0, 1000000000000)
+    if (umode ~= 'active' and umode ~= 'throttle') or not ttl_n or ukey == '' or #ukey > 256
+        or not utf8(ukey) then
+      return redis.error_reply('JQ_BAD_ARGS ARGV[' .. (a + 11) .. '] unique must be "" or <active|throttle>:<ttl ms>:<key> (active: ttl 0 to 10^12, throttle: 1 to 10^12; key 1 to 256 bytes of UTF-8)')
+    end
+    locks = locks + 1
+    local lock = KEYS[6 + n + locks]
+    if lock ~= base .. ':unique:' .. ukey then
+      return redis.error_reply('JQ_BAD_ARGS lock key ' .. (lock and text(lock) or '(missing)') .. ' does not match unique key ' .. ukey)
+    end
+    uniques[i] = {mode = umode, ttl = ttl_n, key = ukey, lock = lock}
+  end
   if seen[id] then
     return redis.error_reply('JQ_DUPLICATE ' .. id)
   end
   seen[id] = true
 end
-local meta = redis.pcall('HMGET', KEYS[1], 'mode', 'protocol')
+if #KEYS ~= 6 + n + locks then
+  return redis.error_reply('JQ_BAD_ARGS expected ' .. (6 + n + locks) .. ' keys: 6, a job key per job and a lock key per unique job')
+end
+local meta = redis.pcall('HMGET', KEYS[1], 'mode', 'protocol', 'events')
 if meta.err then
   return redis.error_reply('JQ_WRONGTYPE ' .. text(KEYS[1]) .. ' hash ' .. redis.call('TYPE', KEYS[1]).ok)
 end
@@ -248,13 +287,52 @@ if any_delayed then
   end
 end
 -- Existing IDs: one EXISTS per thousand keys; find which only when one does.
-for first = 6, 5 + n, 1000 do
-  local last = math.min(first + 999, 5 + n)
+for first = 7, 6 + n, 1000 do
+  local last = math.min(first + 999, 6 + n)
   if redis.call('EXISTS', unpack(KEYS, first, last)) > 0 then
     for k = first, last do
       if redis.call('EXISTS', KEYS[k]) == 1 then
-        return redis.error_reply('JQ_DUPLICATE ' .. ARGV[2 + 10 * (k - 6) + 1])
+        return redis.error_reply('JQ_DUPLICATE ' .. ARGV[2 + 11 * (k - 7) + 1])
       end
+    end
+  end
+end
+-- The event stream's length when the queue records events (else nil).
+local events = integer(meta[3], 1, 1000000000)
+if events then
+  found = redis.call('TYPE', KEYS[6]).ok
+  if found ~= 'none' and found ~= 'stream' then
+    return redis.error_reply('JQ_WRONGTYPE ' .. text(KEYS[6]) .. ' stream ' .. found)
+  end
+  events = string.format('%d', events)
+end
+-- Unique keys: which jobs are refused because another job holds the key
+-- (refused[i] = the holder's ID). Read only: nothing is written yet.
+local refused, holders, any_refused = {}, {}, false
+for i = 1, n do
+  local u = uniques[i]
+  if u then
+    local holder = holders[u.lock]
+    if not holder then
+      local value = redis.pcall('GET', u.lock)
+      if type(value) == 'table' then
+        return redis.error_reply('JQ_WRONGTYPE ' .. text(u.lock) .. ' string ' .. redis.call('TYPE', u.lock).ok)
+      end
+      if value and u.mode == 'active' then
+        -- A lock whose holder has finished or is gone is stale. (The
+        -- holder's key is derived from the lock's value, in this queue.)
+        local state = redis.pcall('HGET', base .. ':job:' .. value, 'state')
+        if state ~= 'queued' and state ~= 'active' then
+          value = nil
+        end
+      end
+      holder = value
+    end
+    if holder then
+      refused[i] = holder
+      any_refused = true
+    else
+      holders[u.lock] = ARGV[2 + 11 * (i - 1) + 1]
     end
   end
 end
@@ -267,17 +345,22 @@ local now_ms = string.format('%d', now_n)
 local dues = {}
 for i = 1, n do
   local due = run_ats[i] or (delays[i] and now_n + delays[i])
-  if due and due > now_n then
+  if due and due > now_n and not refused[i] then
     dues[i] = due
   end
 end
 for i = 1, n do
-  local a = 2 + 10 * (i - 1)
-  local key, client, lease, max, timeout = KEYS[5 + i], ARGV[a + 4], leases[i], attempts[i], timeouts[i]
+  local a = 2 + 11 * (i - 1)
+  local key, client, lease, max, timeout = KEYS[6 + i], ARGV[a + 4], leases[i], attempts[i], timeouts[i]
+  local u = uniques[i]
+  if refused[i] then
+    -- Not written: the reply names the holder.
+  elseif
   -- Fields at their default value (client "", lease_ms 0, max_attempts 1,
   -- timeout_ms 0, attempt, stalls and token 0, no backoff, no due time)
   -- are not written: less memory and CPU.
-  if not lease and not max and not timeout and not backoffs[i] and not dues[i] then
+  not lease and not max and not timeout and not backoffs[i] and not dues[i] and not u
+      and not events then
     if client ~= '' then
       redis.call('HSET', key, 'state', 'queued', 'enc', ARGV[a + 2], 'payload', ARGV[a + 3],
         'submitted_ms', now_ms, 'client', client)
@@ -311,7 +394,30 @@ for i = 1, n do
       fields[#fields + 1] = 'due_ms'
       fields[#fields + 1] = string.format('%d', dues[i])
     end
+    if u and u.mode == 'active' then
+      fields[#fields + 1] = 'unique'
+      fields[#fields + 1] = u.key
+    end
+    if events then
+      fields[#fields + 1] = 'events'
+      fields[#fields + 1] = events
+    end
     redis.call('HSET', key, unpack(fields))
+  end
+  if u and not refused[i] then
+    if u.ttl > 0 then
+      redis.call('SET', u.lock, ARGV[a + 1], 'PX', string.format('%d', u.ttl))
+    else
+      redis.call('SET', u.lock, ARGV[a + 1])
+    end
+  end
+  if events and not refused[i] then
+    if dues[i] then
+      redis.call('XADD', KEYS[6], 'MAXLEN', '~', events, '*', 'event', 'delayed', 'id', ARGV[a + 1],
+        'due_ms', string.format('%d', dues[i]))
+    else
+      redis.call('XADD', KEYS[6], 'MAXLEN', '~', events, '*', 'event', 'submitted', 'id', ARGV[a + 1])
+    end
   end
 end
 -- Delayed jobs go to the delayed set; a new earliest due time rings the
@@ -323,7 +429,7 @@ if any_delayed then
   local ring = false
   for i = 1, n do
     if dues[i] then
-      redis.call('ZADD', KEYS[4], string.format('%d', dues[i]), ARGV[2 + 10 * (i - 1) + 1])
+      redis.call('ZADD', KEYS[4], string.format('%d', dues[i]), ARGV[2 + 11 * (i - 1) + 1])
       if not earliest or dues[i] < earliest then
         ring = true
       end
@@ -347,8 +453,8 @@ local function push()
   end
 end
 for i = 1, n do
-  if not dues[i] then
-    ids[#ids + 1] = ARGV[2 + 10 * (i - 1) + 1]
+  if not dues[i] and not refused[i] then
+    ids[#ids + 1] = ARGV[2 + 11 * (i - 1) + 1]
     tickets[#tickets + 1] = '1'
     if #ids == 1000 then
       push()
@@ -356,4 +462,13 @@ for i = 1, n do
   end
 end
 push()
-return len or redis.call('LLEN', KEYS[2])
+local out = {len or redis.call('LLEN', KEYS[2])}
+if any_refused then
+  for i = 1, n do
+    if refused[i] then
+      out[#out + 1] = string.format('%d', i)
+      out[#out + 1] = refused[i]
+    end
+  end
+end
+return out

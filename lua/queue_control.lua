@@ -1,10 +1,13 @@
 #!lua
 -- name: queue_control
--- version: 1
+-- version: 2
 -- Recoverable and reliable modes: sets or clears a queue's controls, kept in
 -- its metadata hash (protocol.md 8.9): "paused" ("1"), "rate"
 -- ("<max>:<window ms>": at most max starts in any window of that length)
--- and "concurrency" ("<max>": at most max jobs running at once). The start
+-- and "concurrency" ("<max>": at most max jobs running at once), and
+-- "events" ("<max length>": the jobs submitted from now on record their
+-- lifecycle events in the queue's event stream, capped near that length;
+-- protocol.md 8.12). The start
 -- scripts (job_claim, reliable_start) enforce them atomically. A change
 -- that may let more jobs start (a resume, a limit raised, changed or
 -- cleared) pushes the gate list (when empty), so that a worker held back
@@ -18,6 +21,7 @@
 --            paused        "1"
 --            rate          "<max>:<window ms>", max 1 to 10^6, window 1 to 10^12
 --            concurrency   "<max>", 1 to 10^6
+--            events        "<max length>", 1 to 10^9
 --            (each control at most once per call)
 --
 -- Reply:   array with the previous value of each control given, in order
@@ -111,29 +115,38 @@ end
 if not integer(ARGV[2], 1, 1000000) then
   return redis.error_reply('JQ_BAD_ARGS ARGV[2] protocol version must be an integer from 1 to 1000000')
 end
-local fields, seen = {}, {}
+-- The controls named, and their values as stored (decimals without
+-- leading zeros, so that every script reads them alike).
+local fields, values, seen = {}, {}, {}
 for i = 3, #ARGV, 2 do
   local field, value = ARGV[i], ARGV[i + 1]
   if seen[field] then
     return redis.error_reply('JQ_BAD_ARGS ARGV[' .. i .. '] ' .. text(field) .. ' given twice')
   end
   seen[field] = true
-  local ok
+  local ok, normal = nil, value
   if value == '' then
-    ok = field == 'paused' or field == 'rate' or field == 'concurrency'
+    ok = field == 'paused' or field == 'rate' or field == 'concurrency' or field == 'events'
   elseif field == 'paused' then
     ok = value == '1'
   elseif field == 'rate' then
     local a, b = string.match(value, '^([0-9]+):([0-9]+)$')
-    ok = integer(a, 1, 1000000) and integer(b, 1, 1000000000000)
+    local max, window = integer(a, 1, 1000000), integer(b, 1, 1000000000000)
+    ok = max and window
+    normal = ok and string.format('%d:%d', max, window)
   elseif field == 'concurrency' then
     ok = integer(value, 1, 1000000)
+    normal = ok and string.format('%d', ok)
+  elseif field == 'events' then
+    ok = integer(value, 1, 1000000000)
+    normal = ok and string.format('%d', ok)
   end
   if not ok then
     return redis.error_reply('JQ_BAD_ARGS ARGV[' .. i .. '] ' .. text(field) .. ' = ' .. text(value)
-      .. ': expected paused "1", rate "<max>:<window ms>" (max 1 to 1000000, window 1 to 1000000000000), concurrency 1 to 1000000, or "" to clear')
+      .. ': expected paused "1", rate "<max>:<window ms>" (max 1 to 1000000, window 1 to 1000000000000), concurrency 1 to 1000000, events 1 to 1000000000, or "" to clear')
   end
   fields[#fields + 1] = field
+  values[#values + 1] = normal
 end
 local meta = redis.pcall('HMGET', KEYS[1], 'mode', 'protocol', unpack(fields))
 if meta.err then
@@ -154,7 +167,7 @@ if refusal then
 end
 local previous, opens = {}, false
 for k, field in ipairs(fields) do
-  local old, value = meta[2 + k] or '', ARGV[2 * k + 2]
+  local old, value = meta[2 + k] or '', values[k]
   previous[k] = old
   if value == '' then
     if old ~= '' then
@@ -163,8 +176,8 @@ for k, field in ipairs(fields) do
   else
     redis.call('HSET', KEYS[1], field, value)
   end
-  -- Anything but a pause (or no change) may let more jobs start.
-  if value ~= old and not (field == 'paused' and value == '1') then
+  -- Anything but a pause or events (or no change) may let more jobs start.
+  if value ~= old and not (field == 'paused' and value == '1') and field ~= 'events' then
     opens = true
   end
 end

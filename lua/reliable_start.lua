@@ -1,6 +1,6 @@
 #!lua
 -- name: reliable_start
--- version: 11
+-- version: 12
 -- Reliable mode: starts one or many jobs in one call: issues each attempt's
 -- fencing token and marks the job active, or tells the worker not to run
 -- it. With source "inflight" the IDs are already in the worker's in-flight
@@ -26,7 +26,8 @@
 -- KEYS[6]    running set      <prefix>:{<queue>}:running  (sorted set: id -> start ms)
 -- KEYS[7]    rate set         <prefix>:{<queue>}:rate     (sorted set: token -> start ms)
 -- KEYS[8]    gate list        <prefix>:{<queue>}:gate
--- KEYS[8+i]  job hash of job i  <prefix>:{<queue>}:job:<id i>
+-- KEYS[9]    event stream     <prefix>:{<queue>}:events
+-- KEYS[9+i]  job hash of job i  <prefix>:{<queue>}:job:<id i>
 -- ARGV[1]    max stalls       0 to 10^6
 -- ARGV[2]    worker id        not empty
 -- ARGV[3]    result ttl ms    how long a dead job's hash is kept; 1 to 10^12
@@ -237,9 +238,9 @@ local function gate(meta, rate, gate_list, running_key, running, now_n)
   return nil, room, reason, wait, cmax, rmax, rwin
 end
 
-local n, source = #KEYS - 8, ARGV[6]
+local n, source = #KEYS - 9, ARGV[6]
 if n < 1 or #ARGV ~= 7 + n then
-  return redis.error_reply('JQ_BAD_ARGS expected 8 keys (inflight, dead_jobs, fence, pending, meta, running, rate, gate) and a job key per job; 7 arguments and an id per job key')
+  return redis.error_reply('JQ_BAD_ARGS expected 9 keys (inflight, dead_jobs, fence, pending, meta, running, rate, gate, events) and a job key per job; 7 arguments and an id per job key')
 end
 local max_stalls = integer(ARGV[1], 0, 1000000)
 if not max_stalls then
@@ -310,6 +311,25 @@ local function bury(id)
   redis.call('ZREMRANGEBYRANK', KEYS[2], '0', dead_trim)
 end
 
+-- Appends a lifecycle event to the queue's event stream (protocol.md 8.12),
+-- capped near MAXLEN entries (the job's events field, a number). Best effort: a
+-- stream key of another type drops the event, never the transition.
+local function event(stream, maxlen, ...)
+  redis.pcall('XADD', stream, 'MAXLEN', '~', string.format('%d', maxlen), '*', ...)
+end
+
+-- Deletes the job's unique lock (protocol.md 8.10) while the job still
+-- holds it. The lock's key is derived from the job's unique field, inside
+-- this queue (BASE is <prefix>:{<queue>}); a lock of another type is left.
+local function release_unique(base, ukey, id)
+  if ukey then
+    local lock = base .. ':unique:' .. ukey
+    if redis.pcall('GET', lock) == id then
+      redis.call('DEL', lock)
+    end
+  end
+end
+
 -- An ID no job may have: never run. Its hash, if any, fails.
 local function invalid(key, id, why)
   bury(id)
@@ -330,12 +350,13 @@ local function start(key, id)
     return invalid(key, id, 'job ID is not valid UTF-8')
   end
   local job = redis.pcall('HMGET', key, 'state', 'enc', 'payload', 'attempt', 'stalls',
-    'timeout_ms')
+    'timeout_ms', 'events')
   if job.err then
     bury(id)
     return {'gone', 'not a hash'}
   end
   local state = job[1]
+  local events = integer(job[7], 1, 1000000000)
   if state == 'completed' or state == 'failed' or state == 'dead' then
     redis.call('LREM', KEYS[1], '1', id)
     return {'gone', state}
@@ -361,6 +382,10 @@ local function start(key, id)
       bury(id)
       redis.call('PEXPIRE', key, ttl_ms)
       tell(key, id, 'dead')
+      release_unique(base, redis.call('HGET', key, 'unique'), id)
+      if events then
+        event(KEYS[9], events, 'event', 'dead', 'id', id, 'kind', 'stalled')
+      end
       return {'dead'}
     end
   end
@@ -382,6 +407,9 @@ local function start(key, id)
     redis.call('ZADD', KEYS[7], now_ms, fence)
   end
   redis.call('HSET', key, unpack(fields))
+  if events then
+    event(KEYS[9], events, 'event', 'started', 'id', id, 'attempt', attempt, 'worker', worker)
+  end
   return {'run', job[2] or '', job[3] or '', attempt, stalled, fence,
     timeout_of(job[6])}
 end
@@ -445,7 +473,7 @@ for i = 1, n do
     out[i] = {'missed'}
   else
     seen[id] = true
-    out[i] = start(KEYS[8 + i], id)
+    out[i] = start(KEYS[9 + i], id)
   end
 end
 if rmax and allowed > 0 then

@@ -1,6 +1,6 @@
 #!lua
 -- name: schedule_fire
--- version: 2
+-- version: 3
 -- Recoverable and reliable modes: fires a recurring schedule once. The
 -- caller read the schedule's due time DUE (its next_ms) and computed, from
 -- the spec and time zone, the fire after it, NEXT, and the first fire after
@@ -13,7 +13,9 @@
 -- NEXT, so that fires late after an outage are caught up one by one. A
 -- fire later than that is "missed": the schedule moves to RESUME, and with
 -- missed = skip nothing is submitted ("skipped"), with once one job stands
--- for all the missed fires.
+-- for all the missed fires. When the queue's metadata has "events"
+-- (protocol.md 8.12), the job carries it and "submitted" is appended to the
+-- event stream.
 --
 -- KEYS[1]  queue metadata hash   <prefix>:{<queue>}:meta
 -- KEYS[2]  schedules set         <prefix>:{<queue>}:schedules
@@ -21,6 +23,7 @@
 -- KEYS[4]  pending list          <prefix>:{<queue>}:pending
 -- KEYS[5]  tickets list          <prefix>:{<queue>}:tickets
 -- KEYS[6]  job hash              <prefix>:{<queue>}:job:<name>@<DUE>
+-- KEYS[7]  event stream          <prefix>:{<queue>}:events
 -- ARGV[1]  mode                  "recoverable" | "reliable"
 -- ARGV[2]  protocol version      decimal integer from 1 to 1000000
 -- ARGV[3]  name
@@ -126,8 +129,15 @@ local function wrongtype(key, want)
   end
 end
 
-if #KEYS ~= 6 or #ARGV ~= 6 then
-  return redis.error_reply('JQ_BAD_ARGS expected 6 keys (meta, schedules, schedule, pending, tickets, job) and 6 arguments (mode, protocol version, name, due, next, resume)')
+-- Appends a lifecycle event to the queue's event stream (protocol.md 8.12),
+-- capped near MAXLEN entries (the job's events field, a number). Best effort: a
+-- stream key of another type drops the event, never the transition.
+local function event(stream, maxlen, ...)
+  redis.pcall('XADD', stream, 'MAXLEN', '~', string.format('%d', maxlen), '*', ...)
+end
+
+if #KEYS ~= 7 or #ARGV ~= 6 then
+  return redis.error_reply('JQ_BAD_ARGS expected 7 keys (meta, schedules, schedule, pending, tickets, job, events) and 6 arguments (mode, protocol version, name, due, next, resume)')
 end
 local mode, name = ARGV[1], ARGV[3]
 if mode ~= 'recoverable' and mode ~= 'reliable' then
@@ -150,7 +160,7 @@ local id = name .. '@' .. ARGV[4]
 if not base or KEYS[3] ~= base .. ':schedule:' .. name or KEYS[6] ~= base .. ':job:' .. id then
   return redis.error_reply('JQ_BAD_ARGS KEYS[3] and KEYS[6] must be the schedule key of the name and the job key of <name>@<due>')
 end
-local meta = redis.pcall('HMGET', KEYS[1], 'mode', 'protocol')
+local meta = redis.pcall('HMGET', KEYS[1], 'mode', 'protocol', 'events')
 if meta.err then
   return redis.error_reply('JQ_WRONGTYPE ' .. text(KEYS[1]) .. ' hash ' .. redis.call('TYPE', KEYS[1]).ok)
 end
@@ -214,7 +224,15 @@ if outcome == 'fired' then
     fields[#fields + 1] = 'backoff'
     fields[#fields + 1] = rec[9]
   end
+  local events = integer(meta[3], 1, 1000000000)
+  if events then
+    fields[#fields + 1] = 'events'
+    fields[#fields + 1] = string.format('%d', events)
+  end
   redis.call('HSET', KEYS[6], unpack(fields))
+  if events then
+    event(KEYS[7], events, 'event', 'submitted', 'id', id)
+  end
   redis.call('LPUSH', KEYS[4], id)
   if mode == 'recoverable' then
     redis.call('LPUSH', KEYS[5], '1')

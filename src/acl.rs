@@ -114,11 +114,15 @@ const COMMANDS: &[(&str, Need, &str)] = &[
         "loading the scripts (at connect, and after NOSCRIPT)",
     ),
     // Client, outside scripts.
-    ("+subscribe", Need::Client, "reply channels (single server)"),
+    (
+        "+subscribe",
+        Need::Both,
+        "reply and progress channels; workers' control channels (single server)",
+    ),
     (
         "+ssubscribe",
-        Need::Client,
-        "reply channels (Redis Cluster)",
+        Need::Both,
+        "reply and progress channels; workers' control channels (Redis Cluster)",
     ),
     ("+wait", Need::Client, "Config::wait_for_replicas"),
     // Worker, outside scripts.
@@ -161,7 +165,11 @@ const COMMANDS: &[(&str, Need, &str)] = &[
         "simple_submit, job_submit; requeues, wake lists, tickets",
     ),
     // Worker, inside scripts (and the wake lists, reliable look-ahead).
-    ("+hget", Need::Worker, "job_start, reliable_start"),
+    (
+        "+hget",
+        Need::Both,
+        "job_start, reliable_start; job_submit: a unique lock's holder",
+    ),
     (
         "+hdel",
         Need::Both,
@@ -189,16 +197,40 @@ const COMMANDS: &[(&str, Need, &str)] = &[
     ("+incrby", Need::Worker, "reliable_start: fencing tokens"),
     (
         "+get",
-        Need::Worker,
-        "job_claim, reliable_start: checking the fencing counter",
+        Need::Both,
+        "job_claim, reliable_start: the fencing counter; job_submit: unique locks",
     ),
-    ("+set", Need::Worker, "the sweep guard"),
+    (
+        "+set",
+        Need::Both,
+        "the sweep guard; job_submit: unique locks",
+    ),
     (
         "+pttl",
         Need::Worker,
         "the sweep guard: one without an expiry is replaced",
     ),
     ("+del", Need::Worker, "job_claim; wake lists"),
+    (
+        "+xadd",
+        Need::Both,
+        "lifecycle events (job_submit and the transitions of jobs that record them)",
+    ),
+    (
+        "+xrange",
+        Need::Client,
+        "Queue::events: reading the lifecycle event stream",
+    ),
+    (
+        "+xread",
+        Need::Client,
+        "Queue::follow_events: following the lifecycle event stream",
+    ),
+    (
+        "+xrevrange",
+        Need::Client,
+        "Queue::follow_events from the newest entry (\"$\")",
+    ),
     (
         "+zcard",
         Need::Worker,
@@ -265,6 +297,8 @@ const CLIENT_KEYS: &[&str] = &[
     "schedules",
     "schedule:*",
     "gate",
+    "unique:*",
+    "events",
     "job:*",
 ];
 
@@ -349,8 +383,9 @@ impl AclProfile {
     ///
     /// Key patterns cover `<prefix>:{<queue>}:*` for every queue
     /// (`<prefix>:{*}:*`) or for the named queues, and for the client role
-    /// only the keys its scripts touch; channel patterns cover the reply
-    /// channels `<prefix>:{<queue>}:reply:*`. `*`, `?`, `[`, `]` and `\` in
+    /// only the keys its scripts touch; channel patterns cover the reply,
+    /// progress and worker control channels `<prefix>:{<queue>}:reply:*`,
+    /// `progress:*` and `worker:*` (only the worker role may publish). `*`, `?`, `[`, `]` and `\` in
     /// the prefix and queue names are escaped with `\`.
     ///
     /// # Errors
@@ -382,7 +417,11 @@ impl AclProfile {
             }
         }
         rules.push("resetchannels".to_owned());
-        rules.extend(bases.iter().map(|base| format!("&{base}reply:*")));
+        for base in &bases {
+            for channel in ["reply", "progress", "worker"] {
+                rules.push(format!("&{base}{channel}:*"));
+            }
+        }
         rules.push("-@all".to_owned());
         rules.extend(self.commands().into_iter().map(str::to_owned));
         Ok(rules)
@@ -501,6 +540,9 @@ mod tests {
             "zscore",
             "zrange",
             "time",
+            "xrange",
+            "xread",
+            "xrevrange",
         ];
         let worker_plain = [
             "hello",
@@ -516,6 +558,8 @@ mod tests {
             "lpush",
             "pexpire",
             "del",
+            "subscribe",
+            "ssubscribe",
         ];
         for (role, plain) in [
             (AclRole::Client, &client_plain[..]),
@@ -545,9 +589,7 @@ mod tests {
         for forbidden in ["+publish", "+spublish", "+blmpop", "+blmove", "+del"] {
             assert!(!client.contains(&forbidden), "{forbidden}");
         }
-        for forbidden in ["+subscribe", "+ssubscribe", "+wait"] {
-            assert!(!worker.contains(&forbidden), "{forbidden}");
-        }
+        assert!(!worker.contains(&"+wait"), "+wait");
         let union: BTreeSet<&str> = client.iter().chain(&worker).copied().collect();
         assert_eq!(union, full.iter().copied().collect::<BTreeSet<_>>());
         assert_eq!(full.len(), union.len(), "no command is listed twice");
@@ -576,13 +618,15 @@ mod tests {
     fn the_full_profile_covers_every_queue_of_the_prefix() {
         let rules = AclProfile::new("jq").rules().unwrap();
         assert_eq!(
-            rules[..6],
+            rules[..8],
             [
                 "clearselectors",
                 "resetkeys",
                 "~jq:{*}:*",
                 "resetchannels",
                 "&jq:{*}:reply:*",
+                "&jq:{*}:progress:*",
+                "&jq:{*}:worker:*",
                 "-@all"
             ]
         );
@@ -600,7 +644,7 @@ mod tests {
             .rules()
             .unwrap();
         assert_eq!(
-            rules[..7],
+            rules[..11],
             [
                 "clearselectors",
                 "resetkeys",
@@ -608,7 +652,11 @@ mod tests {
                 "~jq:{b}:*",
                 "resetchannels",
                 "&jq:{a}:reply:*",
-                "&jq:{b}:reply:*"
+                "&jq:{a}:progress:*",
+                "&jq:{a}:worker:*",
+                "&jq:{b}:reply:*",
+                "&jq:{b}:progress:*",
+                "&jq:{b}:worker:*"
             ]
         );
         let client = AclProfile::new("jq")
@@ -617,7 +665,7 @@ mod tests {
             .rules()
             .unwrap();
         assert_eq!(
-            client[..12],
+            client[..14],
             [
                 "clearselectors",
                 "resetkeys",
@@ -629,6 +677,8 @@ mod tests {
                 "~jq:{a}:schedules",
                 "~jq:{a}:schedule:*",
                 "~jq:{a}:gate",
+                "~jq:{a}:unique:*",
+                "~jq:{a}:events",
                 "~jq:{a}:job:*",
                 "resetchannels"
             ]

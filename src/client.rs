@@ -20,6 +20,7 @@ use crate::schedule::{Schedule, ScheduleInfo};
 use crate::scripts::{self, Call};
 use crate::status::JobStatus;
 use crate::transitions::{self, Due, NewJob};
+use crate::unique::Unique;
 use crate::wire::{Envelope, now_ms, pack};
 
 /// Most jobs in one submit script call of [`Queue::submit_many`]; larger
@@ -39,6 +40,8 @@ pub struct Client {
 struct Inner {
     id: String,
     config: Config,
+    /// Opens the connections of [`Queue::follow_events`].
+    backend: connection::Backend,
     con: Conn,
     replies: Replies,
 }
@@ -61,15 +64,21 @@ impl Client {
     pub async fn connect(config: Config) -> Result<Self, Error> {
         let backend = connection::backend(&config)?;
         let con = connection::shared(&backend, &config).await?;
-        let replies = Replies::start(backend, &config);
+        let replies = Replies::start(backend.clone(), &config);
         Ok(Self {
             inner: Arc::new(Inner {
                 id: uuid::Uuid::new_v4().simple().to_string(),
                 config,
+                backend,
                 con,
                 replies,
             }),
         })
+    }
+
+    /// The client's subscriptions (reply channels, followed progress).
+    pub(crate) fn replies(&self) -> &Replies {
+        &self.inner.replies
     }
 
     /// This client's ID, unique per [`Client::connect`]; it names the
@@ -125,6 +134,9 @@ pub struct JobOptions {
     /// Recoverable and reliable modes: how long a failed attempt waits
     /// before the next one (default: none, the job is queued again at once).
     pub backoff: Option<Backoff>,
+    /// Recoverable and reliable modes: the job's unique key. See
+    /// [`JobOptions::unique`].
+    pub unique: Option<Unique>,
 }
 
 impl JobOptions {
@@ -170,6 +182,26 @@ impl JobOptions {
     /// 1, a failed attempt waits this long (server time) before the next.
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = Some(backoff);
+        self
+    }
+    /// Makes the job unique (recoverable and reliable modes; protocol.md
+    /// 8.10): when another job of the queue holds the same key, this job is
+    /// not enqueued (nothing is written) and the submit returns a handle on
+    /// the job that holds it instead. That handle's [`JobHandle::id`] is
+    /// the holder's ID, not this job's ([`JobOptions::id`] or a new UUID):
+    /// compare the two to tell whether the submit was deduplicated.
+    /// Awaiting it awaits the holder's outcome, like [`Queue::job`] (with
+    /// [`Unique::throttle`] the holder may have finished long ago, or
+    /// expired: then [`Error::JobNotFound`]). Such a handle reads the
+    /// holder's state when awaited, then every
+    /// [`Config::result_poll_interval`] (the holder's doorbell stays with
+    /// the handle of the client that submitted it), so it may learn the
+    /// outcome up to one interval late.
+    ///
+    /// A submit is refused with [`Error::Config`] in simple mode, or for a
+    /// key or a duration out of range (see [`Unique`]).
+    pub fn unique(mut self, unique: Unique) -> Self {
+        self.unique = Some(unique);
         self
     }
 
@@ -229,6 +261,16 @@ impl Queue {
         &self.keys
     }
 
+    /// Where the client's Redis is, to open connections of its own.
+    pub(crate) fn backend(&self) -> &connection::Backend {
+        &self.client.inner.backend
+    }
+
+    /// The client's settings.
+    pub(crate) fn config(&self) -> &Config {
+        &self.client.inner.config
+    }
+
     /// The queue's mode.
     pub fn mode(&self) -> Mode {
         self.mode
@@ -254,10 +296,14 @@ impl Queue {
         self.submit_with(payload, JobOptions::default()).await
     }
 
-    /// Submits one job with [`JobOptions`].
+    /// Submits one job with [`JobOptions`]. With [`JobOptions::unique`],
+    /// the handle may be one on the job that already holds the key (its
+    /// [`JobHandle::id`] then differs from the ID asked for).
     ///
     /// # Errors
-    /// As [`Queue::submit`], and [`Error::DuplicateJob`] when the ID exists.
+    /// As [`Queue::submit`], and [`Error::DuplicateJob`] when the ID exists;
+    /// [`Error::Config`] for options out of range (or a unique key in
+    /// simple mode).
     pub async fn submit_with<P: Serialize + ?Sized>(
         &self,
         payload: &P,
@@ -286,7 +332,11 @@ impl Queue {
     }
 
     /// Submits many jobs, each with its own [`JobOptions`] (delays, run-at
-    /// times, backoffs...), as [`Queue::submit_many`] does.
+    /// times, backoffs, unique keys...), as [`Queue::submit_many`] does.
+    /// Returns one handle per job, in order. A job whose unique key is held
+    /// (by an older job, or by an earlier job of the same batch) is not
+    /// enqueued, and its handle is one on the holder (see
+    /// [`JobOptions::unique`]).
     ///
     /// # Errors
     /// As [`Queue::submit_many`].
@@ -437,6 +487,8 @@ impl Queue {
             poll: inner.config.result_poll_interval,
             reconnects: inner.replies.reconnects(),
             verify: inner.config.verify_outcomes,
+            mode: self.mode,
+            client: self.client.clone(),
         }
     }
 
@@ -472,6 +524,15 @@ impl Queue {
             if let Some(backoff) = &options.backoff {
                 backoff.validate()?;
             }
+            if let Some(unique) = &options.unique {
+                if self.mode == Mode::Simple {
+                    return Err(Error::Config(
+                        "unique keys need recoverable or reliable mode: simple mode keeps no job records"
+                            .into(),
+                    ));
+                }
+                unique.validate()?;
+            }
             let id = match options.id.clone() {
                 Some(id) if id.is_empty() || id.len() > 256 => {
                     return Err(Error::InvalidName(format!(
@@ -494,14 +555,48 @@ impl Queue {
         let inner = &self.client.inner;
         inner.replies.subscribe(&self.channel).await?;
         let stored = (self.mode != Mode::Simple).then(|| Arc::new(self.stored()));
-        let handles: Vec<JobHandle> = prepared
+        let unique = prepared.iter().any(|(_, _, o)| o.unique.is_some());
+        let mut handles: Vec<JobHandle> = prepared
             .into_iter()
             .map(|(id, _, _)| {
                 let waiter = inner.replies.register(&id);
                 JobHandle::new(id, waiter, stored.clone(), true)
             })
             .collect();
-        self.run_submit(&calls).await?;
+        let replies = self.run_submit(&calls).await?;
+        if unique {
+            // Deduplicated handles only read the holder's state: they never
+            // take its doorbell (job_watch with no client ID).
+            let reader = Arc::new(Stored {
+                client_id: String::new(),
+                ..self.stored()
+            });
+            // Each call is a chunk of BATCH_CHUNK jobs, in order (job_calls).
+            for (call, reply) in replies.iter().enumerate() {
+                for (index, holder) in transitions::submit_refusals(reply)? {
+                    let at = call * BATCH_CHUNK + index;
+                    if at >= handles.len() {
+                        return Err(Error::Decode {
+                            what: "job_submit reply",
+                            message: format!("refused job {index} of call {call} does not exist"),
+                        });
+                    }
+                    // A handle on a job it did not submit, as Queue::job
+                    // makes, but that neither registers a waiter under the
+                    // holder's ID nor takes its doorbell: a client keeps one
+                    // waiter per job ID, and the job rings one client, so
+                    // either would leave another handle on the holder (its
+                    // submitter's, in this process or another) without the
+                    // doorbell it waits for. This one reads the job's hash:
+                    // at once, then at each poll interval or reconnection.
+                    let waiter = inner.replies.register(&format!(
+                        "\u{0}deduplicated\u{0}{}",
+                        uuid::Uuid::new_v4().simple()
+                    ));
+                    handles[at] = JobHandle::new(holder, waiter, Some(reader.clone()), false);
+                }
+            }
+        }
         Ok(handles)
     }
 
@@ -567,6 +662,7 @@ impl Queue {
                             .as_ref()
                             .map(Backoff::to_wire)
                             .unwrap_or_default(),
+                        unique: options.unique.as_ref().map(|u| (u.to_wire(), u.key())),
                     })
                     .collect();
                 transitions::job_submit(&self.keys, self.mode, &jobs)
@@ -574,10 +670,11 @@ impl Queue {
             .collect()
     }
 
-    /// Sends the submit calls. Calls refused because the queue's metadata is
-    /// missing (deleted, or Redis restarted without persistence) are sent
-    /// once more after registering the queue again.
-    async fn run_submit(&self, calls: &[Call]) -> Result<(), Error> {
+    /// Sends the submit calls and returns their replies, one per call.
+    /// Calls refused because the queue's metadata is missing (deleted, or
+    /// Redis restarted without persistence) are sent once more after
+    /// registering the queue again.
+    async fn run_submit(&self, calls: &[Call]) -> Result<Vec<redis::Value>, Error> {
         let mut results = self.run_calls(calls).await?;
         let unregistered: Vec<usize> = (0..calls.len())
             .filter(|&i| matches!(results[i], Err(Error::QueueNotRegistered { .. })))
@@ -589,7 +686,7 @@ impl Queue {
                 results[i] = r;
             }
         }
-        results.into_iter().collect::<Result<Vec<()>, Error>>()?;
+        let replies = results.into_iter().collect::<Result<Vec<_>, Error>>()?;
         if let Some((replicas, timeout)) = self.client.inner.config.wait_for_replicas {
             let mut wait = redis::cmd("WAIT");
             wait.arg(replicas).arg(timeout.as_millis() as u64);
@@ -607,17 +704,15 @@ impl Queue {
                 });
             }
         }
-        Ok(())
+        Ok(replies)
     }
 
     /// Runs submit calls, one pipeline for all; one result per call.
-    async fn run_calls(&self, calls: &[Call]) -> Result<Vec<Result<(), Error>>, Error> {
+    async fn run_calls(&self, calls: &[Call]) -> Result<Vec<Result<redis::Value, Error>>, Error> {
         let con = &self.client.inner.con;
         if let [call] = calls {
             return Ok(vec![
-                transitions::run::<i64>(con, call, &self.keys, None)
-                    .await
-                    .map(drop),
+                transitions::run::<redis::Value>(con, call, &self.keys, None).await,
             ]);
         }
         let results = scripts::invoke_pipeline(&mut con.clone(), calls).await?;
@@ -625,7 +720,7 @@ impl Queue {
             .into_iter()
             .zip(calls)
             .map(|(r, call)| {
-                r.map(drop).map_err(|e| {
+                r.map_err(|e| {
                     crate::error::from_script(e, call.script().name(), self.keys.queue(), None)
                 })
             })

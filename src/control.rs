@@ -14,6 +14,9 @@ use crate::transitions;
 /// concurrency limit may let run (protocol.md 10, "Numbers").
 const MAX_LIMIT: u32 = 1_000_000;
 
+/// The longest event stream cap (protocol.md 8.12).
+const MAX_EVENTS: u64 = 1_000_000_000;
+
 /// At most `max` jobs start in any window of length `per`, across all the
 /// queue's workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +70,9 @@ pub struct QueueControls {
     pub rate: Option<RateLimit>,
     /// Most jobs of the queue running at once.
     pub concurrency: Option<u32>,
+    /// Jobs submitted now record their lifecycle events, in a stream kept
+    /// near this many entries ([`Queue::set_events`]).
+    pub events: Option<u64>,
 }
 
 impl Queue {
@@ -128,6 +134,33 @@ impl Queue {
             .map(drop)
     }
 
+    /// Turns the queue's lifecycle events on, keeping the event stream near
+    /// `max_len` entries (1 to 10^9; older entries are trimmed, in whole
+    /// stream nodes: the length stays a little above the cap), or off with
+    /// `None`. Recoverable and reliable modes.
+    ///
+    /// The setting is copied into each job when it is submitted (or made
+    /// by a schedule): jobs submitted while events are on record every step
+    /// until they end, with the cap in force then; jobs submitted while
+    /// they are off record none, even after events are turned on.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a length out of range or in simple mode;
+    /// [`Error::WrongType`], [`Error::Redis`].
+    pub async fn set_events(&self, max_len: Option<u64>) -> Result<(), Error> {
+        if let Some(max) = max_len
+            && !(1..=MAX_EVENTS).contains(&max)
+        {
+            return Err(Error::Config(format!(
+                "the event stream's length is 1 to {}, not {max}",
+                MAX_EVENTS
+            )));
+        }
+        self.control(&[("events", max_len.map(|m| m.to_string()))])
+            .await
+            .map(drop)
+    }
+
     /// The queue's controls. Values another program wrote that do not
     /// parse count as absent (as the start scripts read them).
     ///
@@ -137,7 +170,7 @@ impl Queue {
         let meta = self.keys().meta();
         let values: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(&meta)
-            .arg(&["paused", "rate", "concurrency"])
+            .arg(&["paused", "rate", "concurrency", "events"])
             .query_async(&mut self.con().clone())
             .await
             .map_err(|e| crate::error::on_key(e, &meta, "hash"))?;
@@ -148,6 +181,8 @@ impl Queue {
             concurrency: crate::wire::lenient_u64(get(2).as_deref())
                 .filter(|m| (1..=u64::from(MAX_LIMIT)).contains(m))
                 .map(|m| m as u32),
+            events: crate::wire::lenient_u64(get(3).as_deref())
+                .filter(|m| (1..=MAX_EVENTS).contains(m)),
         })
     }
 

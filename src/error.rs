@@ -92,6 +92,16 @@ pub enum Error {
         message: String,
     },
 
+    /// The job was cancelled ([`crate::Queue::cancel`]): it did not run, or
+    /// its run was stopped. It is never retried.
+    #[error("job {job_id} was cancelled: {message}")]
+    Cancelled {
+        /// Job ID.
+        job_id: String,
+        /// The message given with the cancellation.
+        message: String,
+    },
+
     /// No outcome arrived within the time the caller was willing to wait.
     /// The job itself may still run.
     #[error("no outcome for job {job_id} within {after:?}")]

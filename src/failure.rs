@@ -28,6 +28,10 @@ pub enum FailureKind {
     /// `stalled`: the job's worker died or hung more often than allowed
     /// (recoverable and reliable modes); the job is in the dead-letter set.
     Stalled,
+    /// `cancelled`: the job was cancelled ([`crate::Queue::cancel`]) before
+    /// it could finish; never retried. Awaiting it gives
+    /// [`crate::Error::Cancelled`].
+    Cancelled,
     /// Any other string, from a newer version or another implementation.
     Other(String),
 }
@@ -44,6 +48,7 @@ impl FailureKind {
             FailureKind::Shutdown => "shutdown",
             FailureKind::Stalled => "stalled",
             FailureKind::Timeout => "timeout",
+            FailureKind::Cancelled => "cancelled",
             FailureKind::Other(s) => s,
         }
     }
@@ -61,6 +66,7 @@ impl FailureKind {
             "shutdown" => FailureKind::Shutdown,
             "stalled" => FailureKind::Stalled,
             "timeout" => FailureKind::Timeout,
+            "cancelled" => FailureKind::Cancelled,
             other => FailureKind::Other(other.to_owned()),
         }
     }

@@ -37,6 +37,10 @@ pub(crate) struct Stored {
     pub reconnects: watch::Receiver<u64>,
     /// Read outcomes from the hash only ([`crate::Config::verify_outcomes`]).
     pub verify: bool,
+    /// The queue's mode (recoverable or reliable).
+    pub mode: crate::Mode,
+    /// The client (its subscriptions, for following progress).
+    pub client: crate::Client,
 }
 
 impl std::fmt::Debug for JobHandle {
@@ -63,6 +67,11 @@ impl JobHandle {
     /// The job's ID.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The job's stored context (recoverable and reliable modes).
+    pub(crate) fn stored(&self) -> Option<&Arc<Stored>> {
+        self.stored.as_ref()
     }
 
     /// Waits for the job's outcome and decodes its result as `R`.
@@ -130,11 +139,7 @@ impl JobHandle {
                 match watched {
                     Watch::Completed { enc, result } => return decode_result(&enc, &result),
                     Watch::Failed { kind, message } => {
-                        return Err(Error::JobFailed {
-                            job_id: self.id,
-                            kind: FailureKind::parse(&kind),
-                            message,
-                        });
+                        return Err(failure(self.id, FailureKind::parse(&kind), message));
                     }
                     Watch::Missing => {
                         return Err(Error::JobNotFound {
@@ -205,9 +210,18 @@ pub(crate) fn decode_reply<R: DeserializeOwned>(reply: Reply) -> Result<R, Error
             format!("status {:?}", reply.status),
         ),
     };
-    Err(Error::JobFailed {
-        job_id: reply.id,
-        kind,
-        message,
-    })
+    Err(failure(reply.id, kind, message))
+}
+
+/// The error for a job that did not complete: [`Error::Cancelled`] for a
+/// cancelled one, else [`Error::JobFailed`].
+fn failure(job_id: String, kind: FailureKind, message: String) -> Error {
+    match kind {
+        FailureKind::Cancelled => Error::Cancelled { job_id, message },
+        kind => Error::JobFailed {
+            job_id,
+            kind,
+            message,
+        },
+    }
 }

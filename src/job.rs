@@ -1,8 +1,20 @@
 //! What a worker's handler receives.
 
+use std::sync::Arc;
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::connection::Conn;
 use crate::encoding::Encoding;
+use crate::error::Error;
+use crate::keys::QueueKeys;
 
 /// A job handed to a worker's handler.
+///
+/// In recoverable and reliable modes the handler can also see whether the
+/// job was cancelled ([`Job::cancelled`], [`Job::is_cancelled`]) and report
+/// its progress ([`Job::progress`]).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Job<P> {
@@ -18,6 +30,99 @@ pub struct Job<P> {
     /// mode). Attempts after the first follow a failure with attempts left,
     /// or a stall (the previous attempt's worker died or hung).
     pub attempt: u32,
+    /// Recoverable and reliable modes: this attempt's cancellation and
+    /// progress.
+    pub(crate) control: Option<Arc<Control>>,
+}
+
+/// What a running attempt shares with its handler: the cancellation the
+/// worker triggers when the job is cancelled, and where progress goes.
+pub(crate) struct Control {
+    pub cancel: CancellationToken,
+    pub con: Conn,
+    pub keys: Arc<QueueKeys>,
+    /// The attempt's fencing token.
+    pub token: String,
+    /// Publish with sharded pub/sub (on a cluster).
+    pub sharded: bool,
+    /// Most bytes an encoded progress value may have.
+    pub max_bytes: usize,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("cancelled", &self.cancel.is_cancelled())
+            .field("token", &self.token)
+            .finish()
+    }
+}
+
+impl<P> Job<P> {
+    /// True once the job was cancelled ([`crate::Queue::cancel`]) while this
+    /// attempt runs. Always false in simple mode.
+    pub fn is_cancelled(&self) -> bool {
+        self.control
+            .as_ref()
+            .is_some_and(|c| c.cancel.is_cancelled())
+    }
+
+    /// Resolves when the job is cancelled while this attempt runs (never in
+    /// simple mode). The worker tells the handler this way, at once; a
+    /// handler that does not return within the worker's cancel grace
+    /// ([`crate::WorkerBuilder::cancel_grace`]) is dropped. Whatever it
+    /// returns after a cancel is discarded: the job is already cancelled.
+    ///
+    /// ```no_run
+    /// # use job_async_redis::Job;
+    /// # async fn step(_: u32) {}
+    /// async fn handler(job: Job<u32>) -> Result<u32, String> {
+    ///     for i in 0..job.payload {
+    ///         tokio::select! {
+    ///             _ = job.cancelled() => return Err("cancelled".into()),
+    ///             _ = step(i) => {}
+    ///         }
+    ///     }
+    ///     Ok(job.payload)
+    /// }
+    /// ```
+    pub async fn cancelled(&self) {
+        match &self.control {
+            Some(c) => c.cancel.cancelled().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Records the job's progress (any serde value, in the job's encoding;
+    /// at most the worker's maximum payload size) on the job and publishes
+    /// it to the clients that follow it ([`crate::JobHandle::follow_progress`]).
+    /// Recoverable and reliable modes.
+    ///
+    /// # Errors
+    /// [`Error::Config`] in simple mode; [`Error::TooLarge`];
+    /// [`Error::LeaseLost`] when another attempt took the job over, or
+    /// [`Error::NotActive`] when it has finished or was cancelled (the
+    /// progress is refused: fencing token); [`Error::Redis`].
+    pub async fn progress<T: Serialize + ?Sized>(&self, value: &T) -> Result<(), Error> {
+        let Some(c) = &self.control else {
+            return Err(Error::Config(
+                "simple mode jobs have no record to keep progress in".into(),
+            ));
+        };
+        let bytes = self.encoding.encode(value, "progress")?;
+        if bytes.len() > c.max_bytes {
+            return Err(Error::TooLarge {
+                what: "progress",
+                size: bytes.len(),
+                max: c.max_bytes,
+            });
+        }
+        let call =
+            crate::transitions::job_progress(&c.keys, (&self.id, &c.token), &bytes, c.sharded);
+        crate::transitions::run::<i64>(&c.con, &call, &c.keys, Some(&self.id))
+            .await
+            .map(drop)
+    }
 }
 
 /// An error a handler returns to decide its job's retry. Any other error

@@ -166,6 +166,28 @@ impl QueueKeys {
         format!("{}:gate", self.base)
     }
 
+    /// The queue's lifecycle event stream (opt-in; protocol.md 8.12).
+    pub fn events(&self) -> String {
+        format!("{}:events", self.base)
+    }
+
+    /// The lock of unique key `key`: the ID of the job holding it
+    /// (protocol.md 8.10).
+    pub fn unique(&self, key: &str) -> String {
+        format!("{}:unique:{key}", self.base)
+    }
+
+    /// Channel on which the worker `worker_id` is told to cancel a running
+    /// job of this queue (protocol.md 8.11).
+    pub fn worker_channel(&self, worker_id: &str) -> String {
+        format!("{}:worker:{worker_id}", self.base)
+    }
+
+    /// Channel on which job `id`'s progress is published (protocol.md 8.13).
+    pub fn progress_channel(&self, id: &str) -> String {
+        format!("{}:progress:{id}", self.base)
+    }
+
     /// Guard that lets one worker at a time sweep stale leases (recoverable
     /// mode) or recover dead workers (reliable mode).
     pub fn sweep(&self) -> String {
@@ -190,6 +212,16 @@ impl QueueKeys {
 }
 
 /// Checks that a key prefix cannot break hash tags.
+/// Checks a job ID as the protocol requires: 1 to 256 bytes.
+pub(crate) fn validate_job_id(id: &str) -> Result<(), Error> {
+    if id.is_empty() || id.len() > 256 {
+        return Err(Error::InvalidName(format!(
+            "job id {id:?} must be 1 to 256 bytes"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn validate_prefix(prefix: &str) -> Result<(), Error> {
     if prefix.is_empty() || prefix.contains(['{', '}']) || prefix.chars().any(char::is_control) {
         return Err(Error::InvalidName(format!(

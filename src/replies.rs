@@ -1,5 +1,7 @@
 //! Receives job outcomes on a client's reply channels and hands each one to
-//! the [`crate::JobHandle`] waiting for it.
+//! the [`crate::JobHandle`] waiting for it; and, for channels with a
+//! listener ([`Replies::listen`]: a job's progress, a worker's control
+//! channel), hands every message on them to that listener as it is.
 //!
 //! One task per client owns one dedicated pub/sub connection. When the
 //! connection drops, the task reconnects and subscribes to every channel
@@ -22,15 +24,38 @@ use crate::connection::{self, Backend};
 use crate::error::Error;
 use crate::wire::{Reply, unpack};
 
-type WaiterMap = Arc<Mutex<HashMap<String, oneshot::Sender<Reply>>>>;
+/// Per job ID, every waiter for it (several handles may await one job):
+/// (waiter number, where its next message goes).
+type WaiterMap = Arc<Mutex<HashMap<String, Vec<(u64, oneshot::Sender<Reply>)>>>>;
+
+/// Numbers the waiters, so that one can remove itself and no other.
+static NEXT_WAITER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn next_waiter() -> u64 {
+    NEXT_WAITER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 
 /// The channels subscribed on the live connection, kept by the reply task:
 /// a submit to a channel found here needs no round trip to the task.
 type Live = Arc<Mutex<HashSet<String>>>;
 
+/// Channels whose messages go, as they are, to a listener instead of the
+/// outcome waiters.
+type Listeners = HashMap<String, Sink>;
+
+/// Where a listener gets (channel, message) pairs.
+pub(crate) type Sink = mpsc::UnboundedSender<(String, Vec<u8>)>;
+
 enum Command {
     Subscribe {
         channel: String,
+        done: oneshot::Sender<Result<(), redis::RedisError>>,
+    },
+    /// Subscribes to `channel` and sends its messages to `sink` until the
+    /// sink's receiver is dropped (then unsubscribes).
+    Listen {
+        channel: String,
+        sink: Sink,
         done: oneshot::Sender<Result<(), redis::RedisError>>,
     },
 }
@@ -47,6 +72,7 @@ pub(crate) struct Replies {
 /// Receives one job's outcome. Dropping it forgets the job.
 pub(crate) struct Waiter {
     job_id: String,
+    number: u64,
     rx: oneshot::Receiver<Reply>,
     waiters: WaiterMap,
 }
@@ -64,7 +90,9 @@ impl Waiter {
     pub(crate) fn rearm(&mut self) {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut map) = self.waiters.lock() {
-            map.insert(self.job_id.clone(), tx);
+            let list = map.entry(self.job_id.clone()).or_default();
+            list.retain(|(n, _)| *n != self.number);
+            list.push((self.number, tx));
         }
         self.rx = rx;
     }
@@ -72,8 +100,13 @@ impl Waiter {
 
 impl Drop for Waiter {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.waiters.lock() {
-            map.remove(&self.job_id);
+        if let Ok(mut map) = self.waiters.lock()
+            && let Some(list) = map.get_mut(&self.job_id)
+        {
+            list.retain(|(n, _)| *n != self.number);
+            if list.is_empty() {
+                map.remove(&self.job_id);
+            }
         }
     }
 }
@@ -132,6 +165,31 @@ impl Replies {
             channel: channel.to_owned(),
             done,
         };
+        self.send(command, rx, channel).await
+    }
+
+    /// Subscribes to `channel` and sends its messages, as published, with
+    /// the channel's name, to `sink` until the sink's receiver is dropped.
+    /// Returns once the channel is subscribed, so that nothing published
+    /// afterwards is missed (while the connection holds: see
+    /// [`Replies::reconnects`]). One listener per channel: a new one
+    /// replaces the previous.
+    pub(crate) async fn listen(&self, channel: &str, sink: Sink) -> Result<(), Error> {
+        let (done, rx) = oneshot::channel();
+        let command = Command::Listen {
+            channel: channel.to_owned(),
+            sink,
+            done,
+        };
+        self.send(command, rx, channel).await
+    }
+
+    async fn send(
+        &self,
+        command: Command,
+        rx: oneshot::Receiver<Result<(), redis::RedisError>>,
+        channel: &str,
+    ) -> Result<(), Error> {
         let closed = || {
             Error::Redis(redis::RedisError::from((
                 redis::ErrorKind::Io,
@@ -153,12 +211,16 @@ impl Replies {
     /// Registers interest in `job_id`'s outcome.
     pub(crate) fn register(&self, job_id: &str) -> Waiter {
         let (tx, rx) = oneshot::channel();
+        let number = next_waiter();
         self.waiters
             .lock()
             .expect("reply waiters lock")
-            .insert(job_id.to_owned(), tx);
+            .entry(job_id.to_owned())
+            .or_default()
+            .push((number, tx));
         Waiter {
             job_id: job_id.to_owned(),
+            number,
             rx,
             waiters: self.waiters.clone(),
         }
@@ -192,6 +254,7 @@ async fn run(
         ..
     } = &shared;
     let mut channels: Vec<String> = Vec::new();
+    let mut listeners = Listeners::new();
     let mut backoff = Duration::from_millis(20);
     'connect: loop {
         shared.set_live(&[]);
@@ -221,7 +284,27 @@ async fn run(
         loop {
             tokio::select! {
                 msg = stream.next() => match msg {
-                    Some(msg) => dispatch(waiters, msg.get_payload_bytes()),
+                    Some(msg) => {
+                        let channel = msg.get_channel_name().to_owned();
+                        let payload = msg.get_payload_bytes();
+                        let delivered = listeners
+                            .get(&channel)
+                            .map(|to| to.send((channel.clone(), payload.to_vec())).is_ok());
+                        match delivered {
+                            None => dispatch(waiters, payload),
+                            Some(true) => {}
+                            Some(false) => {
+                                // The listener is gone: stop listening.
+                                listeners.remove(&channel);
+                                channels.retain(|c| *c != channel);
+                                shared.set_live(&channels);
+                                if let Err(e) = sink.unsubscribe(&channel).await {
+                                    tracing::debug!(error = %e, "unsubscribe failed; reconnecting");
+                                    continue 'connect;
+                                }
+                            }
+                        }
+                    }
                     None => {
                         tracing::warn!("reply subscription lost; reconnecting");
                         continue 'connect;
@@ -229,7 +312,14 @@ async fn run(
                 },
                 command = commands.recv() => match command {
                     None => break 'connect,
-                    Some(Command::Subscribe { channel, done }) => {
+                    Some(command) => {
+                        let (channel, done) = match command {
+                            Command::Subscribe { channel, done } => (channel, done),
+                            Command::Listen { channel, sink: to, done } => {
+                                listeners.insert(channel.clone(), to);
+                                (channel, done)
+                            }
+                        };
                         if channels.contains(&channel) {
                             let _ = done.send(Ok(()));
                             continue;
@@ -295,13 +385,32 @@ async fn run_cluster(
         }
     };
     let mut channels: Vec<String> = Vec::new();
+    let mut listeners = Listeners::new();
     loop {
         tokio::select! {
             push = pushes.recv() => match push {
                 Some(push) => match push.kind {
                     redis::PushKind::SMessage | redis::PushKind::Message => {
+                        let channel = match push.data.first() {
+                            Some(Value::BulkString(c)) => String::from_utf8_lossy(c).into_owned(),
+                            _ => String::new(),
+                        };
                         if let Some(Value::BulkString(payload)) = push.data.get(1) {
-                            dispatch(waiters, payload);
+                            let delivered = listeners
+                                .get(&channel)
+                                .map(|to| to.send((channel.clone(), payload.clone())).is_ok());
+                            match delivered {
+                                None => dispatch(waiters, payload),
+                                Some(true) => {}
+                                Some(false) => {
+                                    listeners.remove(&channel);
+                                    channels.retain(|c| *c != channel);
+                                    shared.set_live(&channels);
+                                    if let Err(e) = con.sunsubscribe(&channel).await {
+                                        tracing::debug!(%channel, error = %e, "could not unsubscribe");
+                                    }
+                                }
+                            }
                         }
                     }
                     redis::PushKind::Disconnection => {
@@ -327,7 +436,14 @@ async fn run_cluster(
             },
             command = commands.recv() => match command {
                 None => break,
-                Some(Command::Subscribe { channel, done }) => {
+                Some(command) => {
+                    let (channel, done) = match command {
+                        Command::Subscribe { channel, done } => (channel, done),
+                        Command::Listen { channel, sink, done } => {
+                            listeners.insert(channel.clone(), sink);
+                            (channel, done)
+                        }
+                    };
                     if channels.contains(&channel) {
                         let _ = done.send(Ok(()));
                         continue;
@@ -369,8 +485,11 @@ fn dispatch(waiters: &WaiterMap, payload: &[u8]) {
         return;
     };
     for reply in replies {
-        if let Some(tx) = map.remove(&reply.id) {
-            let _ = tx.send(reply);
+        // Every handle awaiting the job gets the message.
+        if let Some(list) = map.remove(&reply.id) {
+            for (_, tx) in list {
+                let _ = tx.send(reply.clone());
+            }
         }
     }
 }

@@ -103,11 +103,13 @@ pub(crate) enum Name {
     ScheduleFire,
     ScheduleRemove,
     QueueControl,
+    JobCancel,
+    JobProgress,
 }
 
 impl Name {
     #[cfg(test)]
-    const ALL: [Name; 23] = [
+    const ALL: [Name; 25] = [
         Name::QueueRegister,
         Name::SimpleSubmit,
         Name::SimpleReply,
@@ -131,6 +133,8 @@ impl Name {
         Name::ScheduleFire,
         Name::ScheduleRemove,
         Name::QueueControl,
+        Name::JobCancel,
+        Name::JobProgress,
     ];
 
     fn file_stem(self) -> &'static str {
@@ -155,6 +159,8 @@ impl Name {
             Name::ScheduleFire => "schedule_fire",
             Name::ScheduleRemove => "schedule_remove",
             Name::QueueControl => "queue_control",
+            Name::JobCancel => "job_cancel",
+            Name::JobProgress => "job_progress",
             Name::SimpleReply => "simple_reply",
             Name::SimpleRequeue => "simple_requeue",
             Name::SimpleDead => "simple_dead",
@@ -403,23 +409,25 @@ mod tests {
     /// the new line here and to protocol.md.
     #[rustfmt::skip]
     const LOCK: &[(&str, u32, &str)] = &[
+        ("job_cancel", 1, "a4cc06bf6f1ec22cf84444392ca76a0de43d61aa"),
         ("job_claim", 4, "69c113c445b9853465eac7f2da0ca7aa3329e933"),
         ("job_extend", 2, "4b2a83c69f65eb415e7242c38c00848dfa0fd1a7"),
-        ("job_finish", 12, "164ced47da07febf5edcaef078ff9c7424cf00b8"),
-        ("job_finish_batch", 10, "3e3bbad18ef82cd9989a8a222a5695e2958403af"),
+        ("job_finish", 13, "9104f472f188b089b12d352dfde7b5866cdeac44"),
+        ("job_finish_batch", 11, "250f9ea9038c4c909b62b08d48f6676bfa14b7c9"),
+        ("job_progress", 1, "8a97f699088603ac16a339e830a0430eba7907b5"),
         ("job_promote", 2, "a3f2d1bf3af9ddff62c27f8d21afa0b7da496650"),
         ("job_release", 5, "68be103489e4c145f97d53285ffd66800bcdff95"),
         ("job_requeue_stale", 3, "e5eba56ff26d48d4790331b765b30762c17ff6ff"),
-        ("job_start", 11, "6cc7c556ed34834287a555e31154541803c45954"),
-        ("job_submit", 9, "96c5afc721499974623615391f3ebc22000242c1"),
+        ("job_start", 12, "f274d5e56715e6a249a09f246fd9014903402fbf"),
+        ("job_submit", 10, "78f11bce639856ebf4e08113817c10bb1548a4d4"),
         ("job_watch", 4, "de9c6d01ecd545c7672f1c9b205a50244a0b9b1d"),
-        ("queue_control", 1, "40b51695c07bd74972f6c7d4273b7a01a86ca70a"),
+        ("queue_control", 2, "8f0145feaf72b42b8abbbf50f8a05cd9a7e878d4"),
         ("queue_register", 2, "fd73ede4309ea76b73388f4137b6e3c1f13478f9"),
         ("reliable_find_dead", 2, "322dc3ad60b2574712bf513d46ba0ca446061eff"),
         ("reliable_heartbeat", 2, "d43811e5b44947674f0de766e7c5a8d47bd0e20e"),
         ("reliable_requeue_worker", 3, "98266361e503b45a644cf942a79e6c93234db9ab"),
-        ("reliable_start", 11, "8453935629c05104ea4059c14feca4ec4fdb48a8"),
-        ("schedule_fire", 2, "6ade37d0bbf8a5acfbaf36d9606ee2eee5f344b9"),
+        ("reliable_start", 12, "5b0e57dfa2823012aa115aa1172f36f487e663ff"),
+        ("schedule_fire", 3, "d8b5c6f248e55d811e65a932eb499b22e98c76ae"),
         ("schedule_remove", 1, "7ae546d7c5a2c75881bc546cb69635498525f2c0"),
         ("schedule_set", 2, "294e5a83850456775b16b563d82dd22dc7b9d03b"),
         ("simple_dead", 2, "ca9bc35c0414a36b4dd218779cc9cda24d2c638b"),

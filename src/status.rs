@@ -26,6 +26,9 @@ pub enum JobState {
     Failed,
     /// `dead`: it stalled (its worker died or hung) more often than allowed.
     Dead,
+    /// Cancelled ([`crate::Queue::cancel`]). On the wire the state is
+    /// `failed` with error kind `cancelled`.
+    Cancelled,
     /// Any other value, written by a newer version or another program.
     Other(String),
 }
@@ -42,11 +45,11 @@ impl JobState {
         }
     }
 
-    /// True for `completed`, `failed` and `dead`.
+    /// True for `completed`, `failed` (and cancelled) and `dead`.
     pub fn is_finished(&self) -> bool {
         matches!(
             self,
-            JobState::Completed | JobState::Failed | JobState::Dead
+            JobState::Completed | JobState::Failed | JobState::Dead | JobState::Cancelled
         )
     }
 }
@@ -127,6 +130,9 @@ impl JobStatus {
         };
         let due_ms = number(10);
         let mut state = JobState::parse(&state);
+        if state == JobState::Failed && get(8).as_deref() == Some("cancelled") {
+            state = JobState::Cancelled;
+        }
         if state == JobState::Queued && due_ms.is_some() {
             // A job that was ever delayed: it is delayed while its ID waits
             // in the delayed set (the set, not a clock, says so).

@@ -150,6 +150,9 @@ pub(crate) struct NewJob<'a> {
     pub due: Due,
     /// The retry backoff policy, in its wire form (`""`: none).
     pub backoff: String,
+    /// The unique key, in its wire form `<mode>:<ttl ms>:<key>` (`None`:
+    /// none), and the key itself.
+    pub unique: Option<(String, &'a str)>,
 }
 
 /// `job_submit`: stores jobs and queues their IDs.
@@ -161,10 +164,14 @@ pub(crate) fn job_submit(keys: &QueueKeys, mode: Mode, jobs: &[NewJob<'_>]) -> C
         .key(keys.tickets())
         .key(keys.delayed())
         .key(keys.clock())
+        .key(keys.events())
         .arg(mode.as_str())
         .arg(PROTOCOL_VERSION.to_string());
     for job in jobs {
         call = call.key(keys.job(job.id));
+    }
+    for (_, key) in jobs.iter().filter_map(|j| j.unique.as_ref()) {
+        call = call.key(keys.unique(key));
     }
     for job in jobs {
         call = call
@@ -177,8 +184,39 @@ pub(crate) fn job_submit(keys: &QueueKeys, mode: Mode, jobs: &[NewJob<'_>]) -> C
             .arg(job.timeout.map_or_else(|| "0".to_owned(), ms));
         let (delay, run_at) = job.due.args();
         call = call.arg(delay).arg(run_at).arg(&job.backoff);
+        call = call.arg(job.unique.as_ref().map_or("", |(wire, _)| wire.as_str()));
     }
     call
+}
+
+/// The jobs of a `job_submit` call that were not enqueued because another
+/// job holds their unique key: (index in the call, the holder's ID).
+pub(crate) fn submit_refusals(reply: &Value) -> Result<Vec<(usize, String)>, Error> {
+    let bad = || Error::Decode {
+        what: "job_submit reply",
+        message: format!("{reply:?}"),
+    };
+    let Value::Array(items) = reply else {
+        return Err(bad());
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    items
+        .get(1..)
+        .unwrap_or_default()
+        .chunks(2)
+        .map(|pair| match pair {
+            [index, holder] => {
+                let index: usize = text(index).and_then(|i| i.parse().ok()).ok_or_else(bad)?;
+                let holder = text(holder).ok_or_else(bad)?;
+                index.checked_sub(1).map(|i| (i, holder)).ok_or_else(bad)
+            }
+            _ => Err(bad()),
+        })
+        .collect()
 }
 
 /// What `job_promote` answered.
@@ -297,6 +335,7 @@ pub(crate) async fn schedule_fire(
         .key(keys.pending())
         .key(keys.tickets())
         .key(keys.job(&id))
+        .key(keys.events())
         .arg(mode.as_str())
         .arg(PROTOCOL_VERSION.to_string())
         .arg(name)
@@ -461,6 +500,7 @@ pub(crate) async fn job_start(
         .call()
         .key(keys.leases())
         .key(keys.dead_jobs())
+        .key(keys.events())
         .arg(ms(settings.lease))
         .arg(settings.max_stalls.to_string())
         .arg(settings.worker_id)
@@ -565,6 +605,7 @@ pub(crate) fn job_finish(
         .key(keys.clock())
         .key(keys.running())
         .key(keys.gate())
+        .key(keys.events())
         .arg(id)
         .arg(token);
     outcome_args(call, finish)
@@ -669,6 +710,7 @@ pub(crate) fn job_finish_batch(
         .key(keys.clock())
         .key(keys.running())
         .key(keys.gate())
+        .key(keys.events())
         .arg(ms(result_ttl))
         .arg(mode.as_str())
         .arg(notify(sharded));
@@ -838,6 +880,7 @@ pub(crate) async fn reliable_start(
         .key(keys.running())
         .key(keys.rate())
         .key(keys.gate())
+        .key(keys.events())
         .arg(settings.max_stalls.to_string())
         .arg(settings.worker_id)
         .arg(ms(settings.result_ttl))
@@ -954,4 +997,76 @@ pub(crate) async fn queue_control(
         .into_iter()
         .map(|v| (!v.is_empty()).then_some(v))
         .collect())
+}
+
+/// What `job_cancel` did to one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Cancel {
+    /// Cancelled now; it was `queued` (or delayed) or `active`.
+    Cancelled(String),
+    /// It had finished already, in this state.
+    Finished(String),
+    /// No such job.
+    Missing,
+    /// The job key holds another Redis type.
+    NotAHash,
+}
+
+/// `job_cancel`: cancels jobs of one queue; one decision per ID.
+pub(crate) async fn job_cancel(
+    con: &Conn,
+    keys: &QueueKeys,
+    mode: Mode,
+    ids: &[&str],
+    (message, result_ttl): (&str, Duration),
+) -> Result<Vec<Cancel>, Error> {
+    let mut call = scripts::get(Name::JobCancel)
+        .call()
+        .key(keys.delayed())
+        .key(keys.leases())
+        .key(keys.running())
+        .key(keys.gate())
+        .key(keys.events())
+        .arg(mode.as_str())
+        .arg(ms(result_ttl))
+        .arg(notify(con.is_cluster()))
+        .arg(message);
+    for id in ids {
+        call = call.key(keys.job(id)).arg(*id);
+    }
+    let lone = match ids {
+        [id] => Some(*id),
+        _ => None,
+    };
+    let replies: Vec<Vec<String>> = run(con, &call, keys, lone).await?;
+    one_per_job(&replies, ids.len(), "job_cancel reply")?;
+    Ok(replies
+        .into_iter()
+        .map(|r| {
+            let second = r.get(1).cloned().unwrap_or_default();
+            match r.first().map(String::as_str) {
+                Some("cancelled") => Cancel::Cancelled(second),
+                Some("missing") => Cancel::Missing,
+                Some("not a hash") => Cancel::NotAHash,
+                _ => Cancel::Finished(second),
+            }
+        })
+        .collect())
+}
+
+/// `job_progress`: records a running job's progress under its token.
+pub(crate) fn job_progress(
+    keys: &QueueKeys,
+    (id, token): (&str, &str),
+    progress: &[u8],
+    sharded: bool,
+) -> Call {
+    scripts::get(Name::JobProgress)
+        .call()
+        .key(keys.job(id))
+        .key(keys.events())
+        .arg(id)
+        .arg(token)
+        .arg(progress)
+        .arg(notify(sharded))
 }

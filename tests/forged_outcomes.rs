@@ -111,6 +111,7 @@ async fn a_forged_finish_under_the_workers_token_is_counted_by_the_worker() {
         .key(format!("jq:{{{q}}}:clock"))
         .key(format!("jq:{{{q}}}:running"))
         .key(format!("jq:{{{q}}}:gate"))
+        .key(format!("jq:{{{q}}}:events"))
         .arg(&id)
         .arg(&token)
         .arg("completed")

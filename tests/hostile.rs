@@ -1758,6 +1758,9 @@ enum Num {
     Rate,
     /// `queue_control`'s value of `concurrency`: 1 to 10^6, or "" (clear).
     Concurrency,
+    /// `queue_control`'s value of `events` (the event stream's cap): 1 to
+    /// 10^9, or "" (clear).
+    Events,
 }
 
 impl Num {
@@ -1793,6 +1796,8 @@ impl Num {
             }
             Num::Concurrency if v.is_empty() => return Some(true),
             Num::Concurrency => (1, 1_000_000),
+            Num::Events if v.is_empty() => return Some(true),
+            Num::Events => (1, 1_000_000_000),
         };
         Some(strict_int(v).is_some_and(|n| range.0 <= n && n <= range.1))
     }
@@ -1812,6 +1817,15 @@ enum Arity {
     /// Exactly `keys` KEYS and `argv + 2 * n` ARGV, n >= 1 (pairs of a
     /// name and a value, `queue_control`).
     Pairs { keys: usize, argv: usize },
+    /// `keys + n + locks` KEYS and `argv + per * n` ARGV, n >= 1: a job key
+    /// per job, then the lock keys of the `locks` jobs with a unique key
+    /// (`job_submit`).
+    Unique {
+        keys: usize,
+        argv: usize,
+        per: usize,
+        locks: usize,
+    },
 }
 
 impl Arity {
@@ -1824,6 +1838,16 @@ impl Arity {
             Arity::Pairs { keys, argv } => {
                 nkeys == keys && nargs > argv && (nargs - argv).is_multiple_of(2)
             }
+            Arity::Unique {
+                keys,
+                argv,
+                per,
+                locks,
+            } => {
+                nargs > argv
+                    && (nargs - argv).is_multiple_of(per)
+                    && nkeys == keys + (nargs - argv) / per + locks
+            }
         }
     }
 }
@@ -1833,7 +1857,8 @@ struct Baseline {
     label: &'static str,
     call: RawCall,
     setup: Vec<Vec<String>>,
-    /// Redis type each key holds or gets (`hash`, `list`, `zset`, `string`).
+    /// Redis type each key holds or gets (`hash`, `list`, `zset`, `string`,
+    /// `stream`).
     types: Vec<&'static str>,
     /// Numeric arguments: 0-based ARGV index and range.
     numbers: Vec<(usize, Num)>,
@@ -1964,6 +1989,7 @@ fn baselines() -> Vec<Baseline> {
         ("running", "zset"),
         ("rate", "zset"),
         ("gate", "list"),
+        ("events", "stream"),
     ];
     let start_numbers = vec![
         (0, Num::MaxStalls),
@@ -1981,12 +2007,12 @@ fn baselines() -> Vec<Baseline> {
         (16, Num::RetryDelay),
     ];
     let batch_arity = Arity::PerJob {
-        keys: 7,
+        keys: 8,
         argv: 3,
         per: 7,
     };
     let start_arity = Arity::PerJob {
-        keys: 8,
+        keys: 9,
         argv: 7,
         per: 1,
     };
@@ -2077,6 +2103,7 @@ fn baselines() -> Vec<Baseline> {
                 ("tickets", "list"),
                 ("delayed", "zset"),
                 ("clock", "list"),
+                ("events", "stream"),
                 ("job:j1", "hash"),
             ],
             &[
@@ -2091,6 +2118,7 @@ fn baselines() -> Vec<Baseline> {
                 b"0",
                 b"0",
                 b"0",
+                b"",
                 b"",
             ],
             vec![
@@ -2108,9 +2136,9 @@ fn baselines() -> Vec<Baseline> {
                 (10, Num::RunAt),
             ],
             Arity::PerJob {
-                keys: 5,
+                keys: 6,
                 argv: 2,
-                per: 10,
+                per: 11,
             },
         ),
         bl(
@@ -2122,6 +2150,7 @@ fn baselines() -> Vec<Baseline> {
                 ("tickets", "list"),
                 ("delayed", "zset"),
                 ("clock", "list"),
+                ("events", "stream"),
                 ("job:j1", "hash"),
                 ("job:j2", "hash"),
             ],
@@ -2138,6 +2167,7 @@ fn baselines() -> Vec<Baseline> {
                 b"60000",
                 b"0",
                 b"exponential:1000:60000:500",
+                b"",
                 b"j2",
                 b"msgpack",
                 b"\xa1x",
@@ -2148,6 +2178,7 @@ fn baselines() -> Vec<Baseline> {
                 b"0",
                 b"0",
                 b"",
+                b"",
             ],
             vec![meta("reliable"), c(&["LPUSH", &k("pending"), "j0"])],
             vec![
@@ -2156,16 +2187,16 @@ fn baselines() -> Vec<Baseline> {
                 (7, Num::MaxAttempts),
                 (8, Num::MsOrZero),
                 (9, Num::MsOrZero),
-                (16, Num::MsOrZero),
-                (17, Num::MaxAttempts),
-                (18, Num::MsOrZero),
+                (17, Num::MsOrZero),
+                (18, Num::MaxAttempts),
                 (19, Num::MsOrZero),
-                (20, Num::RunAt),
+                (20, Num::MsOrZero),
+                (21, Num::RunAt),
             ],
             Arity::PerJob {
-                keys: 5,
+                keys: 6,
                 argv: 2,
-                per: 10,
+                per: 11,
             },
         ),
         bl(
@@ -2295,6 +2326,7 @@ fn baselines() -> Vec<Baseline> {
             &[
                 ("leases", "zset"),
                 ("dead_jobs", "zset"),
+                ("events", "stream"),
                 ("job:j1", "hash"),
                 ("job:j2", "hash"),
             ],
@@ -2329,7 +2361,7 @@ fn baselines() -> Vec<Baseline> {
                 (10, Num::Token),
             ],
             Arity::PerJob {
-                keys: 2,
+                keys: 3,
                 argv: 7,
                 per: 2,
             },
@@ -2340,6 +2372,7 @@ fn baselines() -> Vec<Baseline> {
             &[
                 ("leases", "zset"),
                 ("dead_jobs", "zset"),
+                ("events", "stream"),
                 ("job:j1", "hash"),
             ],
             &[
@@ -2363,7 +2396,7 @@ fn baselines() -> Vec<Baseline> {
                 (8, Num::Token),
             ],
             Arity::PerJob {
-                keys: 2,
+                keys: 3,
                 argv: 7,
                 per: 2,
             },
@@ -2380,6 +2413,7 @@ fn baselines() -> Vec<Baseline> {
                 ("clock", "list"),
                 ("running", "zset"),
                 ("gate", "list"),
+                ("events", "stream"),
             ],
             &[
                 b"j1",
@@ -2404,7 +2438,7 @@ fn baselines() -> Vec<Baseline> {
                 (6, Num::Ms),
                 (9, Num::RetryDelay),
             ],
-            fixed(8, 10, 10),
+            fixed(9, 10, 10),
         ),
         bl(
             "fail and retry (reliable)",
@@ -2418,6 +2452,7 @@ fn baselines() -> Vec<Baseline> {
                 ("clock", "list"),
                 ("running", "zset"),
                 ("gate", "list"),
+                ("events", "stream"),
             ],
             &[
                 b"j1",
@@ -2442,7 +2477,7 @@ fn baselines() -> Vec<Baseline> {
                 (6, Num::Ms),
                 (9, Num::RetryDelay),
             ],
-            fixed(8, 10, 10),
+            fixed(9, 10, 10),
         ),
         bl(
             "complete a job with a slot: the gate list pushed",
@@ -2456,6 +2491,7 @@ fn baselines() -> Vec<Baseline> {
                 ("clock", "list"),
                 ("running", "zset"),
                 ("gate", "list"),
+                ("events", "stream"),
             ],
             &[
                 b"j1",
@@ -2480,7 +2516,7 @@ fn baselines() -> Vec<Baseline> {
                 (6, Num::Ms),
                 (9, Num::RetryDelay),
             ],
-            fixed(8, 10, 10),
+            fixed(9, 10, 10),
         ),
         bl(
             "fail and retry a job with a slot (reliable): it leaves the running set",
@@ -2494,6 +2530,7 @@ fn baselines() -> Vec<Baseline> {
                 ("clock", "list"),
                 ("running", "zset"),
                 ("gate", "list"),
+                ("events", "stream"),
             ],
             &[
                 b"j1",
@@ -2519,7 +2556,7 @@ fn baselines() -> Vec<Baseline> {
                 (6, Num::Ms),
                 (9, Num::RetryDelay),
             ],
-            fixed(8, 10, 10),
+            fixed(9, 10, 10),
         ),
         bl(
             "renew",
@@ -2891,6 +2928,7 @@ fn baselines() -> Vec<Baseline> {
                 ("clock", "list"),
                 ("running", "zset"),
                 ("gate", "list"),
+                ("events", "stream"),
                 ("job:j1", "hash"),
                 ("job:j2", "hash"),
             ],
@@ -2932,6 +2970,7 @@ fn baselines() -> Vec<Baseline> {
                 ("clock", "list"),
                 ("running", "zset"),
                 ("gate", "list"),
+                ("events", "stream"),
                 ("job:j1", "hash"),
                 ("job:j2", "hash"),
             ],
@@ -3036,6 +3075,7 @@ fn baselines() -> Vec<Baseline> {
                 ("pending", "list"),
                 ("tickets", "list"),
                 ("job:s1@1000", "hash"),
+                ("events", "stream"),
             ],
             &[b"recoverable", b"1", b"s1", b"1000", b"2000", b"9000"],
             vec![
@@ -3055,7 +3095,7 @@ fn baselines() -> Vec<Baseline> {
                 ]),
             ],
             vec![(1, Num::Protocol)],
-            fixed(6, 6, 6),
+            fixed(7, 6, 6),
         ),
         bl(
             "remove a schedule",
@@ -3124,6 +3164,574 @@ fn baselines() -> Vec<Baseline> {
             ],
             vec![(1, Num::Protocol), (3, Num::Paused)],
             Arity::Pairs { keys: 2, argv: 2 },
+        ),
+        bl(
+            "record events",
+            "queue_control",
+            &[("meta", "hash"), ("gate", "list")],
+            &[b"recoverable", b"1", b"events", b"1000"],
+            vec![meta("recoverable")],
+            vec![(1, Num::Protocol), (3, Num::Events)],
+            Arity::Pairs { keys: 2, argv: 2 },
+        ),
+        bl(
+            "stop recording events, pause",
+            "queue_control",
+            &[("meta", "hash"), ("gate", "list")],
+            &[b"reliable", b"1", b"events", b"", b"paused", b"1"],
+            vec![controls("reliable", &["events", "50", "concurrency", "2"])],
+            vec![(1, Num::Protocol), (3, Num::Events), (5, Num::Paused)],
+            Arity::Pairs { keys: 2, argv: 2 },
+        ),
+        bl(
+            "unique keys: one job refused (its key held by a queued job), one takes a throttle lock, one a stale lock",
+            "job_submit",
+            &[
+                ("meta", "hash"),
+                ("pending", "list"),
+                ("tickets", "list"),
+                ("delayed", "zset"),
+                ("clock", "list"),
+                ("events", "stream"),
+                ("job:j1", "hash"),
+                ("job:j2", "hash"),
+                ("job:j3", "hash"),
+                ("unique:k1", "string"),
+                ("unique:k2", "string"),
+                ("unique:k3", "string"),
+            ],
+            &[
+                b"recoverable",
+                b"1",
+                b"j1",
+                b"json",
+                b"1",
+                b"c7",
+                b"0",
+                b"1",
+                b"0",
+                b"0",
+                b"0",
+                b"",
+                b"active:0:k1",
+                b"j2",
+                b"json",
+                b"2",
+                b"",
+                b"0",
+                b"1",
+                b"0",
+                b"60000",
+                b"0",
+                b"",
+                b"throttle:60000:k2",
+                b"j3",
+                b"json",
+                b"3",
+                b"",
+                b"0",
+                b"2",
+                b"0",
+                b"0",
+                b"0",
+                b"",
+                b"active:600000:k3",
+            ],
+            vec![
+                meta("recoverable"),
+                queued("j0"),
+                c(&["HSET", &k("job:j0"), "unique", "k1"]),
+                c(&["SET", &k("unique:k1"), "j0"]),
+                c(&["SET", &k("unique:k3"), "gone"]),
+                c(&["LPUSH", &k("pending"), "j0"]),
+                c(&["LPUSH", &k("tickets"), "1"]),
+            ],
+            vec![
+                (1, Num::Protocol),
+                (6, Num::MsOrZero),
+                (7, Num::MaxAttempts),
+                (8, Num::MsOrZero),
+                (9, Num::MsOrZero),
+                (10, Num::RunAt),
+                (17, Num::MsOrZero),
+                (18, Num::MaxAttempts),
+                (19, Num::MsOrZero),
+                (20, Num::MsOrZero),
+                (21, Num::RunAt),
+                (28, Num::MsOrZero),
+                (29, Num::MaxAttempts),
+            ],
+            Arity::Unique {
+                keys: 6,
+                argv: 2,
+                per: 11,
+                locks: 3,
+            },
+        ),
+        bl(
+            "events on: a job submitted and one delayed, each appended to the stream",
+            "job_submit",
+            &[
+                ("meta", "hash"),
+                ("pending", "list"),
+                ("tickets", "list"),
+                ("delayed", "zset"),
+                ("clock", "list"),
+                ("events", "stream"),
+                ("job:j1", "hash"),
+                ("job:j2", "hash"),
+                ("unique:k2", "string"),
+            ],
+            &[
+                b"reliable",
+                b"1",
+                b"j1",
+                b"json",
+                b"1",
+                b"c7",
+                b"0",
+                b"1",
+                b"0",
+                b"0",
+                b"0",
+                b"",
+                b"",
+                b"j2",
+                b"json",
+                b"2",
+                b"",
+                b"0",
+                b"1",
+                b"0",
+                b"60000",
+                b"0",
+                b"",
+                b"active:0:k2",
+            ],
+            vec![
+                controls("reliable", &["events", "100"]),
+                c(&["XADD", &k("events"), "*", "event", "submitted", "id", "j0"]),
+                c(&["ZADD", &k("delayed"), FUTURE, "j9"]),
+            ],
+            vec![
+                (1, Num::Protocol),
+                (6, Num::MsOrZero),
+                (7, Num::MaxAttempts),
+                (8, Num::MsOrZero),
+                (9, Num::MsOrZero),
+                (10, Num::RunAt),
+                (17, Num::MsOrZero),
+                (18, Num::MaxAttempts),
+                (19, Num::MsOrZero),
+                (20, Num::MsOrZero),
+                (21, Num::RunAt),
+            ],
+            Arity::Unique {
+                keys: 6,
+                argv: 2,
+                per: 11,
+                locks: 1,
+            },
+        ),
+        bl(
+            "events on: run one (started), one dies (dead, its unique lock released)",
+            "job_start",
+            &[
+                ("leases", "zset"),
+                ("dead_jobs", "zset"),
+                ("events", "stream"),
+                ("job:j1", "hash"),
+                ("job:j2", "hash"),
+            ],
+            &[
+                b"30000",
+                b"3",
+                b"w1",
+                b"86400000",
+                b"10000",
+                b"publish",
+                b"0",
+                b"j1",
+                b"3",
+                b"j2",
+                b"4",
+            ],
+            vec![
+                queued("j1"),
+                c(&["HSET", &k("job:j1"), "events", "100"]),
+                active("j2", "2"),
+                c(&[
+                    "HSET",
+                    &k("job:j2"),
+                    "stalls",
+                    "3",
+                    "events",
+                    "100",
+                    "unique",
+                    "k2",
+                ]),
+                c(&["SET", &k("unique:k2"), "j2"]),
+                c(&["ZADD", &k("leases"), FUTURE, "j1", FUTURE, "j2"]),
+                c(&["XADD", &k("events"), "*", "event", "submitted", "id", "j1"]),
+            ],
+            vec![
+                (0, Num::Ms),
+                (1, Num::MaxStalls),
+                (3, Num::Ms),
+                (4, Num::DeadMax),
+                (6, Num::Flag),
+                (8, Num::Token),
+                (10, Num::Token),
+            ],
+            Arity::PerJob {
+                keys: 3,
+                argv: 7,
+                per: 2,
+            },
+        ),
+        bl(
+            "events on: complete a unique job (completed, the lock released)",
+            "job_finish",
+            &[
+                ("job:j1", "hash"),
+                ("leases", "zset"),
+                ("pending", "list"),
+                ("tickets", "list"),
+                ("delayed", "zset"),
+                ("clock", "list"),
+                ("running", "zset"),
+                ("gate", "list"),
+                ("events", "stream"),
+            ],
+            &[
+                b"j1",
+                b"7",
+                b"completed",
+                b"\"r\"",
+                b"",
+                b"0",
+                b"86400000",
+                b"recoverable",
+                b"publish",
+                b"-1",
+            ],
+            vec![
+                active("j1", "7"),
+                c(&[
+                    "HSET",
+                    &k("job:j1"),
+                    "events",
+                    "100",
+                    "unique",
+                    "k1",
+                    "worker",
+                    "w1",
+                ]),
+                c(&["SET", &k("unique:k1"), "j1"]),
+                c(&["ZADD", &k("leases"), FUTURE, "j1"]),
+                c(&["XADD", &k("events"), "*", "event", "started", "id", "j1"]),
+            ],
+            vec![
+                (1, Num::Token),
+                (5, Num::Flag),
+                (6, Num::Ms),
+                (9, Num::RetryDelay),
+            ],
+            fixed(9, 10, 10),
+        ),
+        bl(
+            "events on: a delayed retry of a unique job (retried, the lock kept)",
+            "job_finish",
+            &[
+                ("job:j1", "hash"),
+                ("inflight:w1", "list"),
+                ("pending", "list"),
+                ("tickets", "list"),
+                ("delayed", "zset"),
+                ("clock", "list"),
+                ("running", "zset"),
+                ("gate", "list"),
+                ("events", "stream"),
+            ],
+            &[
+                b"j1",
+                b"7",
+                b"failed",
+                b"handler",
+                b"boom",
+                b"1",
+                b"86400000",
+                b"reliable",
+                b"publish",
+                b"2500",
+            ],
+            vec![
+                active("j1", "7"),
+                c(&[
+                    "HSET",
+                    &k("job:j1"),
+                    "events",
+                    "100",
+                    "unique",
+                    "k1",
+                    "worker",
+                    "w1",
+                ]),
+                c(&["SET", &k("unique:k1"), "j1"]),
+                c(&["LPUSH", &k("inflight:w1"), "j1"]),
+            ],
+            vec![
+                (1, Num::Token),
+                (5, Num::Flag),
+                (6, Num::Ms),
+                (9, Num::RetryDelay),
+            ],
+            fixed(9, 10, 10),
+        ),
+        bl(
+            "events on: complete one (lock released), fail one for good",
+            "job_finish_batch",
+            &[
+                ("leases", "zset"),
+                ("pending", "list"),
+                ("tickets", "list"),
+                ("delayed", "zset"),
+                ("clock", "list"),
+                ("running", "zset"),
+                ("gate", "list"),
+                ("events", "stream"),
+                ("job:j1", "hash"),
+                ("job:j2", "hash"),
+            ],
+            &[
+                b"86400000",
+                b"recoverable",
+                b"publish",
+                b"j1",
+                b"7",
+                b"completed",
+                b"\"r\"",
+                b"",
+                b"0",
+                b"-1",
+                b"j2",
+                b"8",
+                b"failed",
+                b"handler",
+                b"boom",
+                b"0",
+                b"-1",
+            ],
+            vec![
+                active("j1", "7"),
+                active("j2", "8"),
+                c(&["HSET", &k("job:j1"), "events", "100", "unique", "k1"]),
+                c(&["HSET", &k("job:j2"), "events", "100"]),
+                c(&["SET", &k("unique:k1"), "j1"]),
+                c(&["ZADD", &k("leases"), FUTURE, "j1", FUTURE, "j2"]),
+            ],
+            batch_numbers.clone(),
+            batch_arity,
+        ),
+        bl(
+            "events on, from pending (started)",
+            "reliable_start",
+            &[start_keys, &[("job:j1", "hash")][..]].concat(),
+            &[
+                b"3",
+                b"w1",
+                b"86400000",
+                b"10000",
+                b"publish",
+                b"pending",
+                b"0",
+                b"j1",
+            ],
+            vec![
+                c(&["LPUSH", &k("pending"), "j1"]),
+                queued("j1"),
+                c(&["HSET", &k("job:j1"), "events", "100"]),
+                c(&["SET", &k("fence"), "2"]),
+                meta("reliable"),
+                c(&["XADD", &k("events"), "*", "event", "submitted", "id", "j1"]),
+            ],
+            start_numbers.clone(),
+            start_arity,
+        ),
+        bl(
+            "events on, from inflight: a unique job dies (dead, its lock released)",
+            "reliable_start",
+            &[start_keys, &[("job:j2", "hash")][..]].concat(),
+            &[
+                b"3",
+                b"w1",
+                b"86400000",
+                b"10000",
+                b"publish",
+                b"inflight",
+                b"0",
+                b"j2",
+            ],
+            vec![
+                c(&["LPUSH", &k("inflight:w1"), "j2"]),
+                active("j2", "1"),
+                c(&[
+                    "HSET",
+                    &k("job:j2"),
+                    "stalls",
+                    "3",
+                    "events",
+                    "100",
+                    "unique",
+                    "k2",
+                ]),
+                c(&["SET", &k("unique:k2"), "j2"]),
+            ],
+            start_numbers.clone(),
+            start_arity,
+        ),
+        bl(
+            "events on: fire a due schedule (the job records events)",
+            "schedule_fire",
+            &[
+                ("meta", "hash"),
+                ("schedules", "zset"),
+                ("schedule:s1", "hash"),
+                ("pending", "list"),
+                ("tickets", "list"),
+                ("job:s1@1000", "hash"),
+                ("events", "stream"),
+            ],
+            &[b"recoverable", b"1", b"s1", b"1000", b"2000", b"9000"],
+            vec![
+                controls("recoverable", &["events", "100"]),
+                c(&["ZADD", &k("schedules"), "1000", "s1"]),
+                c(&[
+                    "HSET",
+                    &k("schedule:s1"),
+                    "spec",
+                    "every:1000",
+                    "next_ms",
+                    "1000",
+                    "enc",
+                    "json",
+                    "payload",
+                    "1",
+                ]),
+                c(&["XADD", &k("events"), "*", "event", "submitted", "id", "j0"]),
+            ],
+            vec![(1, Num::Protocol)],
+            fixed(7, 6, 6),
+        ),
+        bl(
+            "cancel a delayed unique job, a running job with a slot (events on), a finished and a missing job",
+            "job_cancel",
+            &[
+                ("delayed", "zset"),
+                ("leases", "zset"),
+                ("running", "zset"),
+                ("gate", "list"),
+                ("events", "stream"),
+                ("job:j1", "hash"),
+                ("job:j2", "hash"),
+                ("job:j3", "hash"),
+                ("job:j4", "hash"),
+            ],
+            &[
+                b"recoverable",
+                b"86400000",
+                b"publish",
+                b"",
+                b"j1",
+                b"j2",
+                b"j3",
+                b"j4",
+            ],
+            vec![
+                queued("j1"),
+                c(&[
+                    "HSET",
+                    &k("job:j1"),
+                    "due_ms",
+                    FUTURE,
+                    "unique",
+                    "k1",
+                    "events",
+                    "100",
+                ]),
+                c(&["SET", &k("unique:k1"), "j1"]),
+                c(&["ZADD", &k("delayed"), FUTURE, "j1", FUTURE, "j9"]),
+                active("j2", "7"),
+                slotted("j2"),
+                c(&["HSET", &k("job:j2"), "worker", "w1", "events", "100"]),
+                c(&["ZADD", &k("leases"), FUTURE, "j2", FUTURE, "j8"]),
+                c(&["HSET", &k("job:j3"), "state", "completed"]),
+                c(&["XADD", &k("events"), "*", "event", "submitted", "id", "j1"]),
+            ],
+            vec![(1, Num::Ms)],
+            Arity::PerJob {
+                keys: 5,
+                argv: 4,
+                per: 1,
+            },
+        ),
+        bl(
+            "cancel a running job with a slot (reliable): it leaves the running set",
+            "job_cancel",
+            &[
+                ("delayed", "zset"),
+                ("leases", "zset"),
+                ("running", "zset"),
+                ("gate", "list"),
+                ("events", "stream"),
+                ("job:j1", "hash"),
+            ],
+            &[b"reliable", b"60000", b"spublish", b"stopped", b"j1"],
+            vec![
+                active("j1", "7"),
+                slotted("j1"),
+                c(&["HSET", &k("job:j1"), "worker", "w1"]),
+                c(&["LPUSH", &k("inflight:w1"), "j1"]),
+                c(&["ZADD", &k("running"), "1", "j1", "1", "j0"]),
+                c(&["LPUSH", &k("gate"), "1"]),
+            ],
+            vec![(1, Num::Ms)],
+            Arity::PerJob {
+                keys: 5,
+                argv: 4,
+                per: 1,
+            },
+        ),
+        bl(
+            "progress",
+            "job_progress",
+            &[("job:j1", "hash"), ("events", "stream")],
+            &[b"j1", b"7", b"50%", b"publish"],
+            vec![active("j1", "7")],
+            vec![(1, Num::Token)],
+            fixed(2, 4, 4),
+        ),
+        bl(
+            "progress, events on",
+            "job_progress",
+            &[("job:j1", "hash"), ("events", "stream")],
+            &[b"j1", b"7", b"\xff\x00", b"spublish"],
+            vec![
+                active("j1", "7"),
+                c(&[
+                    "HSET",
+                    &k("job:j1"),
+                    "events",
+                    "100",
+                    "worker",
+                    "w1",
+                    "progress",
+                    "1",
+                ]),
+                c(&["XADD", &k("events"), "*", "event", "started", "id", "j1"]),
+            ],
+            vec![(1, Num::Token)],
+            fixed(2, 4, 4),
         ),
     ]
 }
@@ -3230,8 +3838,8 @@ fn check(
                         "JQ_WRONGTYPE says {key} holds a {found}, TYPE says {actual}: {refusal}"
                     ));
                 }
-                if !["hash", "list", "zset", "string", "integer"].contains(&expected) {
-                    problems.push(format!("JQ_WRONGTYPE expected {expected:?} is not hash, list, zset, string or integer"));
+                if !["hash", "list", "zset", "string", "integer", "stream"].contains(&expected) {
+                    problems.push(format!("JQ_WRONGTYPE expected {expected:?} is not hash, list, zset, string, integer or stream"));
                 }
             }
             None => problems.push(format!(
@@ -3451,6 +4059,8 @@ mutation_tests! {
     mutate_schedule_fire => "schedule_fire",
     mutate_schedule_remove => "schedule_remove",
     mutate_queue_control => "queue_control",
+    mutate_job_cancel => "job_cancel",
+    mutate_job_progress => "job_progress",
 }
 
 /// Values a random mutation puts in an argument.
@@ -3769,6 +4379,7 @@ fn refusals_that_quote_stored_bytes_are_readable() {
                     k_bytes(b"clock"),
                     k_bytes(b"running"),
                     k_bytes(b"gate"),
+                    k_bytes(b"events"),
                 ],
                 args: [
                     &b"j1"[..],
@@ -3781,6 +4392,97 @@ fn refusals_that_quote_stored_bytes_are_readable() {
                     b"recoverable",
                     b"publish",
                     b"-1",
+                ]
+                .iter()
+                .map(|a| a.to_vec())
+                .collect(),
+            },
+        ),
+        (
+            "a job state that is not UTF-8, read by job_progress",
+            vec![b(&[
+                b"HSET",
+                &k_bytes(b"job:j1"),
+                b"state",
+                b"\xff",
+                b"token",
+                b"7",
+            ])],
+            RawCall {
+                script: "job_progress",
+                keys: vec![k_bytes(b"job:j1"), k_bytes(b"events")],
+                args: vec![
+                    b"j1".to_vec(),
+                    b"7".to_vec(),
+                    b"x".to_vec(),
+                    b"publish".to_vec(),
+                ],
+            },
+        ),
+        (
+            "a job key that is not UTF-8, refused by job_cancel",
+            vec![],
+            RawCall {
+                script: "job_cancel",
+                keys: vec![
+                    k_bytes(b"delayed"),
+                    k_bytes(b"leases"),
+                    k_bytes(b"running"),
+                    k_bytes(b"gate"),
+                    k_bytes(b"events"),
+                    k_bytes(b"job:\xff\xfe"),
+                ],
+                args: vec![
+                    b"recoverable".to_vec(),
+                    b"60000".to_vec(),
+                    b"publish".to_vec(),
+                    b"".to_vec(),
+                    b"j1".to_vec(),
+                ],
+            },
+        ),
+        (
+            "a queue name that is not UTF-8 and a unique lock of another type, refused by job_submit",
+            vec![
+                b(&[
+                    b"HSET",
+                    b"jq:{\xff}:meta",
+                    b"mode",
+                    b"recoverable",
+                    b"protocol",
+                    b"1",
+                ]),
+                b(&[b"HSET", b"jq:{\xff}:unique:k1", b"f", b"v"]),
+            ],
+            RawCall {
+                script: "job_submit",
+                keys: [
+                    &b"jq:{\xff}:meta"[..],
+                    b"jq:{\xff}:pending",
+                    b"jq:{\xff}:tickets",
+                    b"jq:{\xff}:delayed",
+                    b"jq:{\xff}:clock",
+                    b"jq:{\xff}:events",
+                    b"jq:{\xff}:job:j1",
+                    b"jq:{\xff}:unique:k1",
+                ]
+                .iter()
+                .map(|k| k.to_vec())
+                .collect(),
+                args: [
+                    &b"recoverable"[..],
+                    b"1",
+                    b"j1",
+                    b"json",
+                    b"1",
+                    b"",
+                    b"0",
+                    b"1",
+                    b"0",
+                    b"0",
+                    b"0",
+                    b"",
+                    b"active:0:k1",
                 ]
                 .iter()
                 .map(|a| a.to_vec())

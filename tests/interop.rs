@@ -1539,3 +1539,511 @@ async fn a_rust_worker_honours_a_pause_from_the_python_client() {
         assert_eq!((stats.completed, stats.failed), (4, 0), "{mode}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// Cancellation, progress, unique jobs and events (protocol.md 8.10 to 8.13):
+// job_cancel 1, job_progress 1, job_submit 10's unique keys, queue_control
+// 2's "events" and the event stream, across both implementations
+// ---------------------------------------------------------------------------
+
+/// Runs `jobqueue.py <command> --url <server> --queue <q> --mode <mode>`
+/// (and `extra`), off the async runtime, and answers what it printed;
+/// panics, with its stderr, unless it succeeds.
+async fn python_output(
+    server: &RedisServer,
+    command: &str,
+    q: &str,
+    mode: Mode,
+    extra: &[&str],
+) -> String {
+    let mut cmd = jobqueue();
+    cmd.args([command, "--url", &server.url(), "--queue", q])
+        .args(["--mode", mode.as_str()])
+        .args(extra);
+    let output = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "jobqueue.py {command} failed ({mode}): {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Waits until job `id`'s state is `want` (read every 10 ms, for 10 s at
+/// most).
+async fn wait_for_state(queue: &job_async_redis::Queue, id: &str, want: job_async_redis::JobState) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = queue.status(id).await.unwrap().map(|s| s.state);
+        if state.as_ref() == Some(&want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {id} is {state:?}, never {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The in-flight lists of queue `q` that hold IDs (reliable mode): a worker
+/// leaves none behind once its jobs ended.
+async fn inflight_ids(con: &mut redis::aio::MultiplexedConnection, q: &str) -> Vec<String> {
+    use redis::AsyncCommands;
+    let lists: Vec<String> = con.keys(format!("jq:{{{q}}}:inflight:*")).await.unwrap();
+    let mut ids = Vec::new();
+    for list in lists {
+        let held: Vec<String> = con.lrange(&list, 0, -1).await.unwrap();
+        ids.extend(held);
+    }
+    ids
+}
+
+/// A Rust client cancels a job running on a Python worker (`Queue::cancel`),
+/// in recoverable and reliable modes, with an `async def` handler (its task
+/// is cancelled) and a plain function (interrupted with SIGUSR1): the job
+/// would sleep 10 s, but the Python worker, told on its control channel,
+/// stops it at once, records nothing, and runs the next job: its result
+/// arrives within 2 s of the cancel. The Rust client reads
+/// `Error::Cancelled`, the job's status is `Cancelled`, and no claim is
+/// left: no lease, and (reliable mode) the ID left the Python worker's
+/// in-flight list (it started it again from "inflight": "gone").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_client_cancels_a_job_running_on_a_python_worker() {
+    use job_async_redis::{CancelOutcome, Error, FailureKind, JobState};
+    use redis::AsyncCommands;
+
+    let server = RedisServer::start();
+    let client = Client::connect(config(&server)).await.unwrap();
+    let mut con = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for mode in [Mode::Recoverable, Mode::Reliable] {
+        for handler in ["nap", "nap-sync"] {
+            let what = format!("{mode} {handler}");
+            let q = queue_name("py-cancel");
+            // Two attempts: the cancelled job and the next one.
+            let worker = python_worker(&server, &q, mode, handler, 2);
+            let queue = client.queue(&q, mode).await.unwrap();
+            let long = queue
+                .submit(&Nap {
+                    name: "long".into(),
+                    sleep_ms: 10_000,
+                })
+                .await
+                .unwrap();
+            let long_id = long.id().to_owned();
+            wait_for_state(&queue, &long_id, JobState::Active).await;
+            let cancelled_at = std::time::Instant::now();
+            assert_eq!(
+                queue.cancel(&long_id).await.unwrap(),
+                CancelOutcome::Cancelled {
+                    was: JobState::Active
+                },
+                "{what}"
+            );
+            match long.result_timeout::<String>(WAIT).await {
+                Err(Error::Cancelled { job_id, .. }) => assert_eq!(job_id, long_id, "{what}"),
+                other => panic!("{what}: the cancelled job's result: {other:?}"),
+            }
+            let next = queue
+                .submit(&Nap {
+                    name: "next".into(),
+                    sleep_ms: 10,
+                })
+                .await
+                .unwrap();
+            let got: String = next.result_timeout(WAIT).await.unwrap();
+            assert_eq!(got, "slept next", "{what}");
+            let took = cancelled_at.elapsed();
+            assert!(
+                took < Duration::from_secs(2),
+                "{what}: the next job completed {took:?} after the cancel: the handler was not stopped"
+            );
+            let status = queue.status(&long_id).await.unwrap().unwrap();
+            assert_eq!(status.state, JobState::Cancelled, "{what}");
+            assert_eq!(
+                status.error.map(|(kind, _)| kind),
+                Some(FailureKind::Cancelled),
+                "{what}"
+            );
+            // A second cancel changes nothing. (job_cancel answers the
+            // state, "failed"; the outcome may also name the cancel.)
+            let again = queue.cancel(&long_id).await.unwrap();
+            assert!(
+                matches!(
+                    again,
+                    CancelOutcome::AlreadyFinished(JobState::Failed | JobState::Cancelled)
+                ),
+                "{what}: a second cancel: {again:?}"
+            );
+            let leases: usize = con.zcard(format!("jq:{{{q}}}:leases")).await.unwrap();
+            assert_eq!(leases, 0, "{what}: a lease is left");
+            assert_eq!(
+                inflight_ids(&mut con, &q).await,
+                Vec::<String>::new(),
+                "{what}: an ID is left in flight"
+            );
+            python_worker_succeeds(worker, &what).await;
+        }
+    }
+}
+
+/// A Python client cancels jobs of a Rust worker that runs one at a time
+/// (`jobqueue.py client-cancel`), in recoverable and reliable modes: in one
+/// job_cancel call a running job (its Rust handler sees `job.cancelled()`
+/// and returns; the worker records nothing), a queued one (never started),
+/// a delayed one (it leaves the delayed set) and a missing one. The Python
+/// client reads kind `cancelled` for each, a second cancel finds the job
+/// finished, and the Rust worker then runs the next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_cancels_jobs_a_rust_worker_runs_or_has_queued() {
+    let server = RedisServer::start();
+    for mode in [Mode::Recoverable, Mode::Reliable] {
+        let q = queue_name("py-cancels");
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<(String, &'static str)>();
+        let builder = Worker::builder(config(&server))
+            .mode(mode)
+            .queue(&q)
+            .concurrency(1);
+        let worker = spawn_built(builder, move |job: Job<Nap>| {
+            let seen = seen_tx.clone();
+            async move {
+                let name = job.payload.name.clone();
+                let _ = seen.send((name.clone(), "started"));
+                tokio::select! {
+                    _ = job.cancelled() => {
+                        let _ = seen.send((name, "cancelled"));
+                        Err("stopped: the job was cancelled".to_string())
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(job.payload.sleep_ms)) => {
+                        Ok(format!("slept {name}"))
+                    }
+                }
+            }
+        })
+        .await;
+        python_check(&server, "client-cancel", &q, mode, &[], "cancel").await;
+        let stats = worker.stop().await;
+        let mut events = Vec::new();
+        while let Ok((name, event)) = seen.try_recv() {
+            events.push(format!("{name} {event}"));
+        }
+        assert_eq!(
+            events,
+            ["long started", "long cancelled", "after started"],
+            "{mode}: what the Rust handlers saw"
+        );
+        assert_eq!(
+            (stats.completed, stats.failed, stats.cancelled),
+            (1, 0, 1),
+            "{mode}"
+        );
+    }
+}
+
+/// A progress interop job: the handler reports `Step { step: n, of: steps }`
+/// for n = 1 to `steps`, sleeping `gap_ms` after each (`progress_handler`
+/// in jobqueue.py), then answers `StepsDone` (the Python handler) or the
+/// name (the Rust handler of `client-progress`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Steps {
+    name: String,
+    steps: u32,
+    gap_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Step {
+    step: u32,
+    of: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct StepsDone {
+    name: String,
+    steps: u32,
+}
+
+/// A Python handler reports progress (`job.progress`, job_progress under
+/// its fencing token) and a Rust client reads it, in recoverable and
+/// reliable modes and both encodings: `JobHandle::follow_progress`, begun
+/// before the job starts, yields every step in order and ends when the job
+/// has finished; `JobHandle::progress` reads none before and the last step
+/// after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_client_follows_the_progress_a_python_handler_reports() {
+    use futures_util::StreamExt;
+
+    let server = RedisServer::start();
+    // The followers look at the job's state every 200 ms (they end then).
+    let client = Client::connect(config(&server).result_poll_interval(Duration::from_millis(200)))
+        .await
+        .unwrap();
+    const STEPS: u32 = 4;
+    for mode in [Mode::Recoverable, Mode::Reliable] {
+        let q = queue_name("py-progress");
+        let mut jobs = Vec::new();
+        for enc in [Encoding::MessagePack, Encoding::Json] {
+            let queue = client.queue(&q, mode).await.unwrap().with_encoding(enc);
+            let job = Steps {
+                name: format!("{enc:?}"),
+                steps: STEPS,
+                gap_ms: 100,
+            };
+            let handle = queue.submit(&job).await.unwrap();
+            assert_eq!(
+                handle.progress::<Step>().await.unwrap(),
+                None,
+                "{mode} {enc:?}"
+            );
+            // Followed (polled) from now on, while the job waits.
+            let follow = handle.follow_progress::<Step>().await.unwrap();
+            let followed = tokio::spawn(tokio::time::timeout(
+                WAIT,
+                follow.map(Result::unwrap).collect::<Vec<Step>>(),
+            ));
+            jobs.push((enc, handle, followed));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let worker = python_worker(&server, &q, mode, "progress", 2);
+        for (enc, handle, followed) in jobs {
+            let followed = followed
+                .await
+                .unwrap()
+                .unwrap_or_else(|_| panic!("{mode} {enc:?}: the progress stream did not end"));
+            let want: Vec<Step> = (1..=STEPS).map(|step| Step { step, of: STEPS }).collect();
+            assert_eq!(followed, want, "{mode} {enc:?}");
+            assert_eq!(
+                handle.progress::<Step>().await.unwrap(),
+                Some(Step {
+                    step: STEPS,
+                    of: STEPS
+                }),
+                "{mode} {enc:?}"
+            );
+            let done: StepsDone = handle.result_timeout(WAIT).await.unwrap();
+            assert_eq!(done.steps, STEPS, "{mode} {enc:?}");
+        }
+        python_worker_succeeds(worker, mode.as_str()).await;
+    }
+}
+
+/// A Rust handler reports progress (`Job::progress`) and a Python client
+/// follows it on the job's progress channel and reads the latest value
+/// (`jobqueue.py client-progress`), in recoverable and reliable modes and
+/// both encodings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_client_follows_the_progress_a_rust_handler_reports() {
+    let server = RedisServer::start();
+    for mode in [Mode::Recoverable, Mode::Reliable] {
+        let q = queue_name("py-progress-client");
+        let builder = Worker::builder(config(&server))
+            .mode(mode)
+            .queue(&q)
+            .concurrency(2);
+        let worker = spawn_built(builder, |job: Job<Steps>| async move {
+            for step in 1..=job.payload.steps {
+                let of = job.payload.steps;
+                job.progress(&Step { step, of })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::time::sleep(Duration::from_millis(job.payload.gap_ms)).await;
+            }
+            Ok::<_, String>(job.payload.name)
+        })
+        .await;
+        python_check(&server, "client-progress", &q, mode, &[], "progress").await;
+        let stats = worker.stop().await;
+        assert_eq!((stats.completed, stats.failed), (2, 0), "{mode}");
+    }
+}
+
+/// A unique key (protocol.md 8.10, mode "active") holds across both
+/// clients, in recoverable and reliable modes: a Rust submit with
+/// `Unique::until_finished` of a key a Python job holds enqueues nothing
+/// and answers a handle on the Python job, and a Python submit of a key a
+/// Rust job holds prints the Rust job's ID. Once the jobs ended (a Python
+/// worker runs them), their locks are gone and the keys enqueue new jobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unique_key_holds_across_the_python_and_rust_clients() {
+    use job_async_redis::{JobOptions, Unique};
+    use redis::AsyncCommands;
+
+    let server = RedisServer::start();
+    let client = Client::connect(config(&server)).await.unwrap();
+    let mut con = redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let tick = |name: &str| Tick {
+        name: name.into(),
+        fail_first: false,
+    };
+    let unique = |key: &str| JobOptions::default().unique(Unique::until_finished(key));
+    for mode in [Mode::Recoverable, Mode::Reliable] {
+        let q = queue_name("py-unique");
+        let queue = client.queue(&q, mode).await.unwrap();
+        let python_submit = async |name: &str, key: &str| {
+            let payload = format!(r#"{{"name": "{name}"}}"#);
+            let spec = format!("active:0:{key}");
+            let extra = ["--payload", payload.as_str(), "--unique", spec.as_str()];
+            python_output(&server, "submit", &q, mode, &extra)
+                .await
+                .trim()
+                .to_owned()
+        };
+        // The Python job first.
+        let python_id = python_submit("python", "report-1").await;
+        let handle = queue
+            .submit_with(&tick("rust"), unique("report-1"))
+            .await
+            .unwrap();
+        assert_eq!(handle.id(), python_id, "{mode}: the Rust submit's handle");
+        // The Rust job first.
+        let rust = queue
+            .submit_with(&tick("rust-2"), unique("report-2"))
+            .await
+            .unwrap();
+        let rust_id = rust.id().to_owned();
+        assert_eq!(
+            python_submit("python-2", "report-2").await,
+            rust_id,
+            "{mode}: the Python submit's ID"
+        );
+        let pending: Vec<String> = con
+            .lrange(format!("jq:{{{q}}}:pending"), 0, -1)
+            .await
+            .unwrap();
+        assert_eq!(
+            pending,
+            [rust_id.clone(), python_id.clone()],
+            "{mode}: one job per key"
+        );
+        for (key, holder) in [("report-1", &python_id), ("report-2", &rust_id)] {
+            let lock: Option<String> = con.get(format!("jq:{{{q}}}:unique:{key}")).await.unwrap();
+            assert_eq!(lock.as_ref(), Some(holder), "{mode}: the lock of {key}");
+        }
+        let worker = python_worker(&server, &q, mode, "clock", 2);
+        let ran: Ran = handle.result_timeout(WAIT).await.unwrap();
+        assert_eq!(ran.name, "python", "{mode}: the job that ran is the holder");
+        let ran: Ran = rust.result_timeout(WAIT).await.unwrap();
+        assert_eq!(ran.name, "rust-2", "{mode}");
+        python_worker_succeeds(worker, mode.as_str()).await;
+        for key in ["report-1", "report-2"] {
+            let held: bool = con
+                .exists(format!("jq:{{{q}}}:unique:{key}"))
+                .await
+                .unwrap();
+            assert!(!held, "{mode}: the lock of {key} outlived its job");
+        }
+        // Free again, from either side.
+        let again = python_submit("python-3", "report-2").await;
+        assert_ne!(again, rust_id, "{mode}");
+        let again_rust = queue
+            .submit_with(&tick("rust-3"), unique("report-1"))
+            .await
+            .unwrap();
+        assert_ne!(again_rust.id(), python_id, "{mode}");
+        let pending: Vec<String> = con
+            .lrange(format!("jq:{{{q}}}:pending"), 0, -1)
+            .await
+            .unwrap();
+        assert_eq!(pending, [again_rust.id().to_owned(), again], "{mode}");
+    }
+}
+
+/// With events on (`Queue::set_events` in recoverable mode, `jobqueue.py
+/// events --max` in reliable mode), a job a Python worker runs records
+/// `submitted`, `started`, its two `progress` reports and `completed` in
+/// the queue's event stream, in that order (the run's events with attempt
+/// 1 and the Python worker's ID), and a delayed job the Python client
+/// cancels records `delayed` then `cancelled`. `Queue::events` and
+/// `jobqueue.py events --read` read the same entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_workers_jobs_record_their_events_in_order() {
+    use job_async_redis::JobOptions;
+
+    let server = RedisServer::start();
+    let client = Client::connect(config(&server)).await.unwrap();
+    for mode in [Mode::Recoverable, Mode::Reliable] {
+        let q = queue_name("py-events");
+        let queue = client.queue(&q, mode).await.unwrap();
+        if mode == Mode::Recoverable {
+            queue.set_events(Some(1000)).await.unwrap();
+        } else {
+            let out = python_output(&server, "events", &q, mode, &["--max", "1000"]).await;
+            assert_eq!(out.trim(), "previous: none", "{mode}");
+        }
+        assert_eq!(queue.controls().await.unwrap().events, Some(1000), "{mode}");
+        let steps = Steps {
+            name: "ev".into(),
+            steps: 2,
+            gap_ms: 20,
+        };
+        let handle = queue.submit(&steps).await.unwrap();
+        let id = handle.id().to_owned();
+        let later = queue
+            .submit_with(&steps, JobOptions::default().delay(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let later_id = later.id().to_owned();
+        let worker = python_worker(&server, &q, mode, "progress", 1);
+        let done: StepsDone = handle.result_timeout(WAIT).await.unwrap();
+        assert_eq!(done.steps, 2, "{mode}");
+        python_worker_succeeds(worker, mode.as_str()).await;
+        let out = python_output(&server, "cancel", &q, mode, &["--id", &later_id]).await;
+        assert_eq!(out.trim(), r#"[["cancelled", "queued"]]"#, "{mode}");
+
+        let events = queue.events(None, 100).await.unwrap();
+        let of = |job: &str| -> Vec<&str> {
+            events
+                .iter()
+                .filter(|e| e.job_id == job)
+                .map(|e| e.kind.as_str())
+                .collect()
+        };
+        assert_eq!(
+            of(&id),
+            ["submitted", "started", "progress", "progress", "completed"],
+            "{mode}"
+        );
+        assert_eq!(of(&later_id), ["delayed", "cancelled"], "{mode}");
+        let run: Vec<_> = events.iter().filter(|e| e.job_id == id).skip(1).collect();
+        let python_worker_id = run[0].worker.clone();
+        assert!(
+            python_worker_id.is_some(),
+            "{mode}: started without a worker"
+        );
+        for e in &run {
+            assert_eq!(e.attempt, Some(1), "{mode}: {e:?}");
+            assert_eq!(e.worker, python_worker_id, "{mode}: {e:?}");
+        }
+        // Stream entry IDs only grow.
+        assert!(
+            events.windows(2).all(|w| w[0].at_ms <= w[1].at_ms),
+            "{mode}: {events:?}"
+        );
+        // The Python client reads the same entries.
+        let lines = python_output(&server, "events", &q, mode, &["--read"]).await;
+        let python: Vec<(String, String, String)> = lines
+            .lines()
+            .map(|line| {
+                let entry: serde_json::Value = serde_json::from_str(line).unwrap();
+                let field = |k: &str| entry[k].as_str().unwrap_or_default().to_owned();
+                (field("stream_id"), field("event"), field("id"))
+            })
+            .collect();
+        let rust: Vec<(String, String, String)> = events
+            .iter()
+            .map(|e| (e.stream_id.clone(), e.kind.clone(), e.job_id.clone()))
+            .collect();
+        assert_eq!(python, rust, "{mode}");
+    }
+}

@@ -393,7 +393,13 @@ async fn every_mode(d: &Deployment, client: Config, worker: Config, queues: &Que
     let q = &queues.reliable;
     let running = spawn_built(
         support::reliable(worker.clone(), q),
-        |job: Job<u32>| async move { Ok::<_, String>(job.payload * 3) },
+        |job: Job<u32>| async move {
+            // Progress: the job's hash, its progress channel (publish).
+            job.progress(&job.payload)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(job.payload * 3)
+        },
     )
     .await;
     let queue = app.queue(q, Mode::Reliable).await.unwrap();

@@ -643,3 +643,26 @@ async fn a_job_whose_own_lease_is_shorter_than_the_workers_is_renewed_in_time() 
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the job ran once");
     assert_eq!(worker.stop().await.completed, 1);
 }
+
+/// Several handles of one client on one job (its submit's and two from
+/// `Queue::job`) all get its outcome: none takes it from the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn several_handles_on_one_job_all_get_its_outcome() {
+    let server = RedisServer::start();
+    let q = queue_name("handles");
+    let client = Client::connect(config(&server)).await.unwrap();
+    let queue = client.queue(&q, Mode::Recoverable).await.unwrap();
+    let submitted = queue.submit("abc").await.unwrap();
+    let first = queue.job(submitted.id()).await.unwrap();
+    let second = queue.job(submitted.id()).await.unwrap();
+    drop(queue.job(submitted.id()).await.unwrap()); // a dropped one takes nothing
+    let worker = spawn_built(support::recoverable(config(&server), &q), reverse).await;
+    for handle in [submitted, first, second] {
+        let got: String = handle
+            .result_timeout(Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(got, "cba");
+    }
+    worker.stop().await;
+}

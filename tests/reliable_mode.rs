@@ -163,12 +163,13 @@ fn lose_a_move_reply(server: &RedisServer, q: &str, worker_id: &str, id: &str, p
         .atomic()
         .cmd("EVALSHA")
         .arg(submit.sha1())
-        .arg(6)
+        .arg(7)
         .arg(format!("{base}:meta"))
         .arg(format!("{base}:pending"))
         .arg(format!("{base}:tickets"))
         .arg(format!("{base}:delayed"))
         .arg(format!("{base}:clock"))
+        .arg(format!("{base}:events"))
         .arg(format!("{base}:job:{id}"))
         .arg("reliable")
         .arg("1")
@@ -181,6 +182,7 @@ fn lose_a_move_reply(server: &RedisServer, q: &str, worker_id: &str, id: &str, p
         .arg("0")
         .arg("0")
         .arg("0")
+        .arg("")
         .arg("")
         .ignore()
         .cmd("LMOVE")
@@ -268,12 +270,13 @@ async fn a_lost_move_reply_is_found_even_while_a_backlog_keeps_the_worker_from_b
     let base = format!("jq:{{{q}}}");
     let mut call = redis::cmd("EVALSHA");
     call.arg(submit.sha1())
-        .arg(5 + 40)
+        .arg(6 + 40)
         .arg(format!("{base}:meta"))
         .arg(format!("{base}:pending"))
         .arg(format!("{base}:tickets"))
         .arg(format!("{base}:delayed"))
-        .arg(format!("{base}:clock"));
+        .arg(format!("{base}:clock"))
+        .arg(format!("{base}:events"));
     for i in 0..40 {
         call.arg(format!("{base}:job:backlog-{i}"));
     }
@@ -288,6 +291,7 @@ async fn a_lost_move_reply_is_found_even_while_a_backlog_keeps_the_worker_from_b
             .arg("0")
             .arg("0")
             .arg("0")
+            .arg("")
             .arg("");
     }
     let mut con = server.connection();

@@ -155,9 +155,11 @@ def check_doorbells(url, path):
             pass
         ids = [rec["id"] for rec in records]
         for job_id in ids:
-            scripts("job_submit", [k.meta, k.pending, k.tickets, k.delayed, k.clock, k.job(job_id)],
+            # job_submit 10: the event stream after the clock; eleven
+            # arguments per job, the last its unique spec.
+            scripts("job_submit", [k.meta, k.pending, k.tickets, k.delayed, k.clock, k.events, k.job(job_id)],
                     ["recoverable", "1", job_id, records[0].get("enc", "json"), b'"hi"', "c7", "0", "1", "0",
-                     "0", "0", ""])
+                     "0", "0", "", ""])
         # job_claim 4's reply starts with the gate's hold, wait and
         # limited: the first ID is claimed[3], its token claimed[4].
         claim_keys = [k.pending, k.tickets, k.leases, k.fence, k.meta, k.rate, k.gate]
@@ -166,7 +168,7 @@ def check_doorbells(url, path):
                 # Started, its lease ran out, swept; started again with max
                 # stalls 0: dead.
                 claimed = scripts("job_claim", claim_keys, ["1", "1", "0", "0"])
-                scripts("job_start", [k.leases, k.dead_jobs, k.job(ids[0])],
+                scripts("job_start", [k.leases, k.dead_jobs, k.events, k.job(ids[0])],
                         ["1", "3", "w1", "60000", "100", "publish", "0", ids[0], claimed[4]])
                 time.sleep(0.01)
                 scripts("job_requeue_stale", [k.leases, k.pending, k.tickets, k.sweep, k.gate], ["1", "10"])
@@ -176,7 +178,7 @@ def check_doorbells(url, path):
                 r.hset(k.job(ids[0]), "state", "bogus")
                 max_stalls = "3"
             claimed = scripts("job_claim", claim_keys, ["1", "30000", "0", "0"])
-            scripts("job_start", [k.leases, k.dead_jobs, k.job(ids[0])],
+            scripts("job_start", [k.leases, k.dead_jobs, k.events, k.job(ids[0])],
                     ["30000", max_stalls, "w1", "60000", "100", "publish", "0", ids[0], claimed[4]])
         else:
             claimed = scripts("job_claim", claim_keys, [str(len(ids)), "30000", "0", "0"])
@@ -184,7 +186,7 @@ def check_doorbells(url, path):
             start_args = ["30000", "3", "w1", "60000", "100", "publish", "0"]
             for job_id, token in zip(ids, tokens):
                 start_args += [job_id, token]
-            scripts("job_start", [k.leases, k.dead_jobs] + [k.job(i) for i in ids], start_args)
+            scripts("job_start", [k.leases, k.dead_jobs, k.events] + [k.job(i) for i in ids], start_args)
             outcomes = []
             for rec, token in zip(records, tokens):
                 if rec["status"] == "completed":
@@ -193,11 +195,16 @@ def check_doorbells(url, path):
                     outcomes.append([rec["id"], token, "failed", rec["error"]["kind"], rec["error"]["message"], "0"])
             if v["produced_by"] == "job_finish":
                 scripts("job_finish", [k.job(ids[0]), k.leases, k.pending, k.tickets, k.delayed, k.clock,
-                                       k.running, k.gate],
+                                       k.running, k.gate, k.events],
                         outcomes[0] + ["60000", "recoverable", "publish", "-1"])
+            elif v["produced_by"] == "job_cancel":
+                # The running jobs cancelled, in one call (the message is
+                # the first record's).
+                scripts("job_cancel", [k.delayed, k.leases, k.running, k.gate, k.events] + [k.job(i) for i in ids],
+                        ["recoverable", "60000", "publish", records[0]["error"]["message"]] + ids)
             else:
-                scripts("job_finish_batch", [k.leases, k.pending, k.tickets, k.delayed, k.clock, k.running, k.gate]
-                        + [k.job(i) for i in ids],
+                scripts("job_finish_batch", [k.leases, k.pending, k.tickets, k.delayed, k.clock, k.running, k.gate,
+                                             k.events] + [k.job(i) for i in ids],
                         ["60000", "recoverable", "publish"] + [a for o in outcomes for a in o + ["-1"]])
         message = None
         deadline = time.monotonic() + 5

@@ -48,16 +48,46 @@ again, telling the script it was held ("held" 1), so that a wake-up it
 does not use passes on to the next held worker. It never spins on a shut
 gate.
 
+Cancellation (protocol.md 8.11): the client cancels jobs (job_cancel). A
+queued or delayed job never runs; a running one is finished in Redis at
+once (state "failed", kind "cancelled", never retried) and its worker is
+told on its control channel, <prefix>:{<queue>}:worker:<worker id>. This
+worker subscribes there before it takes a job, and stops the handler of a
+job cancelled while it runs: an `async def` handler's task is cancelled, a
+plain function running on the main thread is interrupted with SIGUSR1
+(else it runs to its end); either way its result is discarded and nothing
+is recorded (the job has its outcome). In reliable mode the ID is still in
+the worker's in-flight list: the worker starts it again from "inflight"
+(protocol.md 9.1 step 4, an outcome not recorded), and reliable_start,
+finding the job finished, drops it. A handler can also look: `job.cancelled()`.
+
+Progress (protocol.md 8.13): a handler reports progress with
+`job.progress(value)` (job_progress, under the attempt's fencing token);
+the client reads the latest (Queue.progress) or follows it on the job's
+progress channel (Queue.follow_progress).
+
+Unique jobs (protocol.md 8.10): Queue.submit(..., unique=unique_spec(key))
+enqueues the job only when no job holds the key, else returns the holder's
+ID. Events (protocol.md 8.12): Queue.set_events(maxlen) makes the jobs
+submitted from then on record their lifecycle in the queue's event stream,
+which Queue.events reads.
+
 As a program (used by the Rust interop and conformance tests):
 
     python3 jobqueue.py worker --url URL --queue Q --mode MODE --count N
-        [--handler interop|nap|nap-sync|clock|plan] [--timeout-ms MS]
+        [--handler interop|nap|nap-sync|clock|plan|progress] [--timeout-ms MS]
     python3 jobqueue.py client-check --url URL --queue Q --mode MODE --enc ENC --count N
     python3 jobqueue.py client-timeouts --url URL --queue Q --mode MODE
     python3 jobqueue.py client-delayed --url URL --queue Q --mode MODE
     python3 jobqueue.py pause|resume|controls --url URL --queue Q --mode MODE
     python3 jobqueue.py rate-limit --url URL --queue Q --mode MODE (--max N --window-ms MS | --clear)
     python3 jobqueue.py concurrency-limit --url URL --queue Q --mode MODE (--max N | --clear)
+    python3 jobqueue.py client-cancel|client-progress --url URL --queue Q --mode MODE
+    python3 jobqueue.py submit --url URL --queue Q --mode MODE [--payload JSON]
+        [--enc ENC] [--id ID] [--unique SPEC]        (prints the ID, or the holder's)
+    python3 jobqueue.py cancel --url URL --queue Q --mode MODE --id ID [--id ID ...]
+    python3 jobqueue.py progress --url URL --queue Q --mode MODE --id ID [--follow N]
+    python3 jobqueue.py events --url URL --queue Q --mode MODE (--max N | --clear | --read)
     python3 jobqueue.py conformance --url URL FILE.json
     python3 jobqueue.py vectors FILE.json      (vectors.json or backoff.json)
 """
@@ -89,6 +119,12 @@ PROMOTE_LIMIT = 1000
 # Most starts per window of a rate limit, and most running jobs of a
 # concurrency limit (protocol.md 8.9).
 MAX_LIMIT = 1_000_000
+# Most entries of a queue's event stream (queue_control "events").
+MAX_EVENTS = 10**9
+# The longest unique key, in bytes (job_submit).
+MAX_UNIQUE_KEY = 256
+# How long a cancelled job's hash is kept by default (the result TTL).
+CANCELLED_TTL_MS = 86_400_000
 LUA_DIR = pathlib.Path(__file__).resolve().parents[2] / "lua"
 MODES = ("simple", "recoverable", "reliable")
 FINISHED = ("completed", "failed", "dead")
@@ -240,6 +276,36 @@ def backoff_ms(policy, job_id, attempt):
     return int(delay)
 
 
+# Unique jobs (protocol.md 8.10). A job's unique key travels as a string,
+# "<mode>:<ttl ms>:<key>", job_submit's eleventh argument per job.
+UNIQUE_MODES = ("active", "throttle")
+
+
+def unique_spec(key, mode="active", ttl_ms=0):
+    """A unique spec for Queue.submit. Mode "active": the key is held while
+    its job is queued, delayed or running (a lock whose holder has ended is
+    taken over), with an expiry of `ttl_ms` (0: none); "throttle": it is
+    held for `ttl_ms` (1 ms at least) from the submit, whatever becomes of
+    the job. `key`: 1 to 256 bytes of UTF-8, per queue."""
+    if mode not in UNIQUE_MODES:
+        raise ValueError(f"unique mode must be active or throttle, not {mode!r}")
+    low = 1 if mode == "throttle" else 0
+    if not (type(ttl_ms) is int and low <= ttl_ms <= MAX_MS):
+        raise ValueError(f"a {mode} unique key's ttl_ms is {low} to {MAX_MS}")
+    if not isinstance(key, str) or not 1 <= len(key.encode()) <= MAX_UNIQUE_KEY:
+        raise ValueError(f"a unique key is 1 to {MAX_UNIQUE_KEY} bytes of UTF-8")
+    return f"{mode}:{ttl_ms}:{key}"
+
+
+def unique_key(spec):
+    """The key of a unique spec (everything after the second colon: a key
+    may hold colons), or ValueError when the spec has no such form."""
+    parts = spec.split(":", 2)
+    if len(parts) != 3 or parts[0] not in UNIQUE_MODES or not parts[2]:
+        raise ValueError(f"a unique spec is <active|throttle>:<ttl ms>:<key>, not {spec!r}")
+    return parts[2]
+
+
 # Records (protocol.md section 6): each key with its type and whether it is
 # required, in the order writers emit them (part of the exact encoding,
 # section 6.4). Types: "str" (valid UTF-8), "bytes" (bin; str accepted when
@@ -252,6 +318,8 @@ REPLY = (("id", "str", True), ("status", "str", True), ("enc", "str", False),
 ERROR = (("kind", "str", True), ("message", "str", True))
 DEAD = (("reason", "str", True), ("entry", "bytes", True), ("at_ms", "uint", True))
 RECORDS = {"envelope": ENVELOPE, "reply": REPLY, "doorbell": REPLY, "dead": DEAD}
+# A message on a job's progress channel (job_progress, protocol.md 8.13).
+PROGRESS = (("id", "str", True), ("enc", "str", False), ("progress", "bytes", True))
 
 
 class InvalidRecord(ValueError):
@@ -449,9 +517,23 @@ class Keys:
 
     def __getattr__(self, name):
         if name in ("meta", "pending", "dead", "tickets", "leases", "fence", "dead_jobs", "sweep", "workers",
-                    "delayed", "timekeeper", "clock", "schedules", "rate", "running", "gate"):
+                    "delayed", "timekeeper", "clock", "schedules", "rate", "running", "gate", "events"):
             return f"{self.base}:{name}"
         raise AttributeError(name)
+
+    def worker_channel(self, worker_id):
+        """A worker's control channel (protocol.md 8.11): job_cancel tells
+        it there that a job it runs was cancelled."""
+        return f"{self.base}:worker:{worker_id}"
+
+    def progress_channel(self, job_id):
+        """A job's progress channel (protocol.md 8.13)."""
+        return f"{self.base}:progress:{job_id}"
+
+    def unique(self, key):
+        """The lock of a unique key (protocol.md 8.10): its value is the
+        ID of the job that holds the key."""
+        return f"{self.base}:unique:{key}"
 
     def job(self, job_id):
         """A job's key. An ID read from Redis is bytes, and may not be
@@ -500,14 +582,20 @@ class Client:
     def subscribe(self, channel):
         if channel in self.subscribed:
             return
-        self.pubsub.subscribe(channel)
+        self.subscribe_with(self.pubsub, channel, self.keep)
+        self.subscribed.add(channel)
+
+    @staticmethod
+    def subscribe_with(pubsub, channel, keep=lambda message: None):
+        """Subscribes `pubsub` to `channel` and waits until Redis confirms
+        it; messages read meanwhile go to `keep`."""
+        pubsub.subscribe(channel)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            message = self.pubsub.get_message(timeout=0.1)
+            message = pubsub.get_message(timeout=0.1)
             if message and message["type"] == "subscribe" and text(message["channel"]) == channel:
-                self.subscribed.add(channel)
                 return
-            self.keep(message)
+            keep(message)
         raise TimeoutError(f"could not subscribe to {channel}")
 
     def keep(self, message):
@@ -541,7 +629,7 @@ class Queue:
         self.channel = keys.reply(client.id)
 
     def submit(self, payload, enc="msgpack", job_id=None, max_attempts=1, lease_ms=0, timeout_ms=0,
-               delay_ms=0, run_at_ms=0, backoff=""):
+               delay_ms=0, run_at_ms=0, backoff="", unique=""):
         """Submits one job; returns its ID. `timeout_ms`: how long its
         handler may run (0: the worker's default), in every mode.
         `delay_ms` (0 to 10^12) or `run_at_ms` (ms since the Unix epoch, on
@@ -549,7 +637,10 @@ class Queue:
         delayed set until then, in every mode; at most one of them. A due
         time that is not in the future queues it at once. `backoff` (from
         backoff_policy; "": none): how long a failed attempt waits before
-        the next, recoverable and reliable modes."""
+        the next, recoverable and reliable modes. `unique` (from
+        unique_spec; "": none): while another job holds the key nothing is
+        written, and the ID returned is the holder's (recoverable and
+        reliable modes)."""
         if timeout_ms != 0 and not 1 <= timeout_ms <= MAX_MS:
             raise ValueError(f"timeout_ms must be 0 or 1 to {MAX_MS}")
         if not 0 <= delay_ms <= MAX_MS or not 0 <= run_at_ms <= MAX_RUN_AT_MS:
@@ -558,6 +649,8 @@ class Queue:
             raise ValueError("a job has a delay or a run-at time, not both")
         if backoff and (self.mode == "simple" or parse_backoff(backoff) is None):
             raise ValueError(f"invalid backoff {backoff!r} (see backoff_policy; not in simple mode)")
+        if unique and self.mode == "simple":
+            raise ValueError("simple mode jobs have no unique keys: a queued job is only a list entry")
         self.client.subscribe(self.channel)
         job_id = job_id or str(uuid.uuid4())
         body = encode(enc, payload)
@@ -572,21 +665,28 @@ class Queue:
             call = ("simple_submit", [k.meta, k.pending, k.delayed, k.clock],
                     [self.mode, PROTOCOL_VERSION, str(delay_ms), str(run_at_ms), envelope])
         else:
-            # Ten arguments per job (job_submit 8, section 10.6).
+            # Eleven arguments per job (job_submit 10, section 10.6), the
+            # last its unique spec; the event stream's key after the clock,
+            # and after the job keys the lock of each job with a unique key.
             k = self.keys
+            locks = [k.unique(unique_key(unique))] if unique else []
             call = (
                 "job_submit",
-                [k.meta, k.pending, k.tickets, k.delayed, k.clock, k.job(job_id)],
+                [k.meta, k.pending, k.tickets, k.delayed, k.clock, k.events, k.job(job_id)] + locks,
                 [self.mode, PROTOCOL_VERSION, job_id, enc, body, self.client.id, str(lease_ms), str(max_attempts),
-                 str(timeout_ms), str(delay_ms), str(run_at_ms), backoff],
+                 str(timeout_ms), str(delay_ms), str(run_at_ms), backoff, unique],
             )
         try:
-            self.client.scripts(*call)
+            reply = self.client.scripts(*call)
         except ProtocolError as e:
             if e.code != "JQ_QUEUE_UNKNOWN":
                 raise
             register(self.client.scripts, self.keys, self.mode)
-            self.client.scripts(*call)
+            reply = self.client.scripts(*call)
+        if self.mode != "simple" and len(reply) >= 3:
+            # A flat array: the pending list's length, then (index, holder)
+            # per job refused for its unique key. One job here: index 1.
+            return text(reply[2])
         return job_id
 
     def result(self, job_id, timeout=10.0, enc="msgpack"):
@@ -624,15 +724,128 @@ class Queue:
             # record) needs nothing special.
             self.client.wait_message(job_id, min(left, 1.0))
 
+    # cancellation and progress (protocol.md 8.11, 8.13) ---------------------
+
+    def cancel(self, ids, message="", ttl_ms=CANCELLED_TTL_MS):
+        """job_cancel 1: cancels jobs `ids` (a list of IDs, or one ID), in
+        one call. A queued or delayed job never runs; a running job is
+        finished now and its worker is told to stop it. Either way the job
+        is "failed" with kind "cancelled" and `message` ("": "cancelled"),
+        is never retried, its hash kept for `ttl_ms`, and its client's
+        doorbell carries that outcome. Returns one decision per ID, in
+        order, as a tuple of str: ("cancelled", "queued" | "active") (its
+        state before), ("finished", state) (it had finished: untouched),
+        ("missing",) or ("not a hash",). Recoverable and reliable modes: a
+        simple-mode job is only a list entry."""
+        if self.mode == "simple":
+            raise ValueError("simple mode jobs cannot be cancelled: a queued job is only a list entry")
+        if isinstance(ids, (str, bytes)):
+            ids = [ids]
+        if not ids:
+            return []
+        if not 1 <= ttl_ms <= MAX_MS or len(message.encode()) > 1024:
+            raise ValueError(f"ttl_ms is 1 to {MAX_MS}, a message at most 1024 bytes")
+        k = self.keys
+        decisions = self.client.scripts("job_cancel", [k.delayed, k.leases, k.running, k.gate, k.events]
+                                        + [k.job(i) for i in ids],
+                                        [self.mode, str(ttl_ms), "publish", message] + list(ids))
+        return [tuple(text(v) for v in d) for d in decisions]
+
+    def progress(self, job_id):
+        """A job's latest progress (job.progress in its handler), decoded
+        in the job's encoding; None when it has reported none, or the job
+        is gone."""
+        if self.mode == "simple":
+            raise ValueError("simple mode jobs have no record to keep progress in")
+        value, enc = self.client.r.hmget(self.keys.job(job_id), "progress", "enc")
+        return None if value is None else decode(text(enc) or "msgpack", value)
+
+    def follow_progress(self, job_id, timeout=30.0):
+        """Yields a job's progress: the latest value first (a follower that
+        joins late sees where the job is), then each one its handler
+        reports, until the job has finished (its state is read every
+        second) or `timeout` seconds have passed. It subscribes to the
+        job's progress channel before it reads the latest value, so that
+        nothing reported in between is lost (a value may then come twice).
+        Values published while the connection was down are missed."""
+        if self.mode == "simple":
+            raise ValueError("simple mode jobs have no record to keep progress in")
+        pubsub = self.client.r.pubsub()
+
+        def published(wait_s):
+            """The values of the messages that arrive within `wait_s`."""
+            m = pubsub.get_message(timeout=wait_s)
+            if m is None or m["type"] != "message":
+                return []
+            try:
+                fields = read_record(PROGRESS, m["data"])
+            except InvalidRecord as e:
+                print(f"ignoring an invalid progress message: {e}", file=sys.stderr)
+                return []
+            if fields["id"] != job_id:
+                return []
+            return [decode(fields.get("enc") or "msgpack", fields["progress"])]
+
+        try:
+            self.client.subscribe_with(pubsub, self.keys.progress_channel(job_id))
+            state, value, enc = self.client.r.hmget(self.keys.job(job_id), "state", "progress", "enc")
+            if value is not None:
+                yield decode(text(enc) or "msgpack", value)
+            deadline = time.monotonic() + timeout
+            while text(state) in ("queued", "active") and time.monotonic() < deadline:
+                read_at = time.monotonic() + 1.0
+                while (left := min(read_at, deadline) - time.monotonic()) > 0:
+                    yield from published(left)
+                state = self.client.r.hget(self.keys.job(job_id), "state")
+            # What was published before the job finished is still buffered.
+            while True:
+                values = published(0.05)
+                if not values:
+                    break
+                yield from values
+        finally:
+            pubsub.close()
+
+    # lifecycle events (protocol.md 8.12) -----------------------------------
+
+    def set_events(self, maxlen):
+        """queue_control "events": the jobs submitted from now on record
+        their lifecycle events ("submitted", "delayed", "started",
+        "progress", "retried", "completed", "failed", "dead", "cancelled")
+        in the queue's event stream, capped near `maxlen` entries (1 to
+        10^9); None turns it off for jobs submitted from then on. Returns
+        the previous value as stored ("" for none)."""
+        if maxlen is None:
+            return self.control([("events", "")])[0]
+        if not (type(maxlen) is int and 1 <= maxlen <= MAX_EVENTS):
+            raise ValueError(f"the event stream's length is 1 to {MAX_EVENTS}")
+        return self.control([("events", str(maxlen))])[0]
+
+    def events(self, after=None, count=1000):
+        """Up to `count` entries of the queue's event stream, oldest first,
+        after the entry ID `after` (None: from the oldest): a list of dicts
+        with the entry's fields as str ("event", "id", and "attempt",
+        "worker", "kind", "due_ms" where the event has them) and its entry
+        ID as "stream_id"."""
+        start = f"({after}" if after else "-"
+        out = []
+        for stream_id, fields in self.client.r.xrange(self.keys.events, start, "+", count=count):
+            entry = {text(k): text(v) for k, v in fields.items()}
+            entry["stream_id"] = text(stream_id)
+            out.append(entry)
+        return out
+
     # queue controls (protocol.md 8.9) --------------------------------------
 
     def control(self, changes):
-        """queue_control 1: sets each control of `changes`, a list of
+        """queue_control 2: sets each control of `changes`, a list of
         (control, value) pairs ("paused" "1", "rate" "<max>:<window ms>",
-        "concurrency" "<max>"; the value "" clears it), in one atomic call.
+        "concurrency" "<max>", "events" "<max length>"; the value "" clears
+        it), in one atomic call.
         Returns their previous values, in order ("" when one was not set).
-        A change that may let more jobs start (anything but a pause) pushes
-        the queue's gate list, which wakes the workers it held back.
+        A change that may let more jobs start (anything but a pause or
+        events) pushes the queue's gate list, which wakes the workers it
+        held back.
         Recoverable and reliable modes only: simple-mode workers pop jobs
         without a script, so nothing could enforce them."""
         if self.mode == "simple":
@@ -688,18 +901,21 @@ class Queue:
         return self.control([("concurrency", str(max_running))])[0]
 
     def controls(self):
-        """The queue's controls, read as the start scripts read them (a
-        value that does not parse counts as absent): {"paused": bool,
-        "rate": (max, window ms) or None, "concurrency": int or None}."""
-        paused, rate, concurrency = (text(v) for v in self.client.r.hmget(
-            self.keys.meta, "paused", "rate", "concurrency"))
+        """The queue's controls, read as the scripts read them (a value
+        that does not parse counts as absent): {"paused": bool, "rate":
+        (max, window ms) or None, "concurrency": int or None, "events": the
+        event stream's length for jobs submitted now, or None}."""
+        paused, rate, concurrency, events = (text(v) for v in self.client.r.hmget(
+            self.keys.meta, "paused", "rate", "concurrency", "events"))
         parsed_rate = None
         m = re.fullmatch(r"([0-9]{1,15}):([0-9]{1,15})", rate or "")
         if m and 1 <= int(m.group(1)) <= MAX_LIMIT and 1 <= int(m.group(2)) <= MAX_MS:
             parsed_rate = (int(m.group(1)), int(m.group(2)))
         limit = int(concurrency) if re.fullmatch(r"[0-9]{1,15}", concurrency or "") else None
+        length = int(events) if re.fullmatch(r"[0-9]{1,15}", events or "") else None
         return {"paused": paused == "1", "rate": parsed_rate,
-                "concurrency": limit if limit is not None and 1 <= limit <= MAX_LIMIT else None}
+                "concurrency": limit if limit is not None and 1 <= limit <= MAX_LIMIT else None,
+                "events": length if length is not None and 1 <= length <= MAX_EVENTS else None}
 
 
 class Abandoned(Exception):
@@ -713,34 +929,172 @@ class HandlerTimeout(BaseException):
     it; a handler that swallows it anyway is still reported `timeout`."""
 
 
-def run_handler(handler, payload, job, timeout_ms):
+class HandlerCancelled(BaseException):
+    """Raised inside a plain-function handler when its job is cancelled
+    (protocol.md 8.11). A BaseException, like HandlerTimeout; whatever the
+    handler does after it is discarded."""
+
+
+class Attempt:
+    """The cancellation of one running attempt (protocol.md 8.11), shared
+    by the thread that listens on the worker's control channel and the one
+    that runs the handler. `cancel` marks it cancelled and calls the
+    interrupt the handler's runner registered (cancelling an asyncio task,
+    or signalling the main thread), at most once."""
+
+    def __init__(self):
+        self.cancelled = threading.Event()
+        self._interrupt = None
+        self._lock = threading.Lock()
+
+    def cancel(self):
+        with self._lock:
+            self.cancelled.set()
+            interrupt, self._interrupt = self._interrupt, None
+        if interrupt is not None:
+            try:
+                interrupt()
+            except RuntimeError:
+                pass  # the handler's event loop closed meanwhile: it ended
+
+    def on_cancel(self, interrupt):
+        """Registers how to stop the handler; False (nothing registered)
+        when the attempt is already cancelled: do not run it."""
+        with self._lock:
+            if self.cancelled.is_set():
+                return False
+            self._interrupt = interrupt
+            return True
+
+    def done(self):
+        """The handler ended: nothing to interrupt any more."""
+        with self._lock:
+            self._interrupt = None
+
+
+class Job(dict):
+    """What a handler gets about its job: a dict with "id", "attempt" and
+    "enc", and, in recoverable and reliable modes, `progress(value)` and
+    `cancelled()`."""
+
+    def __init__(self, job_id, attempt, enc, worker=None, token=None, control=None):
+        super().__init__(id=job_id, attempt=attempt, enc=enc)
+        self._worker = worker
+        self._token = token
+        self._control = control
+
+    def cancelled(self):
+        """True once the job was cancelled while this attempt runs (never
+        in simple mode). The worker also stops the handler (section 8.11);
+        a handler that looks can end early, whatever it returns is
+        discarded."""
+        return self._control is not None and self._control.cancelled.is_set()
+
+    def progress(self, value):
+        """Records the job's progress (job_progress 1, under this attempt's
+        fencing token): `value`, encoded in the job's encoding, becomes the
+        job's progress field and is published on its progress channel.
+        Raises ProtocolError when it is refused (JQ_ALREADY_FINISHED: the
+        job finished or was cancelled; JQ_LEASE_LOST: another attempt took
+        it over), ValueError in simple mode or when the encoded value is
+        larger than the worker's maximum result size."""
+        if self._token is None:
+            raise ValueError("simple mode jobs have no record to keep progress in")
+        worker = self._worker
+        body = encode(self["enc"], value)
+        if len(body) > worker.max_result_bytes:
+            raise ValueError(f"progress of {len(body)} bytes exceeds the maximum of {worker.max_result_bytes} bytes")
+        k = worker.keys
+        worker.scripts("job_progress", [k.job(self["id"]), k.events], [self["id"], self._token, body, "publish"])
+
+
+# The attempt whose plain-function handler runs on the main thread now, for
+# the SIGUSR1 handler (Worker.run installs it while the worker runs).
+_ON_MAIN = None
+
+
+def _on_cancel_signal(_signum, _frame):
+    # Raises only inside a cancelled attempt's handler: a signal that
+    # arrives late (the handler returned) does nothing.
+    attempt = _ON_MAIN
+    if attempt is not None and attempt.cancelled.is_set():
+        raise HandlerCancelled()
+
+
+def run_handler(handler, payload, job, timeout_ms, attempt=None):
     """Runs `handler(payload, job)` for at most `timeout_ms` (None: no
-    limit). Returns (False, value), or (True, None) when the timeout ran out
-    and the handler was abandoned: an `async def` handler's task is
-    cancelled; a plain function is interrupted with SIGALRM when it runs on
-    the main thread (Unix), and otherwise cannot be stopped: it is then
-    reported timed out when it returns late. Exceptions of the handler
-    propagate."""
+    limit), and until `attempt` (an Attempt; None: never) is cancelled.
+    Returns ("ok", value), ("timeout", None) when the timeout ran out and
+    the handler was abandoned, or ("cancelled", None) when the job was
+    cancelled (before or while it ran; what the handler did is discarded).
+    An `async def` handler's task is cancelled; a plain function is
+    interrupted with SIGALRM (timeout) or SIGUSR1 (cancel, once Worker.run
+    installed its handler) when it runs on the main thread (Unix), and
+    otherwise cannot be stopped: it is then reported timed out when it
+    returns late, cancelled when cancelled meanwhile. Exceptions of the
+    handler propagate."""
+    attempt = attempt or Attempt()
     if inspect.iscoroutinefunction(handler):
         async def supervise():
+            loop = asyncio.get_running_loop()
+            stop = asyncio.Event()
+            if not attempt.on_cancel(lambda: loop.call_soon_threadsafe(stop.set)):
+                return "cancelled", None
             task = asyncio.ensure_future(handler(payload, job))
-            done, _ = await asyncio.wait({task}, timeout=None if timeout_ms is None else timeout_ms / 1000)
-            if not done:
-                task.cancel()
-                try:
-                    await task
-                except BaseException:  # noqa: BLE001 - the abandoned handler's end is not its outcome
-                    pass
-                return True, None
-            return False, task.result()
+            stopped = asyncio.ensure_future(stop.wait())
+            try:
+                done, _ = await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED,
+                                             timeout=None if timeout_ms is None else timeout_ms / 1000)
+            finally:
+                attempt.done()
+                stopped.cancel()
+            if task in done and not attempt.cancelled.is_set():
+                return "ok", task.result()
+            task.cancel()
+            try:
+                await task
+            except BaseException:  # noqa: BLE001 - the abandoned handler's end is not its outcome
+                pass
+            return ("cancelled" if attempt.cancelled.is_set() else "timeout"), None
 
         return asyncio.run(supervise())
+    global _ON_MAIN
+    on_main = threading.current_thread() is threading.main_thread()
+    interruptible = (on_main and signal.getsignal(signal.SIGUSR1) is _on_cancel_signal
+                     if hasattr(signal, "SIGUSR1") else False)
+    main_ident = threading.get_ident()
+    # Armed before the interrupt is registered: a signal sent at once
+    # finds the attempt.
+    if interruptible:
+        _ON_MAIN = attempt
+    try:
+        if not attempt.on_cancel((lambda: signal.pthread_kill(main_ident, signal.SIGUSR1)) if interruptible else None):
+            return "cancelled", None
+        status, value = _run_plain(handler, payload, job, timeout_ms, on_main)
+    except HandlerCancelled:
+        status, value = "cancelled", None
+    except Exception:
+        # A cancelled handler that raised something else: what the
+        # cancellation made it do is not its outcome.
+        if attempt.cancelled.is_set():
+            return "cancelled", None
+        raise
+    finally:
+        _ON_MAIN = None
+        attempt.done()
+    if attempt.cancelled.is_set():
+        return "cancelled", None
+    return status, value
+
+
+def _run_plain(handler, payload, job, timeout_ms, on_main):
+    """run_handler for a plain function: ("ok", value) or ("timeout", None)."""
     if timeout_ms is None:
-        return False, handler(payload, job)
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        return "ok", handler(payload, job)
+    if not on_main or not hasattr(signal, "setitimer"):
         started = time.monotonic()
         value = handler(payload, job)
-        return (True, None) if (time.monotonic() - started) * 1000 > timeout_ms else (False, value)
+        return ("timeout", None) if (time.monotonic() - started) * 1000 > timeout_ms else ("ok", value)
     fired = False
 
     def on_alarm(_signum, _frame):
@@ -756,22 +1110,23 @@ def run_handler(handler, payload, job, timeout_ms):
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
     except HandlerTimeout:
-        return True, None
+        return "timeout", None
     except Exception:
         # The handler caught the alarm and raised something else: what the
         # abandonment made it do is not its outcome (section 6.2, item 6).
         if fired:
-            return True, None
+            return "timeout", None
         raise
     finally:
         signal.signal(signal.SIGALRM, previous)
     # The alarm fired but the handler caught it and returned: it overran.
-    return (True, None) if fired else (False, value)
+    return ("timeout", None) if fired else ("ok", value)
 
 
 class Worker:
     """Runs `handler(payload, job)` on one queue, one job at a time
-    (sections 7.2, 8.4 and 9.1). `job` is a dict with id, attempt, enc. The
+    (sections 7.2, 8.4 and 9.1). `job` is a Job: a dict with id, attempt,
+    enc, and (recoverable and reliable modes) progress() and cancelled(). The
     handler is a plain function or an `async def` (run to completion with
     asyncio.run). An exception fails the attempt, which is retried (while
     attempts are left) after the job's backoff; RetryAfter chooses the
@@ -797,6 +1152,18 @@ class Worker:
     connection). Then it calls the start script again with "held" 1,
     which passes the wake-up on when room is left. A call that is not held
     back ends the hold.
+
+    Cancellation (section 8.11, recoverable and reliable modes): before it
+    takes a job the worker subscribes to its control channel, which a
+    thread of its own reads. A cancel for the job it runs stops the handler
+    (see run_handler) and its outcome is not recorded: job_cancel finished
+    the job. One for a job it does not run (yet) is kept for a minute, in
+    case the attempt it is about starts after the message arrived. A
+    message lost while the connection was down is looked for: after each
+    reconnection the thread reads the running job's state. In reliable
+    mode the ID of a job whose outcome was not recorded (cancelled, or
+    refused with JQ_ALREADY_FINISHED) stays in the in-flight list: the
+    worker starts it again from "inflight", and reliable_start drops it.
 
     Settings (section 18) keep this library's and the Rust library's
     defaults, except `block_s`: this worker renews its heartbeat on the
@@ -837,16 +1204,29 @@ class Worker:
         # ask again without a wake-up (time.monotonic()).
         self.held = None
         self.ask_at = 0.0
+        # Cancellation (section 8.11): the running attempt (job ID, Attempt),
+        # cancels that came for jobs not running (ID -> when), and the
+        # thread that reads the control channel.
+        self.lock = threading.Lock()
+        self.running = None
+        self.early_cancels = {}
+        self.listening = None
         register(self.scripts, self.keys, mode)
 
     def run(self, count=None, idle_exit_s=None):
         """Processes jobs until `count` jobs ran, or nothing came for
         `idle_exit_s` seconds. Returns how many ran."""
         done, idle_since = 0, time.monotonic()
+        previous_usr1 = None
+        if self.mode != "simple":
+            # Subscribed before the first start: a cancel is never missed.
+            self.listen_for_cancels()
+            if threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_kill"):
+                previous_usr1 = signal.signal(signal.SIGUSR1, _on_cancel_signal)
         if self.mode == "reliable":
             self.heartbeat()
-        self.promote()
         try:
+            self.promote()
             while count is None or done < count:
                 ran = {"simple": self.simple_once, "recoverable": self.recoverable_once, "reliable": self.reliable_once}[self.mode]()
                 if ran:
@@ -863,7 +1243,97 @@ class Worker:
                 self.scripts("reliable_requeue_worker", [k.workers, k.inflight(self.id), k.pending, k.running, k.gate],
                              [self.id, "0", str(self.retention_ms)])
             # Nothing to give up at exit: it never holds the timekeeper role.
+            if self.listening is not None:
+                stop, thread = self.listening
+                stop.set()
+                thread.join()
+                self.listening = None
+            if previous_usr1 is not None:
+                signal.signal(signal.SIGUSR1, previous_usr1)
         return done
+
+    # cancellation (protocol.md 8.11) ---------------------------------------
+
+    def listen_for_cancels(self):
+        """Subscribes to this worker's control channel and starts the
+        thread that reads it."""
+        pubsub = self.r.pubsub()
+        Client.subscribe_with(pubsub, self.keys.worker_channel(self.id))
+        stop = threading.Event()
+        thread = threading.Thread(target=self.read_control, args=(pubsub, stop), daemon=True,
+                                  name=f"control {self.id}")
+        self.listening = (stop, thread)
+        thread.start()
+
+    def read_control(self, pubsub, stop):
+        """The control channel's thread: applies each cancel (a message
+        {"id", "status": "cancelled"}; others are ignored) until `stop`.
+        redis-py reconnects and subscribes again by itself after a
+        connection error; a cancel published meanwhile may be lost, so the
+        running job's state is read after each error."""
+        try:
+            while not stop.is_set():
+                try:
+                    message = pubsub.get_message(timeout=0.5)
+                except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+                    print(f"control channel: {e}; reconnecting", file=sys.stderr)
+                    stop.wait(0.2)
+                    self.check_running()
+                    continue
+                if message is None or message["type"] != "message":
+                    continue
+                try:
+                    control = read_record(REPLY, message["data"])
+                except InvalidRecord as e:
+                    print(f"ignoring an invalid control message: {e}", file=sys.stderr)
+                    continue
+                if control["status"] == "cancelled":
+                    self.cancelled(control["id"])
+        finally:
+            pubsub.close()
+
+    def cancelled(self, job_id):
+        """A cancel for `job_id`: its attempt is stopped if it runs, else the
+        cancel is kept (a minute) for an attempt that registers later."""
+        with self.lock:
+            running = self.running
+            if running is None or running[0] != job_id:
+                now = time.monotonic()
+                self.early_cancels = {i: t for i, t in self.early_cancels.items() if now - t < 60}
+                self.early_cancels[job_id] = now
+                return
+        print(f"job {job_id} cancelled while it ran", file=sys.stderr)
+        running[1].cancel()
+
+    def check_running(self):
+        """Reads the running job's state: one that was cancelled (failed,
+        kind "cancelled") is stopped, for a control message may have been
+        lost."""
+        with self.lock:
+            running = self.running
+        if running is None:
+            return
+        try:
+            state, kind = (text(v) for v in self.r.hmget(self.keys.job(running[0]), "state", "error_kind"))
+        except redis.RedisError as e:
+            print(f"cannot read the state of {running[0]}: {e}", file=sys.stderr)
+            return
+        if state == "failed" and kind == "cancelled":
+            running[1].cancel()
+
+    def attempt(self, job_id):
+        """Registers the attempt of `job_id` that starts now: an Attempt,
+        already cancelled when a cancel for it came first."""
+        attempt = Attempt()
+        with self.lock:
+            self.running = (job_id, attempt)
+            if self.early_cancels.pop(job_id, None) is not None:
+                attempt.cancelled.set()
+        return attempt
+
+    def attempt_ended(self):
+        with self.lock:
+            self.running = None
 
     # delayed jobs ----------------------------------------------------------
 
@@ -940,24 +1410,43 @@ class Worker:
         if self.r.execute_command("BLMPOP", timeout, 1, self.keys.gate, "LEFT", "COUNT", 1):
             self.ask_at = time.monotonic()  # more jobs may start: ask at once
 
-    def execute(self, job_id, enc, body, attempt, timeout_ms=0):
+    def execute(self, job_id, enc, body, attempt, timeout_ms=0, token=None):
         """Decodes, runs the handler, encodes: ("completed", bytes) or
         ("failed", kind, message, retryable, retry delay ms), with the
         failure kinds of section 6.2; the retry delay is -1 (the job's
-        backoff decides) unless the handler raised RetryAfter. `timeout_ms`:
-        the job's own handler timeout (0: the worker's default). Raises
-        Abandoned when the worker is being stopped."""
+        backoff decides) unless the handler raised RetryAfter; or
+        ("cancelled",) when the job was cancelled before or while the
+        handler ran (recoverable and reliable modes: nothing to record).
+        `timeout_ms`: the job's own handler timeout (0: the worker's
+        default); `token`: the attempt's fencing token (None in simple
+        mode), for job.progress. Raises Abandoned when the worker is being
+        stopped."""
         job_id = text(job_id)  # the start scripts run UTF-8 IDs only
         limit = timeout_ms or self.timeout_ms
+        control = self.attempt(job_id) if token is not None else None
+        try:
+            return self.execute_attempt(job_id, enc, body, attempt, limit, token, control)
+        finally:
+            if control is not None:
+                self.attempt_ended()
+
+    def execute_attempt(self, job_id, enc, body, attempt, limit, token, control):
+        if control is not None and control.cancelled.is_set():
+            return ("cancelled",)  # the cancel came before the attempt started
         try:
             payload = decode(enc, body)
         except Exception as e:  # noqa: BLE001 - any undecodable input fails the job
             return ("failed", "decode", f"cannot decode payload ({enc!r}): {e}", False, -1)
+        job = Job(job_id, attempt, enc, self, token, control)
         try:
-            timed_out, value = run_handler(self.handler, payload, {"id": job_id, "attempt": attempt, "enc": enc}, limit)
-            if timed_out:
+            status, value = run_handler(self.handler, payload, job, limit, control)
+            if status == "cancelled":
+                return ("cancelled",)
+            if status == "timeout":
                 # Abandoned; retried like a failure of the handler (8.4 step 6).
                 return ("failed", "timeout", f"the handler ran longer than its timeout of {limit} ms", True, -1)
+        except HandlerCancelled:
+            return ("cancelled",)  # the cancel's signal came as run_handler ended
         except RetryAfter as e:
             # The handler's own delay replaces the backoff (no jitter).
             return ("failed", "handler", e.message, True, e.delay_ms)
@@ -969,6 +1458,8 @@ class Worker:
             raise Abandoned(type(e).__name__) from e
         except BaseException as e:  # noqa: BLE001 - not meant to be caught: the handler crashed
             return ("failed", "panic", f"{type(e).__name__}: {e}", True, -1)
+        if control is not None and control.cancelled.is_set():
+            return ("cancelled",)  # cancelled as it returned: discarded
         try:
             result = encode(enc, value)
         except Exception as e:  # noqa: BLE001
@@ -1086,8 +1577,9 @@ class Worker:
                 return 0
         # The ID as bytes: job_start never runs one that is not UTF-8.
         job_id, token, limited = claimed
-        # job_start 11: "limited" (from job_claim) before the id/token pairs.
-        start = self.scripts("job_start", [k.leases, k.dead_jobs, k.job(job_id)],
+        # job_start 12: the event stream after the dead-letter set;
+        # "limited" (from job_claim) before the id/token pairs.
+        start = self.scripts("job_start", [k.leases, k.dead_jobs, k.events, k.job(job_id)],
                              [str(self.lease_ms), str(self.max_stalls), self.id, str(self.ttl), str(self.dead_max),
                               "publish", limited, job_id, token])[0]
         if text(start[0]) != "run":
@@ -1100,9 +1592,10 @@ class Worker:
 
     def run_started(self, job_id, token, start, claim):
         """Runs a started job and records its outcome; gives it back when
-        the worker is stopped meanwhile."""
+        the worker is stopped meanwhile. A job cancelled meanwhile has its
+        outcome already (job_cancel): nothing is recorded."""
         try:
-            outcome = self.execute(job_id, text(start[1]), start[2], int(start[3]), start_timeout(start))
+            outcome = self.execute(job_id, text(start[1]), start[2], int(start[3]), start_timeout(start), token)
         except Abandoned:
             k = self.keys
             try:
@@ -1113,25 +1606,44 @@ class Worker:
             except ProtocolError as e:
                 print(f"could not give {text(job_id)} back: {e}", file=sys.stderr)
             raise
+        if outcome[0] == "cancelled":
+            print(f"job {text(job_id)} was cancelled: nothing recorded", file=sys.stderr)
+            self.unrecorded(job_id)
+            return
         self.finish(job_id, token, outcome, claim)
+
+    def unrecorded(self, job_id):
+        """Reliable mode, after a job whose outcome was not recorded (it was
+        cancelled, or job_finish refused it because it had finished): its
+        ID may still be in this worker's in-flight list. It is started
+        again from "inflight" (section 9.1 step 4): reliable_start, finding
+        the job finished, drops it ("gone"); an ID no longer there is
+        "missed". Recoverable mode: job_cancel dropped the lease itself."""
+        if self.mode == "reliable":
+            self.reliable_start_one("inflight", job_id)
 
     def finish(self, job_id, token, outcome, claim):
         k = self.keys
-        # job_finish 10: the retry delay comes last ("-1": the job's backoff).
+        # job_finish 13: the retry delay comes last, ARGV[10] ("-1": the
+        # job's backoff).
         if outcome[0] == "completed":
             args = [job_id, token, "completed", outcome[1], "", "0", str(self.ttl), self.mode, "publish", "-1"]
         else:
             args = [job_id, token, "failed", outcome[1], outcome[2], "1" if outcome[3] else "0", str(self.ttl),
                     self.mode, "publish", str(outcome[4])]
         try:
-            # job_finish 12: a job with a slot gives it back (it leaves the
-            # running set in reliable mode; the gate list is pushed).
+            # job_finish 13: a job with a slot gives it back (it leaves the
+            # running set in reliable mode; the gate list is pushed); the
+            # event stream comes last.
             self.scripts("job_finish", [k.job(job_id), claim, k.pending, k.tickets, k.delayed, k.clock, k.running,
-                                        k.gate], args)
+                                        k.gate, k.events], args)
         except ProtocolError as e:
             if e.code not in ("JQ_LEASE_LOST", "JQ_ALREADY_FINISHED"):
                 raise
-            print(f"outcome of {job_id} refused: {e}", file=sys.stderr)
+            print(f"outcome of {text(job_id)} refused: {e}", file=sys.stderr)
+            if e.code == "JQ_ALREADY_FINISHED":
+                # Cancelled as it ended, say (a refusal writes nothing).
+                self.unrecorded(job_id)
 
     # reliable mode ---------------------------------------------------------
 
@@ -1166,11 +1678,19 @@ class Worker:
             if moved is None:
                 return 0
             source, job_id = "inflight", moved
-        # reliable_start 11: the gate's keys before the job's, and "held"
-        # 1 when the last call was held back.
+        return self.reliable_start_one(source, job_id)
+
+    def reliable_start_one(self, source, job_id):
+        """reliable_start of one ID from `source`, and runs it when the
+        decision is "run": 1 when it was taken (run, or not to be run), 0
+        when the gate held it back or another worker took it first."""
+        k = self.keys
+        inflight = k.inflight(self.id)
+        # reliable_start 12: the gate's keys before the job's, the event
+        # stream last of them, and "held" 1 when the last call was held back.
         start = self.scripts("reliable_start",
                              [inflight, k.dead_jobs, k.fence, k.pending, k.meta, k.running, k.rate, k.gate,
-                              k.job(job_id)],
+                              k.events, k.job(job_id)],
                              [str(self.max_stalls), self.id, str(self.ttl), str(self.dead_max), "publish",
                               source, "1" if self.held else "0", job_id])[0]
         decision = text(start[0])
@@ -1190,8 +1710,8 @@ class Worker:
 
 
 def start_timeout(start):
-    """The seventh element of a `run` decision (job_start 11, reliable_start
-    11): the job's own handler timeout in ms, 0 for none (the worker's
+    """The seventh element of a `run` decision (job_start 12, reliable_start
+    12): the job's own handler timeout in ms, 0 for none (the worker's
     default). Anything that is not an integer from 1 to 10^12 counts as 0."""
     try:
         ms = int(text(start[6]))
@@ -1266,8 +1786,20 @@ def plan_handler(payload, job):
     return {"name": payload["name"], "runs": runs}
 
 
+# The progress interop jobs: {"name": str, "steps": int, "gap_ms": int}.
+# The handler reports {"step": n, "of": steps} for n = 1 to steps, sleeping
+# gap_ms after each (so the last report is read before the job finishes),
+# then answers {"name", "steps"}.
+def progress_handler(payload, job):
+    steps = payload["steps"]
+    for n in range(1, steps + 1):
+        job.progress({"step": n, "of": steps})
+        time.sleep(payload["gap_ms"] / 1000)
+    return {"name": payload["name"], "steps": steps}
+
+
 HANDLERS = {"interop": interop_handler, "nap": nap_handler, "nap-sync": nap_sync_handler,
-            "clock": clock_handler, "plan": plan_handler}
+            "clock": clock_handler, "plan": plan_handler, "progress": progress_handler}
 
 # What `client-timeouts` submits, with a worker whose default timeout is
 # 500 ms (tests/interop.rs): (name, sleep ms, own timeout ms, max attempts,
@@ -1371,6 +1903,98 @@ def client_delayed(url, queue_name, mode):
     return 1 if failures else 0
 
 
+def wait_state(queue, job_id, want, seconds=10.0):
+    """Waits until job `job_id`'s state is `want`; False when it is not
+    within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if text(queue.client.r.hget(queue.keys.job(job_id), "state")) == want:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def client_cancel(url, queue_name, mode):
+    """Against a Rust worker that runs one job at a time, whose handler
+    sleeps like nap_handler ({"name", "sleep_ms"}, answering "slept
+    <name>") and stops when its job is cancelled: cancels a running job,
+    a queued one, a delayed one and a missing one in one call, checks what
+    their clients read, that a second cancel changes nothing, and that the
+    worker then runs the next job. 0 when all agree."""
+    queue = Client(url).queue(queue_name, mode)
+    r = queue.client.r
+    failures = 0
+
+    def wrong(problem):
+        nonlocal failures
+        print(problem, file=sys.stderr)
+        failures += 1
+
+    long = queue.submit({"name": "long", "sleep_ms": 30_000})
+    queued = queue.submit({"name": "queued", "sleep_ms": 10})
+    later = queue.submit({"name": "later", "sleep_ms": 10}, delay_ms=60_000)
+    if not wait_state(queue, long, "active"):
+        wrong("job long never started")
+    missing = str(uuid.uuid4())
+    got = queue.cancel([long, queued, later, missing])
+    want = [("cancelled", "active"), ("cancelled", "queued"), ("cancelled", "queued"), ("missing",)]
+    if got != want:
+        wrong(f"cancel: got {got!r}, want {want!r}")
+    for name, job_id in (("long", long), ("queued", queued), ("later", later)):
+        try:
+            wrong(f"job {name}: completed with {queue.result(job_id, timeout=10)!r}")
+        except JobFailed as e:
+            if (e.kind, e.message) != ("cancelled", "cancelled"):
+                wrong(f"job {name}: failed ({e.kind}) {e.message!r}, want cancelled")
+        state, kind = (text(v) for v in r.hmget(queue.keys.job(job_id), "state", "error_kind"))
+        if (state, kind) != ("failed", "cancelled"):
+            wrong(f"job {name}: state {state!r}, error_kind {kind!r}")
+    if r.zscore(queue.keys.delayed, later) is not None:
+        wrong("job later: still in the delayed set")
+    again = queue.cancel(long)
+    if again != [("finished", "cancelled")]:
+        wrong(f"second cancel: got {again!r}")
+    after = queue.submit({"name": "after", "sleep_ms": 10})
+    try:
+        got = queue.result(after, timeout=30)
+        if got != "slept after":
+            wrong(f"job after: got {got!r}")
+    except (JobFailed, TimeoutError) as e:
+        wrong(f"job after: {e}")
+    print(f"checked the cancels, {failures} wrong")
+    return 1 if failures else 0
+
+
+def client_progress(url, queue_name, mode):
+    """Against a Rust worker whose handler reports progress like
+    progress_handler: in both encodings, follows a job's progress (the
+    values read are in order, none skipped after the first, and end with
+    the last step), then reads the latest value and the result. 0 when
+    all agree."""
+    queue = Client(url).queue(queue_name, mode)
+    failures = 0
+    for enc in ("msgpack", "json"):
+        steps = 4
+        job_id = queue.submit({"name": f"p-{enc}", "steps": steps, "gap_ms": 150}, enc=enc)
+        seen = []
+        for value in queue.follow_progress(job_id, timeout=30):
+            if not seen or seen[-1] != value:  # a value may come twice
+                seen.append(value)
+        numbers = [v.get("step") for v in seen if isinstance(v, dict)]
+        if (len(numbers) != len(seen) or not numbers or numbers[-1] != steps
+                or numbers != list(range(numbers[0], steps + 1))
+                or any(v.get("of") != steps for v in seen)):
+            print(f"{enc}: followed {seen!r}", file=sys.stderr)
+            failures += 1
+        latest = queue.progress(job_id)
+        result = queue.result(job_id, timeout=30, enc=enc)
+        if latest != {"step": steps, "of": steps} or result != f"p-{enc}":
+            print(f"{enc}: latest {latest!r}, result {result!r}", file=sys.stderr)
+            failures += 1
+        print(f"{enc}: followed steps {numbers}")
+    return 1 if failures else 0
+
+
 def control_command(args, parser):
     """The queue-control subcommands: each changes one control and prints
     what it was before (`controls` prints them all as JSON)."""
@@ -1399,6 +2023,33 @@ def control_command(args, parser):
     return 0
 
 
+def job_command(args):
+    """The submit, cancel, progress and events subcommands (their output
+    is read by tests/interop.rs)."""
+    queue = Client(args.url).queue(args.queue, args.mode)
+    if args.command == "submit":
+        print(queue.submit(json.loads(args.payload), enc=args.enc, job_id=args.id, unique=args.unique,
+                           delay_ms=args.delay_ms))
+    elif args.command == "cancel":
+        print(json.dumps(queue.cancel(args.id)))
+    elif args.command == "progress":
+        if args.follow is None:
+            print(json.dumps(queue.progress(args.id)))
+        else:
+            # Stops once N values were printed (or the job finished).
+            for n, value in enumerate(queue.follow_progress(args.id, timeout=60), 1):
+                print(json.dumps(value), flush=True)
+                if n >= args.follow:
+                    break
+    elif args.read:
+        for entry in queue.events():
+            print(json.dumps(entry))
+    else:
+        previous = queue.set_events(None if args.clear else args.max)
+        print(f"previous: {previous or 'none'}")
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1412,7 +2063,14 @@ def main(argv=None):
     rl = sub.add_parser("rate-limit", help="set or clear a queue's rate limit")
     cl = sub.add_parser("concurrency-limit", help="set or clear a queue's concurrency limit")
     co = sub.add_parser("controls", help="print a queue's controls as JSON")
-    for p in (w, c, t, d, pa, rs, rl, cl, co):
+    # Cancellation, progress, unique jobs and events (protocol.md 8.10 to 8.13).
+    cc = sub.add_parser("client-cancel", help="cancel jobs a Rust worker runs or has queued, and check")
+    cp = sub.add_parser("client-progress", help="follow the progress a Rust worker's handler reports, and check")
+    sm = sub.add_parser("submit", help="submit one job and print its ID (the holder's, when refused as unique)")
+    ca = sub.add_parser("cancel", help="cancel jobs and print each decision as JSON")
+    pr = sub.add_parser("progress", help="print a job's latest progress as JSON, or follow it")
+    ev = sub.add_parser("events", help="turn a queue's events on or off, or print its event stream")
+    for p in (w, c, t, d, pa, rs, rl, cl, co, cc, cp, sm, ca, pr, ev):
         p.add_argument("--url", required=True)
         p.add_argument("--queue", required=True)
         p.add_argument("--mode", required=True, choices=MODES)
@@ -1426,6 +2084,19 @@ def main(argv=None):
     cl.add_argument("--max", type=int, help="most jobs running at once")
     for p in (rl, cl):
         p.add_argument("--clear", action="store_true", help="remove the limit")
+    sm.add_argument("--payload", default="null", help="the payload, as JSON")
+    sm.add_argument("--enc", default="msgpack", choices=("msgpack", "json"))
+    sm.add_argument("--id", help="the job's ID (default: a new UUID)")
+    sm.add_argument("--unique", default="", help="<active|throttle>:<ttl ms>:<key>")
+    sm.add_argument("--delay-ms", type=int, default=0)
+    ca.add_argument("--id", action="append", required=True, help="a job to cancel (repeat for more)")
+    pr.add_argument("--id", required=True)
+    pr.add_argument("--follow", type=int, metavar="N",
+                    help="print the latest value and each new one, until N were printed or the job finished")
+    ev_what = ev.add_mutually_exclusive_group(required=True)
+    ev_what.add_argument("--max", type=int, help="record events, in a stream kept near N entries")
+    ev_what.add_argument("--clear", action="store_true", help="record no events (jobs submitted from now on)")
+    ev_what.add_argument("--read", action="store_true", help="print every entry as a JSON line")
     conf = sub.add_parser("conformance", help="replay a conformance scenario file")
     conf.add_argument("--url", required=True)
     conf.add_argument("file")
@@ -1463,6 +2134,12 @@ def main(argv=None):
         return client_delayed(args.url, args.queue, args.mode)
     if args.command in ("pause", "resume", "rate-limit", "concurrency-limit", "controls"):
         return control_command(args, parser)
+    if args.command == "client-cancel":
+        return client_cancel(args.url, args.queue, args.mode)
+    if args.command == "client-progress":
+        return client_progress(args.url, args.queue, args.mode)
+    if args.command in ("submit", "cancel", "progress", "events"):
+        return job_command(args)
     if args.command == "conformance":
         import conformance
 

@@ -14,37 +14,70 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use super::execute::{self, Input, Outcome};
 use super::finisher::{FinishRequest, Recording, record};
 use super::{Counters, Shared, persist};
 use crate::error::Error;
-use crate::job::RetryRule;
+use crate::job::{Control, RetryRule};
 use crate::keys::QueueKeys;
 use crate::mode::Mode;
 use crate::transitions::{self, BatchItem, OwnedFinish, Start, StartSettings};
 
-/// One queue's running jobs: job ID -> (fencing token, the job's lease).
-type Running = HashMap<String, (String, Option<Duration>)>;
+/// How long a cancel for an attempt not (yet) registered is kept.
+const EARLY_CANCEL_KEPT: Duration = Duration::from_secs(60);
+
+/// One running attempt: its fencing token, the job's lease (when shorter
+/// than the worker's default), and its cancellation.
+struct Attempt {
+    token: String,
+    lease: Option<Duration>,
+    cancel: CancellationToken,
+}
+
+/// One queue's running jobs, by job ID.
+type Running = HashMap<String, Attempt>;
 
 /// The running jobs of this worker, for the heartbeat and orphan detection:
 /// queue name -> its running jobs.
 #[derive(Default)]
 pub(crate) struct Active {
     jobs: Mutex<HashMap<String, Running>>,
+    /// Cancels that arrived for attempts not registered yet (the message
+    /// can overtake the start's reply): (queue, id) -> when.
+    early: Mutex<HashMap<(String, String), std::time::Instant>>,
     /// Woken when a job starts whose lease is shorter than any before it:
     /// the heartbeat must then renew more often.
     pub(crate) shorter_lease: tokio::sync::Notify,
 }
 
 impl Active {
-    pub(crate) fn insert(&self, queue: &str, id: &str, token: &str, lease: Option<Duration>) {
+    pub(crate) fn insert(
+        &self,
+        queue: &str,
+        id: &str,
+        (token, lease): (&str, Option<Duration>),
+        cancel: CancellationToken,
+    ) {
         let shortest = self.shortest_lease();
         let mut map = self.jobs.lock().expect("active jobs lock");
-        map.entry(queue.to_owned())
-            .or_default()
-            .insert(id.to_owned(), (token.to_owned(), lease));
+        map.entry(queue.to_owned()).or_default().insert(
+            id.to_owned(),
+            Attempt {
+                token: token.to_owned(),
+                lease,
+                cancel: cancel.clone(),
+            },
+        );
         drop(map);
+        let key = (queue.to_owned(), id.to_owned());
+        let mut early = self.early.lock().expect("early cancels lock");
+        early.retain(|_, at| at.elapsed() < EARLY_CANCEL_KEPT);
+        if early.remove(&key).is_some() {
+            cancel.cancel();
+        }
+        drop(early);
         if lease.is_some_and(|l| shortest.is_none_or(|s| l < s)) {
             self.shorter_lease.notify_one();
         }
@@ -54,7 +87,7 @@ impl Active {
     pub(crate) fn shortest_lease(&self) -> Option<Duration> {
         let map = self.jobs.lock().expect("active jobs lock");
         map.values()
-            .flat_map(|jobs| jobs.values().filter_map(|(_, lease)| *lease))
+            .flat_map(|jobs| jobs.values().filter_map(|a| a.lease))
             .min()
     }
     /// Forgets the attempt of `id` under `token`; a newer attempt of the
@@ -62,9 +95,29 @@ impl Active {
     pub(crate) fn remove(&self, queue: &str, id: &str, token: &str) {
         let mut map = self.jobs.lock().expect("active jobs lock");
         if let Some(jobs) = map.get_mut(queue)
-            && jobs.get(id).is_some_and(|(t, _)| t == token)
+            && jobs.get(id).is_some_and(|a| a.token == token)
         {
             jobs.remove(id);
+        }
+    }
+
+    /// Tells the running attempt of `id` in `queue` that its job was
+    /// cancelled. False when this worker does not run it.
+    pub(crate) fn cancel(&self, queue: &str, id: &str) -> bool {
+        let map = self.jobs.lock().expect("active jobs lock");
+        match map.get(queue).and_then(|jobs| jobs.get(id)) {
+            Some(attempt) => {
+                attempt.cancel.cancel();
+                true
+            }
+            None => {
+                // Perhaps its start's reply is still on its way.
+                self.early
+                    .lock()
+                    .expect("early cancels lock")
+                    .insert((queue.to_owned(), id.to_owned()), std::time::Instant::now());
+                false
+            }
         }
     }
     pub(crate) fn of(&self, queue: &str) -> Vec<(String, String)> {
@@ -72,7 +125,7 @@ impl Active {
         map.get(queue)
             .map(|jobs| {
                 jobs.iter()
-                    .map(|(i, (t, _))| (i.clone(), t.clone()))
+                    .map(|(i, a)| (i.clone(), a.token.clone()))
                     .collect()
             })
             .unwrap_or_default()
@@ -127,7 +180,17 @@ pub(crate) fn spawn_started(
     // Only a lease shorter than the worker's default changes how often the
     // heartbeat must renew.
     let short = lease.filter(|l| *l < shared.settings.lease);
-    shared.active.insert(keys.queue(), &id, &token, short);
+    let control = Arc::new(Control {
+        cancel: CancellationToken::new(),
+        con: shared.con.clone(),
+        keys: keys.clone(),
+        token: token.clone(),
+        sharded: shared.con.is_cluster(),
+        max_bytes: shared.config.max_payload_bytes,
+    });
+    shared
+        .active
+        .insert(keys.queue(), &id, (&token, short), control.cancel.clone());
     let input = Input {
         id: id.clone(),
         queue: keys.queue().to_owned(),
@@ -135,6 +198,7 @@ pub(crate) fn spawn_started(
         payload,
         attempt,
         timeout: timeout.or(shared.settings.timeout),
+        control: Some(control),
     };
     let (shared, keys) = (shared.clone(), keys.clone());
     tasks.spawn(async move {
@@ -167,7 +231,8 @@ async fn run_started(
     input: Input,
     permit: OwnedSemaphorePermit,
 ) {
-    let outcome = execute::run(&shared.handler, input, &shared.hard_stop).await;
+    let grace = shared.settings.cancel_grace;
+    let outcome = execute::run(&shared.handler, input, &shared.hard_stop, grace).await;
     drop(permit);
     // Boxed: keeps the spawned task small (it is moved on spawn).
     Box::pin(finish(shared, mode, keys, (id, token), outcome)).await;
@@ -199,6 +264,18 @@ pub(crate) async fn finish(
     };
     let completed = matches!(outcome, Outcome::Completed(_));
     let finish = match outcome {
+        Outcome::Cancelled => {
+            // The cancel finished the job in Redis (and, in recoverable
+            // mode, dropped its lease). Reliable mode: its ID is still in
+            // our in-flight list; the fetch loop's next look finds it there,
+            // and reliable_start drops it (the job has finished).
+            tracing::info!(job = %id, queue = keys.queue(), "job cancelled while it ran");
+            Counters::add(&c.cancelled, 1);
+            if mode == Mode::Reliable {
+                shared.unrecorded.store(true, Ordering::Release);
+            }
+            return;
+        }
         Outcome::Completed(result) => OwnedFinish::Completed(result),
         o @ Outcome::Failed(..) => {
             let retry = o.retryable();
@@ -289,13 +366,21 @@ mod tests {
     #[test]
     fn an_ended_attempt_does_not_forget_a_newer_attempt_of_the_same_job() {
         let active = Active::default();
-        active.insert("q", "j1", "1", None);
+        active.insert("q", "j1", ("1", None), Default::default());
         // The same worker starts the job again (a retry it took back)
         // before the first attempt's task has ended.
-        active.insert("q", "j1", "2", Some(Duration::from_secs(1)));
+        let second = tokio_util::sync::CancellationToken::new();
+        active.insert(
+            "q",
+            "j1",
+            ("2", Some(Duration::from_secs(1))),
+            second.clone(),
+        );
         assert_eq!(active.shortest_lease(), Some(Duration::from_secs(1)));
         active.remove("q", "j1", "1");
         assert_eq!(active.of("q"), vec![("j1".to_owned(), "2".to_owned())]);
+        assert!(active.cancel("q", "j1") && second.is_cancelled());
+        assert!(!active.cancel("q", "other"));
         active.remove("q", "j1", "2");
         assert!(active.of("q").is_empty());
     }

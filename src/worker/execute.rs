@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::encoding::Encoding;
 use crate::failure::FailureKind;
-use crate::job::{Job, JobError, RetryRule};
+use crate::job::{Control, Job, JobError, RetryRule};
 
 /// A job as the worker read it, before decoding.
 pub(crate) struct Input {
@@ -29,11 +29,17 @@ pub(crate) struct Input {
     pub attempt: u32,
     /// How long the handler may run (`None`: no limit).
     pub timeout: Option<Duration>,
+    /// Recoverable and reliable modes: the attempt's cancellation and
+    /// progress.
+    pub control: Option<Arc<Control>>,
 }
 
 /// What became of one job.
 pub(crate) enum Outcome {
     Completed(Vec<u8>),
+    /// The job was cancelled while it ran (it is already finished in
+    /// Redis): nothing to record.
+    Cancelled,
     /// The failure, and what the handler asked for its retry (a
     /// [`JobError`]; [`RetryRule::Policy`] for every other failure).
     Failed(FailureKind, String, RetryRule),
@@ -114,6 +120,7 @@ where
                 payload,
                 encoding: enc,
                 attempt: input.attempt,
+                control: input.control,
             };
             match AssertUnwindSafe(handler(job)).catch_unwind().await {
                 Ok(Ok(value)) => match enc.encode(&value, "result") {
@@ -143,13 +150,26 @@ where
 
 /// Runs the handler unless `hard_stop` fires first (`None`: abandoned).
 /// A handler that runs longer than the job's timeout is dropped and the
-/// attempt fails with kind `timeout`.
+/// attempt fails with kind `timeout`. A cancelled job's handler has `grace`
+/// to return (it sees [`Job::cancelled`]) before it is dropped; either way
+/// the outcome is [`Outcome::Cancelled`].
 pub(crate) async fn run(
     handler: &Erased,
     input: Input,
     hard_stop: &CancellationToken,
+    grace: Duration,
 ) -> Option<Outcome> {
     let timeout = input.timeout;
+    let cancel = input.control.as_ref().map(|c| c.cancel.clone());
+    let cancelled = async {
+        match &cancel {
+            Some(token) => {
+                token.cancelled().await;
+                tokio::time::sleep(grace).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
     let handled = async {
         match timeout {
             Some(limit) => tokio::time::timeout(limit, handler(input))
@@ -164,7 +184,12 @@ pub(crate) async fn run(
         }
     };
     tokio::select! {
-        outcome = handled => Some(outcome),
+        outcome = handled => Some(if cancel.is_some_and(|c| c.is_cancelled()) {
+            Outcome::Cancelled
+        } else {
+            outcome
+        }),
+        _ = cancelled => Some(Outcome::Cancelled),
         _ = hard_stop.cancelled() => None,
     }
 }

@@ -3,13 +3,16 @@
 //!
 //! A worker opens two connections: one multiplexed connection for script
 //! calls (and its heartbeat and sweeps), and one blocking connection for its
-//! fetch loop. Each mode's file (`simple`, `recoverable`, `reliable`) holds
+//! fetch loop; in recoverable and reliable modes a third, pub/sub, for its
+//! control channels (cancellations). Each mode's file (`simple`, `recoverable`, `reliable`) holds
 //! only how that mode takes jobs and keeps them alive; `attempt` runs a
 //! stored job from its start decision to its outcome, `finisher` records
 //! outcomes, `execute` runs the handler, `fetch` owns the blocking pop,
+//! `cancels` tells running handlers that their job was cancelled,
 //! `gate` remembers which queues' pause or limits held the worker back.
 
 mod attempt;
+mod cancels;
 mod clock;
 mod execute;
 mod fetch;
@@ -68,6 +71,7 @@ pub(crate) struct Settings {
     pub result_ttl: Duration,
     pub sweep_interval: Option<Duration>,
     pub timeout: Option<Duration>,
+    pub cancel_grace: Duration,
 }
 
 impl Settings {
@@ -160,6 +164,16 @@ impl WorkerBuilder {
     /// the handler runs; a worker that dies is a stall, not a timeout.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.settings.timeout = Some(timeout);
+        self
+    }
+
+    /// Recoverable and reliable modes: how long the handler of a job that
+    /// was cancelled while it ran ([`crate::Queue::cancel`]) may take to
+    /// return after it is told ([`crate::Job::cancelled`]) before its
+    /// future is dropped (default 1 s). Either way nothing is recorded: the
+    /// cancel already finished the job.
+    pub fn cancel_grace(mut self, grace: Duration) -> Self {
+        self.settings.cancel_grace = grace;
         self
     }
 
@@ -271,6 +285,9 @@ pub struct WorkerStats {
     /// Jobs this worker submitted for recurring schedules (one per fire
     /// it made; other workers of the queue make the others).
     pub scheduled: u64,
+    /// Running jobs that were cancelled ([`crate::Queue::cancel`]): their
+    /// handlers were told and stopped, and nothing was recorded.
+    pub cancelled: u64,
 }
 
 #[derive(Default)]
@@ -284,6 +301,7 @@ pub(crate) struct Counters {
     outcome_refused: AtomicU64,
     queue_errors: AtomicU64,
     scheduled: AtomicU64,
+    cancelled: AtomicU64,
 }
 
 impl Counters {
@@ -303,6 +321,7 @@ impl Counters {
             outcome_refused: get(&self.outcome_refused),
             queue_errors: get(&self.queue_errors),
             scheduled: get(&self.scheduled),
+            cancelled: get(&self.cancelled),
         }
     }
 }
@@ -380,6 +399,7 @@ impl Worker {
                 result_ttl: Duration::from_secs(24 * 3600),
                 sweep_interval: None,
                 timeout: None,
+                cancel_grace: Duration::from_secs(1),
             },
         }
     }
@@ -448,6 +468,9 @@ impl Worker {
             Mode::Recoverable => recoverable::background(&shared),
             Mode::Reliable => reliable::background(&shared),
         };
+        if self.mode != Mode::Simple {
+            background.push(cancels::background(&shared));
+        }
         background.push(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
             finisher::finisher(shared.clone(), finish_requests),
         )));

@@ -301,6 +301,9 @@ async fn heartbeat(shared: Arc<Shared>) {
                     // Renewing them again would only report them lost again
                     // (protocol.md 8.4 step 5); their outcomes are still
                     // recorded when their handlers end.
+                    // A lost job may have been cancelled (the cancel drops
+                    // its lease): tell its handler if so.
+                    super::cancels::check(&shared, keys, &lost).await;
                     for (id, token) in jobs.iter().filter(|(id, _)| lost.contains(id)) {
                         shared.active.remove(keys.queue(), id, token);
                     }

@@ -122,8 +122,10 @@ async fn run_job(
             .timeout_ms
             .map(Duration::from_millis)
             .or(shared.settings.timeout),
+        // Simple mode: no record to cancel or keep progress in.
+        control: None,
     };
-    let outcome = execute::run(&shared.handler, input, &shared.hard_stop)
+    let outcome = execute::run(&shared.handler, input, &shared.hard_stop, Duration::ZERO)
         .await
         .unwrap_or_else(|| {
             Outcome::failed(
@@ -132,6 +134,8 @@ async fn run_job(
             )
         });
     match &outcome {
+        // Never without a control (simple mode has none).
+        Outcome::Cancelled => return,
         Outcome::Completed(_) => Counters::add(&shared.counters.completed, 1),
         Outcome::Failed(kind, message, _) => {
             tracing::info!(job = %envelope.id, queue = keys.queue(), %kind, message, "job failed");
@@ -169,6 +173,7 @@ async fn send_reply(
     outcome: Outcome,
 ) {
     let reply = match outcome {
+        Outcome::Cancelled => return,
         Outcome::Completed(bytes) => Reply {
             id: id.to_owned(),
             status: COMPLETED.into(),

@@ -13,8 +13,8 @@ use futures_util::StreamExt;
 use job_async_redis::Job;
 use redis::Connection;
 
-/// Redis types a key can be replaced with. `stream` too: nothing in the
-/// protocol uses one, so no script may expect it.
+/// Redis types a key can be replaced with, every one Redis has: `stream`
+/// too (only the lifecycle event stream is one, protocol.md 8.12).
 pub const TYPES: [&str; 6] = ["string", "hash", "list", "zset", "set", "stream"];
 
 /// Numbers that are not strict decimal integers, or are out of every range,
