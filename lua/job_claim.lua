@@ -1,6 +1,6 @@
 #!lua
 -- name: job_claim
--- version: 4
+-- version: 5
 -- Recoverable mode, first half of a claim: takes up to COUNT job IDs from
 -- the pending list and gives each a fencing token and a lease, at once.
 -- The job's hash is updated by job_start, which the worker calls next with
@@ -33,9 +33,8 @@
 -- Reply:   flat array: hold, wait ms, limited, id 1, token 1, id 2, token 2,
 --          ... Hold is "" when the gate did not hold anything back, else
 --          why fewer than COUNT were claimed although jobs wait: "paused",
---          "concurrency" or "rate"; wait ms is, for "rate" with no room at
---          all, the time until one more claim may pass, else "-1" (wait on
---          the gate list); limited is "1" when the queue has a concurrency
+--          "concurrency" or "rate"; wait ms is, for "rate", the time until
+--          one more claim may pass, else "-1" (wait on the gate list); limited is "1" when the queue has a concurrency
 --          limit (the worker passes it to job_start), else "0". Tokens are
 --          decimal integers, increasing per queue. A popped ticket whose job
 --          was held back is pushed back.
@@ -131,8 +130,8 @@ end
 -- metadata. Returns the refusal when a key of the gate has another type;
 -- else nil and: ROOM, how many jobs may start now (math.huge: no limit);
 -- REASON, what set ROOM ("paused", "concurrency" or "rate"; nil: nothing);
--- WAIT, when ROOM is 0 for the rate, the ms until one more may start (else
--- -1: until a wake-up on the gate list); CMAX, the concurrency limit; RMAX
+-- WAIT, when the rate set ROOM, the ms until one more may start beyond it
+-- (else -1: until a wake-up on the gate list); CMAX, the concurrency limit; RMAX
 -- and RWIN, the rate limit. Limits that do not parse count as absent.
 -- RUNNING() counts the queue's running jobs. Nothing is written when
 -- there are no limits; with a rate limit, starts older than its window
@@ -171,11 +170,11 @@ local function gate(meta, rate, gate_list, running_key, running, now_n)
     local left = math.max(rmax - redis.call('ZCARD', rate), 0)
     if left < room or (left == 0 and room == 0) then
       room, reason = left, 'rate'
-      if left == 0 then
-        local oldest = redis.call('ZRANGE', rate, '0', '0', 'WITHSCORES')
-        local at = integer(oldest[2], 0, 999999999999999)
-        wait = at and math.max(at + rwin - now_n, 1) or 1
-      end
+      -- When one more start may pass: when the oldest start in the window
+      -- leaves it (with none yet: a window after the starts to come).
+      local oldest = redis.call('ZRANGE', rate, '0', '0', 'WITHSCORES')
+      local at = integer(oldest[2], 0, 999999999999999)
+      wait = at and math.max(at + rwin - now_n, 1) or rwin
     end
   end
   return nil, room, reason, wait, cmax, rmax, rwin
@@ -240,7 +239,8 @@ if room == 0 then
   return {reason, int(wait), limited}
 end
 local deadline = int(now_n + lease)
-local out = {reason and math.min(count, waiting) > room and reason or '', '-1', limited}
+local short = reason and math.min(count, waiting) > room
+local out = {short and reason or '', short and reason == 'rate' and int(wait) or '-1', limited}
 for _ = 1, math.min(count, waiting, room) do
   local id = redis.call('RPOP', KEYS[1])
   local token = int(redis.call('INCR', KEYS[4]))

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_submit
--- version: 10
+-- version: 11
 -- Recoverable and reliable modes: stores one or more jobs, each in its own
 -- hash in state "queued", and appends their IDs to the queue's pending
 -- list, all at once. In recoverable mode it also pushes one ticket per job
@@ -12,10 +12,14 @@
 -- that a worker blocked on it learns the new earliest due time.
 -- A job with a unique key (protocol.md 8.10) is enqueued only when no job
 -- holds the key: the lock <prefix>:{<queue>}:unique:<key> names its holder.
--- Mode "active" holds it while the holder is queued, delayed or running (a
--- lock whose holder has finished or is gone is stale and taken over; the
--- finishing scripts delete it); mode "throttle" holds it for its TTL,
--- whatever becomes of the holder. A job refused this way is not written:
+-- Mode "active" holds it while the holder is queued, delayed or running;
+-- mode "throttle" holds it for its TTL, whatever becomes of the holder.
+-- Whether a lock still holds depends on its holder, not on the job being
+-- submitted: a lock whose holder is an active-mode job (its hash's unique
+-- field is the key) that has finished, or whose holder is gone while the
+-- lock has no expiry, is stale and taken over; any other lock holds (a
+-- throttle lock, or a lock with an expiry, until it expires). The finishing
+-- scripts delete active-mode locks. A job refused this way is not written:
 -- the reply names the holder instead. When the queue's metadata has
 -- "events" (protocol.md 8.12), each job written carries it and a
 -- "submitted" (or "delayed") event is appended to the event stream.
@@ -318,11 +322,16 @@ for i = 1, n do
       if type(value) == 'table' then
         return redis.error_reply('JQ_WRONGTYPE ' .. text(u.lock) .. ' string ' .. redis.call('TYPE', u.lock).ok)
       end
-      if value and u.mode == 'active' then
-        -- A lock whose holder has finished or is gone is stale. (The
-        -- holder's key is derived from the lock's value, in this queue.)
-        local state = redis.pcall('HGET', base .. ':job:' .. value, 'state')
-        if state ~= 'queued' and state ~= 'active' then
+      if value then
+        -- Stale? Decided by the holder (its key is derived from the lock's
+        -- value, in this queue), whatever this job's mode.
+        local holder = redis.pcall('HMGET', base .. ':job:' .. value, 'state', 'unique')
+        if holder.err or not holder[1] then
+          -- Gone (or not a job): stale unless the lock expires by itself.
+          if redis.call('PTTL', u.lock) == -1 then
+            value = nil
+          end
+        elseif holder[2] == u.key and holder[1] ~= 'queued' and holder[1] ~= 'active' then
           value = nil
         end
       end
@@ -413,10 +422,10 @@ for i = 1, n do
   end
   if events and not refused[i] then
     if dues[i] then
-      redis.call('XADD', KEYS[6], 'MAXLEN', '~', events, '*', 'event', 'delayed', 'id', ARGV[a + 1],
+      redis.pcall('XADD', KEYS[6], 'MAXLEN', '~', events, '*', 'event', 'delayed', 'id', ARGV[a + 1],
         'due_ms', string.format('%d', dues[i]))
     else
-      redis.call('XADD', KEYS[6], 'MAXLEN', '~', events, '*', 'event', 'submitted', 'id', ARGV[a + 1])
+      redis.pcall('XADD', KEYS[6], 'MAXLEN', '~', events, '*', 'event', 'submitted', 'id', ARGV[a + 1])
     end
   end
 end

@@ -1,6 +1,6 @@
 #!lua
 -- name: reliable_start
--- version: 12
+-- version: 13
 -- Reliable mode: starts one or many jobs in one call: issues each attempt's
 -- fencing token and marks the job active, or tells the worker not to run
 -- it. With source "inflight" the IDs are already in the worker's in-flight
@@ -46,7 +46,10 @@
 -- stay where they are; from "inflight" they go back to the tail of the
 -- pending list (next in line). A job started under a concurrency limit
 -- enters the running set and gets slot = "1" (its finish leaves the set and
--- wakes a held worker). As in job_claim, a held call deletes the gate
+-- wakes a held worker); an ID started again from "inflight" that is still
+-- in the running set (its earlier start's reply was lost) keeps its slot,
+-- and one that is held back, finished, dead or invalid leaves the set
+-- (the gate list is pushed). As in job_claim, a held call deletes the gate
 -- list's entry, and a call after a hold that leaves room pushes it.
 --
 -- Reply:   array with one decision per job, in KEYS order:
@@ -188,8 +191,8 @@ end
 -- metadata. Returns the refusal when a key of the gate has another type;
 -- else nil and: ROOM, how many jobs may start now (math.huge: no limit);
 -- REASON, what set ROOM ("paused", "concurrency" or "rate"; nil: nothing);
--- WAIT, when ROOM is 0 for the rate, the ms until one more may start (else
--- -1: until a wake-up on the gate list); CMAX, the concurrency limit; RMAX
+-- WAIT, when the rate set ROOM, the ms until one more may start beyond it
+-- (else -1: until a wake-up on the gate list); CMAX, the concurrency limit; RMAX
 -- and RWIN, the rate limit. Limits that do not parse count as absent.
 -- RUNNING() counts the queue's running jobs. Nothing is written when
 -- there are no limits; with a rate limit, starts older than its window
@@ -228,11 +231,11 @@ local function gate(meta, rate, gate_list, running_key, running, now_n)
     local left = math.max(rmax - redis.call('ZCARD', rate), 0)
     if left < room or (left == 0 and room == 0) then
       room, reason = left, 'rate'
-      if left == 0 then
-        local oldest = redis.call('ZRANGE', rate, '0', '0', 'WITHSCORES')
-        local at = integer(oldest[2], 0, 999999999999999)
-        wait = at and math.max(at + rwin - now_n, 1) or 1
-      end
+      -- When one more start may pass: when the oldest start in the window
+      -- leaves it (with none yet: a window after the starts to come).
+      local oldest = redis.call('ZRANGE', rate, '0', '0', 'WITHSCORES')
+      local at = integer(oldest[2], 0, 999999999999999)
+      wait = at and math.max(at + rwin - now_n, 1) or rwin
     end
   end
   return nil, room, reason, wait, cmax, rmax, rwin
@@ -291,6 +294,25 @@ refusal, room, reason, wait, cmax, rmax, rwin = gate(KEYS[5], KEYS[7], KEYS[8], 
 if refusal then
   return redis.error_reply(refusal)
 end
+if cmax and source == 'inflight' then
+  -- IDs of this call that already hold a slot (a start whose reply was
+  -- lost, started again from the in-flight list) need no other.
+  for i = 1, n do
+    if redis.call('ZSCORE', KEYS[6], ARGV[7 + i]) then
+      room = room + 1
+    end
+  end
+end
+-- Whether a slot of the concurrency limit was given back (the gate list
+-- is pushed at the end). pcall: the running set and the gate list are
+-- type-checked only while the queue has limits; a stale entry may outlive
+-- them.
+local freed = false
+local function release_slot(id)
+  if redis.pcall('ZREM', KEYS[6], id) == 1 then
+    freed = true
+  end
+end
 -- One token per job, issued at once; a job that does not run leaves a gap.
 local token = redis.call('INCRBY', KEYS[3], int(n)) - n
 
@@ -307,6 +329,7 @@ end
 -- (trimmed).
 local function bury(id)
   redis.call('LREM', KEYS[1], '1', id)
+  release_slot(id)
   redis.call('ZADD', KEYS[2], now_ms, id)
   redis.call('ZREMRANGEBYRANK', KEYS[2], '0', dead_trim)
 end
@@ -359,10 +382,12 @@ local function start(key, id)
   local events = integer(job[7], 1, 1000000000)
   if state == 'completed' or state == 'failed' or state == 'dead' then
     redis.call('LREM', KEYS[1], '1', id)
+    release_slot(id)
     return {'gone', state}
   end
   if state ~= 'queued' and state ~= 'active' then
     redis.call('LREM', KEYS[1], '1', id)
+    release_slot(id)
     if redis.call('EXISTS', key) == 0 then
       return {'gone', 'missing'}
     end
@@ -421,6 +446,7 @@ if source == 'inflight' then
   for i = n, allowed + 1, -1 do
     if redis.call('LREM', KEYS[1], '1', ARGV[7 + i]) > 0 then
       redis.call('RPUSH', KEYS[4], ARGV[7 + i])
+      release_slot(ARGV[7 + i])
     end
   end
 end
@@ -479,5 +505,8 @@ end
 if rmax and allowed > 0 then
   -- The rate set outlives its window only while starts come.
   redis.call('PEXPIRE', KEYS[7], int(rwin))
+end
+if freed and redis.pcall('LLEN', KEYS[8]) == 0 then
+  redis.pcall('LPUSH', KEYS[8], '1')
 end
 return out

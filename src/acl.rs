@@ -167,8 +167,8 @@ const COMMANDS: &[(&str, Need, &str)] = &[
     // Worker, inside scripts (and the wake lists, reliable look-ahead).
     (
         "+hget",
-        Need::Both,
-        "job_start, reliable_start; job_submit: a unique lock's holder",
+        Need::Worker,
+        "start scripts; the dead path reads a unique lock's key",
     ),
     (
         "+hdel",
@@ -207,8 +207,8 @@ const COMMANDS: &[(&str, Need, &str)] = &[
     ),
     (
         "+pttl",
-        Need::Worker,
-        "the sweep guard: one without an expiry is replaced",
+        Need::Both,
+        "the sweep guard: one without an expiry is replaced; job_submit: a unique lock's expiry",
     ),
     ("+del", Need::Worker, "job_claim; wake lists"),
     (

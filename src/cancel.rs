@@ -21,7 +21,8 @@ const CANCELLED_TTL: Duration = Duration::from_secs(24 * 3600);
 /// The message recorded on a job cancelled through this library.
 const MESSAGE: &str = "cancelled by a client";
 
-/// Most jobs in one `job_cancel` call of [`Queue::cancel_many`].
+/// Most jobs in one `job_cancel` call of [`Queue::cancel_many`] (a refusal
+/// of one call leaves the earlier calls' cancels in place).
 const CHUNK: usize = 1000;
 
 /// What a cancel did to one job.
@@ -40,6 +41,9 @@ pub enum CancelOutcome {
     AlreadyFinished(JobState),
     /// No such job (never submitted, or its record expired).
     NotFound,
+    /// The job's key holds another Redis type (written by another program):
+    /// nothing was changed.
+    NotAJob,
 }
 
 impl Queue {
@@ -55,7 +59,8 @@ impl Queue {
     /// # Errors
     /// [`Error::Config`] in simple mode (a job there is only a list entry,
     /// and a running one has no record to finish); [`Error::WrongType`]
-    /// when the job's key or a queue key holds another Redis type;
+    /// when a queue key holds another Redis type (nothing was changed; a
+    /// job key of another type is [`CancelOutcome::NotAJob`]);
     /// [`Error::Redis`].
     pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, Error> {
         let mut outcomes = self.cancel_many(&[id]).await?;
@@ -93,7 +98,7 @@ async fn cancel_in(
         }
         let decided =
             transitions::job_cancel(con, keys, mode, chunk, (MESSAGE, CANCELLED_TTL)).await?;
-        for (id, cancel) in chunk.iter().zip(decided) {
+        for cancel in decided {
             out.push(match cancel {
                 Cancel::Cancelled(was) => CancelOutcome::Cancelled {
                     was: if was == "active" {
@@ -104,19 +109,7 @@ async fn cancel_in(
                 },
                 Cancel::Finished(state) => CancelOutcome::AlreadyFinished(finished(&state)),
                 Cancel::Missing => CancelOutcome::NotFound,
-                Cancel::NotAHash => {
-                    let key = keys.job(id);
-                    let found: String = redis::cmd("TYPE")
-                        .arg(&key)
-                        .query_async(&mut con.clone())
-                        .await
-                        .unwrap_or_else(|_| "another type".into());
-                    return Err(Error::WrongType {
-                        key,
-                        expected: "hash".into(),
-                        found,
-                    });
-                }
+                Cancel::NotAHash => CancelOutcome::NotAJob,
             });
         }
     }

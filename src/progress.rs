@@ -121,11 +121,14 @@ impl JobHandle {
             .replies()
             .listen(&stored.keys.progress_channel(&id), sink)
             .await?;
+        let mut reconnects = stored.reconnects.clone();
+        reconnects.borrow_and_update();
         let now = latest::<T>(&stored, &id).await?;
         let state = Follow {
             stored,
             id,
             messages,
+            reconnects,
             reread: false,
             seen: now.seq,
             done: !running(now.state.as_deref()),
@@ -144,6 +147,8 @@ struct Follow {
     stored: Stored,
     id: String,
     messages: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    /// Changes when the client's subscriptions were restored.
+    reconnects: tokio::sync::watch::Receiver<u64>,
     /// Read the hash again (after a reconnection: messages may be lost).
     reread: bool,
     /// The number of the last value yielded (or read): older ones are
@@ -156,7 +161,6 @@ struct Follow {
 impl Follow {
     /// The next progress value; `None` once the job has finished.
     async fn next<T: DeserializeOwned>(&mut self) -> Option<Result<T, Error>> {
-        let mut reconnects = self.stored.reconnects.clone();
         loop {
             if self.done {
                 // Finished: what arrived before the end still counts.
@@ -188,7 +192,11 @@ impl Follow {
                         return Some(item);
                     }
                 }
-                _ = reconnects.changed() => self.reread = true,
+                changed = self.reconnects.changed() => match changed {
+                    Ok(()) => self.reread = true,
+                    // The client is closed: nothing more will arrive.
+                    Err(_) => self.done = true,
+                },
                 _ = tokio::time::sleep(self.stored.poll) => {
                     // Still running? (A finished job publishes no more.)
                     let key = self.stored.keys.job(&self.id);
@@ -220,5 +228,13 @@ impl Follow {
             Ok(_) => None,
             Err(e) => Some(Err(e)),
         }
+    }
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        // The channel is unsubscribed when no one else follows the job.
+        let channel = self.stored.keys.progress_channel(&self.id);
+        self.stored.client.replies().unlisten(&channel);
     }
 }

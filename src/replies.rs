@@ -39,9 +39,44 @@ fn next_waiter() -> u64 {
 /// a submit to a channel found here needs no round trip to the task.
 type Live = Arc<Mutex<HashSet<String>>>;
 
-/// Channels whose messages go, as they are, to a listener instead of the
-/// outcome waiters.
-type Listeners = HashMap<String, Sink>;
+/// Channels whose messages go, as they are, to listeners instead of the
+/// outcome waiters (several per channel: two followers of one job's
+/// progress each get every message).
+#[derive(Default)]
+struct Listeners(HashMap<String, Vec<Sink>>);
+
+impl Listeners {
+    fn add(&mut self, channel: &str, sink: Sink) {
+        self.0.entry(channel.to_owned()).or_default().push(sink);
+    }
+
+    /// Hands a message to the channel's listeners: `None` when the channel
+    /// has none (an outcome channel), `Some(false)` when none listens any
+    /// more (then unsubscribe).
+    fn deliver(&mut self, channel: &str, payload: &[u8]) -> Option<bool> {
+        let sinks = self.0.get_mut(channel)?;
+        sinks.retain(|to| to.send((channel.to_owned(), payload.to_vec())).is_ok());
+        if sinks.is_empty() {
+            self.0.remove(channel);
+            return Some(false);
+        }
+        Some(true)
+    }
+
+    /// Forgets the listeners of `channel` that are gone; true when none is
+    /// left (then unsubscribe).
+    fn prune(&mut self, channel: &str) -> bool {
+        let Some(sinks) = self.0.get_mut(channel) else {
+            return false;
+        };
+        sinks.retain(|to| !to.is_closed());
+        if sinks.is_empty() {
+            self.0.remove(channel);
+            return true;
+        }
+        false
+    }
+}
 
 /// Where a listener gets (channel, message) pairs.
 pub(crate) type Sink = mpsc::UnboundedSender<(String, Vec<u8>)>;
@@ -58,6 +93,8 @@ enum Command {
         sink: Sink,
         done: oneshot::Sender<Result<(), redis::RedisError>>,
     },
+    /// A listener of `channel` is gone: unsubscribe when it was the last.
+    Prune { channel: String },
 }
 
 /// Handle to a client's reply task. The task ends when the handle is dropped.
@@ -172,8 +209,8 @@ impl Replies {
     /// the channel's name, to `sink` until the sink's receiver is dropped.
     /// Returns once the channel is subscribed, so that nothing published
     /// afterwards is missed (while the connection holds: see
-    /// [`Replies::reconnects`]). One listener per channel: a new one
-    /// replaces the previous.
+    /// [`Replies::reconnects`]). A channel may have several listeners; call
+    /// [`Replies::unlisten`] when one is dropped.
     pub(crate) async fn listen(&self, channel: &str, sink: Sink) -> Result<(), Error> {
         let (done, rx) = oneshot::channel();
         let command = Command::Listen {
@@ -182,6 +219,14 @@ impl Replies {
             done,
         };
         self.send(command, rx, channel).await
+    }
+
+    /// Tells the task that a listener of `channel` was dropped, so that the
+    /// channel is unsubscribed when it was the last one.
+    pub(crate) fn unlisten(&self, channel: &str) {
+        let _ = self.commands.send(Command::Prune {
+            channel: channel.to_owned(),
+        });
     }
 
     async fn send(
@@ -254,7 +299,7 @@ async fn run(
         ..
     } = &shared;
     let mut channels: Vec<String> = Vec::new();
-    let mut listeners = Listeners::new();
+    let mut listeners = Listeners::default();
     let mut backoff = Duration::from_millis(20);
     'connect: loop {
         shared.set_live(&[]);
@@ -287,15 +332,11 @@ async fn run(
                     Some(msg) => {
                         let channel = msg.get_channel_name().to_owned();
                         let payload = msg.get_payload_bytes();
-                        let delivered = listeners
-                            .get(&channel)
-                            .map(|to| to.send((channel.clone(), payload.to_vec())).is_ok());
-                        match delivered {
+                        match listeners.deliver(&channel, payload) {
                             None => dispatch(waiters, payload),
                             Some(true) => {}
                             Some(false) => {
-                                // The listener is gone: stop listening.
-                                listeners.remove(&channel);
+                                // The listeners are gone: stop listening.
                                 channels.retain(|c| *c != channel);
                                 shared.set_live(&channels);
                                 if let Err(e) = sink.unsubscribe(&channel).await {
@@ -312,13 +353,24 @@ async fn run(
                 },
                 command = commands.recv() => match command {
                     None => break 'connect,
+                    Some(Command::Prune { channel }) => {
+                        if listeners.prune(&channel) {
+                            channels.retain(|c| *c != channel);
+                            shared.set_live(&channels);
+                            if let Err(e) = sink.unsubscribe(&channel).await {
+                                tracing::debug!(error = %e, "unsubscribe failed; reconnecting");
+                                continue 'connect;
+                            }
+                        }
+                    }
                     Some(command) => {
                         let (channel, done) = match command {
                             Command::Subscribe { channel, done } => (channel, done),
                             Command::Listen { channel, sink: to, done } => {
-                                listeners.insert(channel.clone(), to);
+                                listeners.add(&channel, to);
                                 (channel, done)
                             }
+                            Command::Prune { .. } => unreachable!("handled above"),
                         };
                         if channels.contains(&channel) {
                             let _ = done.send(Ok(()));
@@ -385,7 +437,7 @@ async fn run_cluster(
         }
     };
     let mut channels: Vec<String> = Vec::new();
-    let mut listeners = Listeners::new();
+    let mut listeners = Listeners::default();
     loop {
         tokio::select! {
             push = pushes.recv() => match push {
@@ -396,14 +448,10 @@ async fn run_cluster(
                             _ => String::new(),
                         };
                         if let Some(Value::BulkString(payload)) = push.data.get(1) {
-                            let delivered = listeners
-                                .get(&channel)
-                                .map(|to| to.send((channel.clone(), payload.clone())).is_ok());
-                            match delivered {
+                            match listeners.deliver(&channel, payload) {
                                 None => dispatch(waiters, payload),
                                 Some(true) => {}
                                 Some(false) => {
-                                    listeners.remove(&channel);
                                     channels.retain(|c| *c != channel);
                                     shared.set_live(&channels);
                                     if let Err(e) = con.sunsubscribe(&channel).await {
@@ -436,13 +484,23 @@ async fn run_cluster(
             },
             command = commands.recv() => match command {
                 None => break,
+                Some(Command::Prune { channel }) => {
+                    if listeners.prune(&channel) {
+                        channels.retain(|c| *c != channel);
+                        shared.set_live(&channels);
+                        if let Err(e) = con.sunsubscribe(&channel).await {
+                            tracing::debug!(%channel, error = %e, "could not unsubscribe");
+                        }
+                    }
+                }
                 Some(command) => {
                     let (channel, done) = match command {
                         Command::Subscribe { channel, done } => (channel, done),
                         Command::Listen { channel, sink, done } => {
-                            listeners.insert(channel.clone(), sink);
+                            listeners.add(&channel, sink);
                             (channel, done)
                         }
+                        Command::Prune { .. } => unreachable!("handled above"),
                     };
                     if channels.contains(&channel) {
                         let _ = done.send(Ok(()));

@@ -373,7 +373,9 @@ async fn fifty_thousand_jobs_due_at_once_are_promoted_in_bounded_batches() {
     let q = queue_name("herd");
     let client = Client::connect(config(&server)).await.unwrap();
     let queue = client.queue(&q, Mode::Reliable).await.unwrap();
-    let at = SystemTime::now() + Duration::from_secs(2);
+    // Due a while after the submit (50,000 jobs take a second or more to
+    // submit on a busy machine, and each must still be delayed).
+    let at = SystemTime::now() + Duration::from_secs(6);
     let payloads = vec![0u8; JOBS];
     let jobs = payloads
         .iter()

@@ -28,6 +28,10 @@ use crate::transitions::{self, BatchItem, OwnedFinish, Start, StartSettings};
 /// How long a cancel for an attempt not (yet) registered is kept.
 const EARLY_CANCEL_KEPT: Duration = Duration::from_secs(60);
 
+/// Most such cancels kept (a flood of messages for unknown jobs must not
+/// grow memory without bound).
+const EARLY_CANCELS_MAX: usize = 10_000;
+
 /// One running attempt: its fencing token, the job's lease (when shorter
 /// than the worker's default), and its cancellation.
 struct Attempt {
@@ -112,10 +116,11 @@ impl Active {
             }
             None => {
                 // Perhaps its start's reply is still on its way.
-                self.early
-                    .lock()
-                    .expect("early cancels lock")
-                    .insert((queue.to_owned(), id.to_owned()), std::time::Instant::now());
+                let mut early = self.early.lock().expect("early cancels lock");
+                early.retain(|_, at| at.elapsed() < EARLY_CANCEL_KEPT);
+                if early.len() < EARLY_CANCELS_MAX {
+                    early.insert((queue.to_owned(), id.to_owned()), std::time::Instant::now());
+                }
                 false
             }
         }
@@ -265,6 +270,21 @@ pub(crate) async fn finish(
     let completed = matches!(outcome, Outcome::Completed(_));
     let finish = match outcome {
         Outcome::Cancelled => {
+            // No longer running here: gone from the registry before the
+            // fetch loop looks for orphans (below).
+            shared.active.remove(keys.queue(), id, token);
+            if !super::cancels::is_cancelled(shared, keys, id).await {
+                // Told to cancel, but the job is not cancelled in Redis (a
+                // forged or stale message): its result is gone, so give it
+                // back to run again.
+                tracing::warn!(job = %id, queue = keys.queue(), "stopped for a cancel that Redis does not show; giving the job back");
+                let claim = transitions::claim_key(keys, mode, &shared.id);
+                let call = transitions::job_release(keys, mode, &claim, id, token);
+                if let Err(e) = persist::<redis::Value>(&shared.con, &call, keys, Some(id)).await {
+                    tracing::warn!(job = %id, error = %e, "could not give the job back; its lease will run out");
+                }
+                return;
+            }
             // The cancel finished the job in Redis (and, in recoverable
             // mode, dropped its lease). Reliable mode: its ID is still in
             // our in-flight list; the fetch loop's next look finds it there,

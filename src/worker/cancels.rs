@@ -24,12 +24,18 @@ use crate::wire::{Reply, unpack};
 /// The status of a control message that cancels a running job.
 const CANCELLED: &str = "cancelled";
 
-/// Starts listening on this worker's control channels.
-pub(crate) fn background(shared: &Arc<Shared>) -> AbortOnDropHandle<()> {
-    AbortOnDropHandle::new(tokio::spawn(listen(shared.clone())))
+/// Starts listening on this worker's control channels. The receiver
+/// resolves once every channel is subscribed (protocol.md 8.11: before the
+/// worker starts jobs).
+pub(crate) fn background(
+    shared: &Arc<Shared>,
+) -> (AbortOnDropHandle<()>, tokio::sync::oneshot::Receiver<()>) {
+    let (ready, subscribed) = tokio::sync::oneshot::channel();
+    let task = AbortOnDropHandle::new(tokio::spawn(listen(shared.clone(), ready)));
+    (task, subscribed)
 }
 
-async fn listen(shared: Arc<Shared>) {
+async fn listen(shared: Arc<Shared>, ready: tokio::sync::oneshot::Sender<()>) {
     let replies = Replies::start(shared.client.clone(), &shared.config);
     let (sink, mut messages) = mpsc::unbounded_channel();
     let mut backoff = Duration::from_millis(50);
@@ -44,6 +50,7 @@ async fn listen(shared: Arc<Shared>) {
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
+    let _ = ready.send(());
     let mut reconnects = replies.reconnects();
     loop {
         tokio::select! {
@@ -84,6 +91,24 @@ fn on_message(shared: &Shared, channel: &str, payload: &[u8]) {
             tracing::debug!(status = %message.status, "ignoring a control message of another kind")
         }
         Err(e) => tracing::warn!(error = %e, "ignoring an undecodable control message"),
+    }
+}
+
+/// True when Redis shows job `id` cancelled (state `failed`, kind
+/// `cancelled`); also true when it cannot be read (the cancel message came
+/// from `job_cancel`, which is the only writer of such messages).
+pub(crate) async fn is_cancelled(shared: &Shared, keys: &QueueKeys, id: &str) -> bool {
+    let read: redis::RedisResult<(Option<String>, Option<String>)> = redis::cmd("HMGET")
+        .arg(keys.job(id))
+        .arg("state")
+        .arg("error_kind")
+        .query_async(&mut shared.con.clone())
+        .await;
+    match read {
+        Ok((state, kind)) => {
+            state.as_deref() == Some("failed") && kind.as_deref() == Some(CANCELLED)
+        }
+        Err(_) => true,
     }
 }
 

@@ -68,9 +68,12 @@ impl Fetcher {
         };
         // A held queue must be asked again when its rate window lets the
         // next start pass (BLMPOP takes at least a millisecond).
-        let timeout = shared.holds.next_ask().map_or(timeout, |ask| {
-            timeout.min(ask.max(Duration::from_millis(1)))
-        });
+        let timeout = shared
+            .holds
+            .next_ask(queues.iter().map(|q| q.queue()))
+            .map_or(timeout, |ask| {
+                timeout.min(ask.max(Duration::from_millis(1)))
+            });
         let Some(first) = queues.first() else {
             return Ok(None);
         };

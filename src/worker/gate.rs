@@ -55,12 +55,18 @@ impl Holds {
         }
     }
 
-    /// How long until the first held queue must be asked again (`None`:
-    /// none is held).
-    pub(crate) fn next_ask(&self) -> Option<Duration> {
+    /// How long until the first of `queues` that is held must be asked
+    /// again (`None`: none of them is held). Only the queues a pop serves
+    /// count: a held queue that is resting is not asked until its rest ends.
+    pub(crate) fn next_ask<'a>(
+        &self,
+        queues: impl IntoIterator<Item = &'a str>,
+    ) -> Option<Duration> {
         let now = Instant::now();
-        self.lock()
-            .values()
+        let held = self.lock();
+        queues
+            .into_iter()
+            .filter_map(|q| held.get(q))
             .min()
             .map(|at| at.saturating_duration_since(now))
     }
@@ -87,12 +93,13 @@ mod tests {
         assert!(holds.may_ask("q") && !holds.is_held("q"));
         holds.hold("q", &hold(Some(60_000)), Duration::from_secs(5));
         assert!(holds.is_held("q") && !holds.may_ask("q"));
-        // The recheck bounds the wait.
-        assert!(holds.next_ask().unwrap() <= Duration::from_secs(5));
+        // The recheck bounds the wait; only the queues asked about count.
+        assert!(holds.next_ask(["q"]).unwrap() <= Duration::from_secs(5));
+        assert!(holds.next_ask(["other"]).is_none());
         holds.wake("q");
         assert!(holds.may_ask("q") && holds.is_held("q"));
         holds.release("q");
-        assert!(!holds.is_held("q") && holds.next_ask().is_none());
+        assert!(!holds.is_held("q") && holds.next_ask(["q"]).is_none());
         holds.hold("q", &hold(None), Duration::from_millis(1));
         std::thread::sleep(Duration::from_millis(2));
         assert!(holds.may_ask("q"));

@@ -469,7 +469,16 @@ impl Worker {
             Mode::Reliable => reliable::background(&shared),
         };
         if self.mode != Mode::Simple {
-            background.push(cancels::background(&shared));
+            // Subscribed to the control channels before taking jobs, so
+            // that no cancel for a job this worker starts is missed (an
+            // unreachable server is waited for only so long: the fetch
+            // loop then deals with it, and a reconnection re-reads).
+            let (task, subscribed) = cancels::background(&shared);
+            background.push(task);
+            let patience = shared.config.connect_timeout + shared.config.command_timeout;
+            if tokio::time::timeout(patience, subscribed).await.is_err() {
+                tracing::warn!(worker = %shared.id, "not subscribed to the control channels yet; starting anyway");
+            }
         }
         background.push(tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
             finisher::finisher(shared.clone(), finish_requests),
