@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish
--- version: 13
+-- version: 14
 -- Recoverable and reliable modes: records a job's outcome under its fencing
 -- token, drops its claim (lease or in-flight entry) and rings the client's
 -- doorbell. The doorbell carries the outcome (the same record as a
@@ -245,7 +245,7 @@ if not base then
   return redis.error_reply('JQ_BAD_ARGS KEYS[1] has no {<queue>} hash tag')
 end
 local job = redis.pcall('HMGET', KEYS[1], 'state', 'token', 'client', 'enc', 'error_kind',
-  'attempt', 'max_attempts', 'backoff', 'slot', 'unique', 'events', 'worker')
+  'attempt', 'max_attempts', 'backoff', 'slot', 'unique', 'events')
 if job.err then
   return redis.error_reply(wrongtype(KEYS[1], 'hash') or job.err)
 end
@@ -268,7 +268,9 @@ if retry then
 end
 local slot = job[9] == '1'
 local events = integer(job[11], 1, 1000000000)
-local attempt_s, worker_s = events and string.format('%d', attempt), job[12] or ''
+-- Read only for an event (one field less on the common path).
+local attempt_s = events and string.format('%d', attempt)
+local worker_s = events and (redis.call('HGET', KEYS[1], 'worker') or '')
 -- Every key it will write, checked before the first write.
 local refusal = wrongtype(KEYS[2], mode == 'reliable' and 'list' or 'zset')
   or (retry and wrongtype(KEYS[3], 'list'))

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish_batch
--- version: 11
+-- version: 12
 -- Recoverable and reliable modes: job_finish for several jobs of one queue
 -- in one call, so that a busy worker pays the cost of a script call once
 -- for all the jobs that finished meanwhile. Each job is checked and
@@ -272,7 +272,7 @@ local freed = false
 
 local function finish(key, id, token, status, a4, a5, retry, retry_delay)
   local job = redis.pcall('HMGET', key, 'state', 'token', 'client', 'enc', 'error_kind',
-    'attempt', 'max_attempts', 'backoff', 'slot', 'unique', 'events', 'worker')
+    'attempt', 'max_attempts', 'backoff', 'slot', 'unique', 'events')
   if job.err then
     -- Not the worker's to fix: refused for this job alone, nothing written.
     -- Its claim stays, so the sweep or recovery dead-letters it.
@@ -305,7 +305,9 @@ local function finish(key, id, token, status, a4, a5, retry, retry_delay)
   end
   local attempt = integer(job[6], 0, 1000000000) or 0
   local events = integer(job[11], 1, 1000000000)
-  local attempt_s, worker_s = events and int(attempt), job[12] or ''
+  -- Read only for an event (one field less on the common path).
+  local attempt_s = events and int(attempt)
+  local worker_s = events and (redis.call('HGET', key, 'worker') or '')
   if status == 'failed' and retry == '1' and attempt < (integer(job[7], 1, 1000000) or 1) then
     local wait = retry_delay >= 0 and retry_delay or backoff_ms(job[8], id, attempt)
     if claimed > 0 and wait > 0 then

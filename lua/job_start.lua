@@ -1,6 +1,6 @@
 #!lua
 -- name: job_start
--- version: 12
+-- version: 13
 -- Recoverable mode, second half of a claim, for one or many claimed jobs of
 -- a queue in one call: marks each job active under its claim's fencing
 -- token, or tells the worker not to run it. An attempt that finds the job
@@ -305,18 +305,25 @@ local function start(key, id, token)
   local lease = integer(job[5], 1, 1000000000000) or default_lease
   local attempt = int((integer(job[6], 0, 1000000000) or 0) + 1)
   local stalled, leased = int(stalls), int(lease)
-  local fields = {'state', 'active', 'token', int(token), 'attempt', attempt,
-    'started_ms', now_ms, 'worker', worker}
-  if job[7] ~= stalled and (job[7] or stalls ~= 0) then
-    -- Stalls changed (0 is the default when the field is missing).
-    fields[#fields + 1] = 'stalls'
-    fields[#fields + 1] = stalled
+  local same = job[7] == stalled or (not job[7] and stalls == 0)
+  if same and not limited then
+    -- The common case, without building a table: stalls unchanged (0 is
+    -- the default when the field is missing), no slot.
+    redis.call('HSET', key, 'state', 'active', 'token', int(token), 'attempt', attempt,
+      'started_ms', now_ms, 'worker', worker)
+  else
+    local fields = {'state', 'active', 'token', int(token), 'attempt', attempt,
+      'started_ms', now_ms, 'worker', worker}
+    if not same then
+      fields[#fields + 1] = 'stalls'
+      fields[#fields + 1] = stalled
+    end
+    if limited then
+      fields[#fields + 1] = 'slot'
+      fields[#fields + 1] = '1'
+    end
+    redis.call('HSET', key, unpack(fields))
   end
-  if limited then
-    fields[#fields + 1] = 'slot'
-    fields[#fields + 1] = '1'
-  end
-  redis.call('HSET', key, unpack(fields))
   redis.call('ZADD', KEYS[1], int(now_n + lease), id)
   if events then
     event(KEYS[3], events, 'event', 'started', 'id', id, 'attempt', attempt, 'worker', worker)

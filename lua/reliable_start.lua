@@ -1,6 +1,6 @@
 #!lua
 -- name: reliable_start
--- version: 13
+-- version: 14
 -- Reliable mode: starts one or many jobs in one call: issues each attempt's
 -- fencing token and marks the job active, or tells the worker not to run
 -- it. With source "inflight" the IDs are already in the worker's in-flight
@@ -416,22 +416,29 @@ local function start(key, id)
   end
   local attempt = int((integer(job[4], 0, 1000000000) or 0) + 1)
   local stalled, fence = int(stalls), int(token)
-  local fields = {'state', 'active', 'token', fence, 'attempt', attempt,
-    'started_ms', now_ms, 'worker', worker}
-  if job[5] ~= stalled and (job[5] or stalls ~= 0) then
-    -- Stalls changed (0 is the default when the field is missing).
-    fields[#fields + 1] = 'stalls'
-    fields[#fields + 1] = stalled
-  end
-  if cmax then
-    fields[#fields + 1] = 'slot'
-    fields[#fields + 1] = '1'
-    redis.call('ZADD', KEYS[6], now_ms, id)
+  local same = job[5] == stalled or (not job[5] and stalls == 0)
+  if same and not cmax then
+    -- The common case, without building a table: stalls unchanged (0 is
+    -- the default when the field is missing), no slot.
+    redis.call('HSET', key, 'state', 'active', 'token', fence, 'attempt', attempt,
+      'started_ms', now_ms, 'worker', worker)
+  else
+    local fields = {'state', 'active', 'token', fence, 'attempt', attempt,
+      'started_ms', now_ms, 'worker', worker}
+    if not same then
+      fields[#fields + 1] = 'stalls'
+      fields[#fields + 1] = stalled
+    end
+    if cmax then
+      fields[#fields + 1] = 'slot'
+      fields[#fields + 1] = '1'
+      redis.call('ZADD', KEYS[6], now_ms, id)
+    end
+    redis.call('HSET', key, unpack(fields))
   end
   if rmax then
     redis.call('ZADD', KEYS[7], now_ms, fence)
   end
-  redis.call('HSET', key, unpack(fields))
   if events then
     event(KEYS[9], events, 'event', 'started', 'id', id, 'attempt', attempt, 'worker', worker)
   end
