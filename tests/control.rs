@@ -34,23 +34,25 @@ fn processes(server: &RedisServer, queue: &str, n: usize, env: &[(&str, &str)]) 
     )
 }
 
-/// Per job: (state, started_ms, finished_ms) read from its hash.
+/// Per job: (state, started_ms, finished_ms) read from its hash, all jobs
+/// in one transaction (a consistent snapshot: read one by one, a job that
+/// finishes and another that starts between two reads would both look
+/// active).
 fn job_times(
     con: &mut redis::Connection,
     queue: &Queue,
     ids: &[String],
 ) -> Vec<(String, Option<u64>, Option<u64>)> {
-    ids.iter()
-        .map(|id| {
-            let key = format!("jq:{{{}}}:job:{id}", queue.name());
-            let (state, started, finished): (Option<String>, Option<u64>, Option<u64>) =
-                redis::cmd("HMGET")
-                    .arg(&key)
-                    .arg(&["state", "started_ms", "finished_ms"])
-                    .query(con)
-                    .unwrap();
-            (state.unwrap_or_default(), started, finished)
-        })
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for id in ids {
+        pipe.cmd("HMGET")
+            .arg(format!("jq:{{{}}}:job:{id}", queue.name()))
+            .arg(&["state", "started_ms", "finished_ms"]);
+    }
+    let rows: Vec<(Option<String>, Option<u64>, Option<u64>)> = pipe.query(con).unwrap();
+    rows.into_iter()
+        .map(|(state, started, finished)| (state.unwrap_or_default(), started, finished))
         .collect()
 }
 
