@@ -6,11 +6,15 @@
 //! cargo run --release --example bench -- --mode reliable --jobs 50000 --concurrency 50
 //! cargo run --release --example bench -- --mode recoverable --cluster --queues 12
 //! cargo run --release --example bench -- --mode reliable --delayed
+//! cargo run --release --example bench -- --mode recoverable --controls
 //! ```
 //!
 //! `--delayed` runs the delayed-jobs phases instead (see [`delayed`]): how
 //! late delayed jobs start, what promoting them costs Redis, and what idle
-//! workers cost Redis.
+//! workers cost Redis. `--controls` runs the batch enqueue and backlog
+//! phases with each queue control or job feature on but never binding, and
+//! without any, each on a fresh queue (see [`controls`]): what the features
+//! cost when used.
 //!
 //! Without `REDIS_URL` it starts a throwaway redis-server (or, with
 //! `--cluster`, a local cluster of 3 primaries and 3 replicas). Times on a
@@ -30,7 +34,9 @@ use clap::Parser;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use job_async_redis::keys::QueueKeys;
-use job_async_redis::{Client, Config, Job, JobOptions, Mode, Queue, ShutdownHandle, Worker};
+use job_async_redis::{
+    Client, Config, Job, JobOptions, Mode, Queue, RateLimit, ShutdownHandle, Unique, Worker,
+};
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Benchmark job-async-redis against a throwaway Redis")]
@@ -100,6 +106,23 @@ struct Args {
     /// 60 s, the period of the longest periodic call (the clock wait).
     #[arg(long, default_value_t = 60)]
     idle_seconds: u64,
+    /// Instead of the phases: the batch enqueue and backlog phases once per
+    /// variant of --controls-variants, each on a fresh queue (recoverable
+    /// and reliable modes, not --cluster).
+    #[arg(long)]
+    controls: bool,
+    /// Which variants --controls runs besides "plain" (always run: the
+    /// baseline): events, rate, concurrency, unique.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "events,rate,concurrency,unique"
+    )]
+    controls_variants: Vec<String>,
+    /// Rounds of --controls: each runs every variant once, in an order
+    /// rotated by one each round; the figures are medians over the rounds.
+    #[arg(long, default_value_t = 3)]
+    controls_rounds: usize,
 }
 
 /// Redis counters summed over the primaries.
@@ -275,6 +298,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.delayed {
         return delayed(&args, &target, mode, &client, &run).await;
     }
+    if args.controls {
+        return controls(&args, &target, mode, &config, &client, &run).await;
+    }
     let mut phases = Vec::new();
     let progress = |what: &str| {
         if !args.json {
@@ -307,67 +333,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     // 2. Enqueue in chunks, and memory per queued job.
     progress("enqueue, batch");
-    let before = counters(&target.primaries);
-    let started = Instant::now();
-    let numbers: Vec<usize> = (0..args.chunk).collect();
-    let mut batches = 0;
-    while batches * args.chunk < args.jobs {
-        let queue = &queues[batches % queues.len()];
-        drop(queue.submit_many(&numbers).await?);
-        batches += 1;
-    }
-    let batch_jobs = batches * args.chunk;
-    total_jobs += batch_jobs;
-    let after = counters(&target.primaries);
-    let mut enqueue = phase("enqueue (batch)", batch_jobs, started, before, after);
-    if mode != Mode::Simple {
-        enqueue.memory_bytes_per_queued_job =
-            Some((after.dataset - before.dataset) as f64 / batch_jobs as f64);
-    }
+    let enqueue = enqueue_batch(&args, &target, mode, &queues, |_| JobOptions::default()).await?;
+    total_jobs += enqueue.jobs;
     phases.push(enqueue);
 
     // 3. Process the backlog with a no-op handler.
     progress("processing the backlog");
-    let done = Arc::new(AtomicUsize::new(0));
-    let handler = counting(&done);
-    let before = counters(&target.primaries);
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    let groups: Vec<Vec<String>> = if mode == Mode::Reliable {
-        names.iter().map(|n| vec![n.clone()]).collect()
-    } else {
-        vec![names.clone()]
-    };
-    for group in groups {
-        let mut builder = Worker::builder(config.clone())
-            .mode(mode)
-            .concurrency(args.concurrency);
-        if let Some(ttl) = args.result_ttl_ms {
-            builder = builder.result_ttl(Duration::from_millis(ttl));
-        }
-        for q in group {
-            builder = builder.queue(q);
-        }
-        let worker = builder.build().await?;
-        let shutdown = worker.shutdown_handle();
-        workers.push((shutdown, tokio::spawn(worker.run(handler.clone()))));
-    }
-    let mut last = 0;
-    let mut peak = 0;
-    while done.load(Ordering::Relaxed) < total_jobs {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = done.load(Ordering::Relaxed);
-        if now / 10_000 > last / 10_000 {
-            peak = peak.max(counters(&target.primaries).used);
-            if !args.json {
-                eprintln!("  {now} of {total_jobs}");
-            }
-        }
-        last = now;
-    }
-    let after = counters(&target.primaries);
-    let mut processing = phase("process backlog", total_jobs, started, before, after);
-    processing.peak_memory_mib = Some(peak.max(after.used) as f64 / 1_048_576.0);
+    let (processing, workers) =
+        process_backlog(&args, &target, mode, &config, &names, total_jobs).await?;
     phases.push(processing);
 
     // 4. Round trips: submit one job, await its result, repeat.
@@ -399,10 +372,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     phases.push(rt);
-    for (shutdown, task) in workers {
-        shutdown.shutdown();
-        task.await??;
-    }
+    stop(workers).await?;
 
     if args.json {
         let out = serde_json::json!({
@@ -450,6 +420,93 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         println!("peak Redis used_memory while processing: {peak:.1} MiB");
     }
     Ok(())
+}
+
+/// The batch enqueue phase: at least `--jobs` jobs in `submit_many_with`
+/// calls of `--chunk` jobs, the calls spread over `queues` in turn; job `i`
+/// (counted from 0) gets `options(i)`. With the memory per queued job in
+/// recoverable and reliable modes.
+async fn enqueue_batch(
+    args: &Args,
+    target: &Target,
+    mode: Mode,
+    queues: &[Queue],
+    options: impl Fn(usize) -> JobOptions,
+) -> Result<Phase, job_async_redis::Error> {
+    let before = counters(&target.primaries);
+    let started = Instant::now();
+    let numbers: Vec<usize> = (0..args.chunk).collect();
+    let mut batches = 0;
+    while batches * args.chunk < args.jobs {
+        let queue = &queues[batches % queues.len()];
+        let first = batches * args.chunk;
+        let jobs = numbers.iter().map(|i| (i, options(first + i)));
+        drop(queue.submit_many_with(jobs).await?);
+        batches += 1;
+    }
+    let jobs = batches * args.chunk;
+    let after = counters(&target.primaries);
+    let mut enqueue = phase("enqueue (batch)", jobs, started, before, after);
+    if mode != Mode::Simple {
+        enqueue.memory_bytes_per_queued_job =
+            Some((after.dataset - before.dataset) as f64 / jobs as f64);
+    }
+    Ok(enqueue)
+}
+
+/// The backlog phase: starts workers with a no-op handler on the queues
+/// `names` (one worker per queue in reliable mode, one for all of them
+/// otherwise) and waits until they have run `jobs` jobs, sampling Redis
+/// memory every 10,000. Returns the phase and the workers, still running.
+async fn process_backlog(
+    args: &Args,
+    target: &Target,
+    mode: Mode,
+    config: &Config,
+    names: &[String],
+    jobs: usize,
+) -> Result<(Phase, Vec<Running>), job_async_redis::Error> {
+    let done = Arc::new(AtomicUsize::new(0));
+    let handler = counting(&done);
+    let before = counters(&target.primaries);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    let groups: Vec<&[String]> = if mode == Mode::Reliable {
+        names.chunks(1).collect()
+    } else {
+        vec![names]
+    };
+    for group in groups {
+        let mut builder = Worker::builder(config.clone())
+            .mode(mode)
+            .concurrency(args.concurrency);
+        if let Some(ttl) = args.result_ttl_ms {
+            builder = builder.result_ttl(Duration::from_millis(ttl));
+        }
+        for q in group {
+            builder = builder.queue(q);
+        }
+        let worker = builder.build().await?;
+        let shutdown = worker.shutdown_handle();
+        workers.push((shutdown, tokio::spawn(worker.run(handler.clone()))));
+    }
+    let mut last = 0;
+    let mut peak = 0;
+    while done.load(Ordering::Relaxed) < jobs {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = done.load(Ordering::Relaxed);
+        if now / 10_000 > last / 10_000 {
+            peak = peak.max(counters(&target.primaries).used);
+            if !args.json {
+                eprintln!("  {now} of {jobs}");
+            }
+        }
+        last = now;
+    }
+    let after = counters(&target.primaries);
+    let mut processing = phase("process backlog", jobs, started, before, after);
+    processing.peak_memory_mib = Some(peak.max(after.used) as f64 / 1_048_576.0);
+    Ok((processing, workers))
 }
 
 /// Memory over a long run: submits `jobs` in chunks while a worker runs,
@@ -1484,4 +1541,449 @@ fn print_delayed(args: &Args, lateness: &[Lateness], promotion: &[Promotion], id
             args.idle_seconds
         );
     }
+}
+
+/// A variant of the `--controls` phases: the feature it uses, set so that
+/// it never holds a job back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// No feature used: the baseline.
+    Plain,
+    /// Lifecycle events on, the stream capped near 10^6 entries.
+    Events,
+    /// A rate limit of 10^6 starts per second.
+    Rate,
+    /// A concurrency limit of 10^6 jobs.
+    Concurrency,
+    /// Each job with a unique key of its own, held until it finishes.
+    Unique,
+}
+
+impl Variant {
+    const ALL: [Variant; 5] = [
+        Variant::Plain,
+        Variant::Events,
+        Variant::Rate,
+        Variant::Concurrency,
+        Variant::Unique,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Plain => "plain",
+            Variant::Events => "events",
+            Variant::Rate => "rate",
+            Variant::Concurrency => "concurrency",
+            Variant::Unique => "unique",
+        }
+    }
+
+    /// Turns the variant's queue control on, before any job is submitted.
+    async fn apply(self, queue: &Queue) -> Result<(), job_async_redis::Error> {
+        match self {
+            Variant::Events => queue.set_events(Some(1_000_000)).await,
+            Variant::Rate => {
+                let limit = RateLimit::new(1_000_000, Duration::from_secs(1));
+                queue.set_rate_limit(Some(limit)).await
+            }
+            Variant::Concurrency => queue.set_concurrency_limit(Some(1_000_000)).await,
+            Variant::Plain | Variant::Unique => Ok(()),
+        }
+    }
+
+    /// The options of job `i` (counted from 0 in the queue).
+    fn options(self, i: usize) -> JobOptions {
+        let options = JobOptions::default();
+        match self {
+            Variant::Unique => options.unique(Unique::until_finished(format!("k{i}"))),
+            _ => options,
+        }
+    }
+}
+
+/// Calls and µs by command name (INFO commandstats, `info` left out),
+/// summed over the primaries. Commands that scripts run are counted under
+/// their own names too, and their time is also in their script's EVALSHA.
+type CommandStats = BTreeMap<String, (u64, u64)>;
+
+fn command_stats(primaries: &[String]) -> CommandStats {
+    let mut total = CommandStats::new();
+    for url in primaries {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut connect(url))
+            .unwrap();
+        for line in info.lines() {
+            let Some((name, rest)) = line
+                .strip_prefix("cmdstat_")
+                .and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
+            let field = |f: &str| -> u64 {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('='))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            if name != "info" {
+                let entry = total.entry(name.to_owned()).or_default();
+                entry.0 += field("calls");
+                entry.1 += field("usec");
+            }
+        }
+    }
+    total
+}
+
+/// `after` − `before`, without the commands that did not run in between.
+fn stats_delta(before: &CommandStats, after: &CommandStats) -> CommandStats {
+    after
+        .iter()
+        .filter_map(|(name, &(calls, us))| {
+            let (calls0, us0) = before.get(name).copied().unwrap_or_default();
+            (calls > calls0).then(|| (name.clone(), (calls - calls0, us - us0)))
+        })
+        .collect()
+}
+
+/// One variant's two phases in one round, and the commands Redis ran in
+/// each.
+struct Measured {
+    /// 1, 2...; 0 for the warm-up.
+    round: usize,
+    variant: Variant,
+    enqueue: Phase,
+    process: Phase,
+    enqueue_stats: CommandStats,
+    process_stats: CommandStats,
+}
+
+impl Measured {
+    /// The backlog phase (`process`) or the enqueue phase, and its commands.
+    fn phase(&self, process: bool) -> (&Phase, &CommandStats) {
+        if process {
+            (&self.process, &self.process_stats)
+        } else {
+            (&self.enqueue, &self.enqueue_stats)
+        }
+    }
+}
+
+/// The queue-controls phases (`--controls`): the batch enqueue and backlog
+/// phases of the default run (with `--jobs` jobs, none submitted one by
+/// one), once per variant (see [`Variant`]), each on a fresh queue whose
+/// keys are deleted afterwards, so that every variant starts from the same
+/// keyspace. After an unmeasured warm-up (plain), each of
+/// `--controls-rounds` rounds runs every variant once, the order rotated by
+/// one each round; [`print_controls`] reports the medians, and each
+/// variant's ratio to plain in the same round.
+async fn controls(
+    args: &Args,
+    target: &Target,
+    mode: Mode,
+    config: &Config,
+    client: &Client,
+    run: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if args.cluster || mode == Mode::Simple {
+        return Err("--controls runs against one server, in recoverable or reliable mode".into());
+    }
+    if args.controls_rounds == 0 {
+        return Err("--controls-rounds must be at least 1".into());
+    }
+    let mut variants = vec![Variant::Plain];
+    for name in &args.controls_variants {
+        let Some(v) = Variant::ALL.into_iter().find(|v| v.name() == name) else {
+            return Err(format!("unknown variant {name}").into());
+        };
+        if !variants.contains(&v) {
+            variants.push(v);
+        }
+    }
+    if !args.json {
+        eprintln!("warm-up: plain...");
+    }
+    let name = format!("bench-{run}-warm-up");
+    control_variant(args, target, mode, config, client, &name, Variant::Plain).await?;
+    let mut measured = Vec::new();
+    for round in 0..args.controls_rounds {
+        let mut order = variants.clone();
+        order.rotate_left(round % variants.len());
+        for variant in order {
+            if !args.json {
+                eprintln!("round {}: {}...", round + 1, variant.name());
+            }
+            let name = format!("bench-{run}-{}-{round}", variant.name());
+            let mut m = control_variant(args, target, mode, config, client, &name, variant).await?;
+            m.round = round + 1;
+            measured.push(m);
+        }
+    }
+    print_controls(args, &variants, &measured)
+}
+
+/// One variant on the fresh queue `name`: turns its control on, runs the
+/// batch enqueue and backlog phases, checks that the feature was in use,
+/// and deletes the queue's keys.
+async fn control_variant(
+    args: &Args,
+    target: &Target,
+    mode: Mode,
+    config: &Config,
+    client: &Client,
+    name: &str,
+    variant: Variant,
+) -> Result<Measured, Box<dyn std::error::Error>> {
+    let queue = client.queue(name, mode).await?;
+    variant.apply(&queue).await?;
+    let keys = queue_keys(config, &queue);
+    let mut con = connect(&config.url);
+    let before = command_stats(&target.primaries);
+    let enqueue = enqueue_batch(args, target, mode, std::slice::from_ref(&queue), |i| {
+        variant.options(i)
+    })
+    .await?;
+    let middle = command_stats(&target.primaries);
+    let locked: bool = redis::cmd("EXISTS")
+        .arg(keys.unique("k0"))
+        .query(&mut con)?;
+    let names = [name.to_owned()];
+    let (process, workers) =
+        process_backlog(args, target, mode, config, &names, enqueue.jobs).await?;
+    let after = command_stats(&target.primaries);
+    stop(workers).await?;
+    let events: usize = redis::cmd("XLEN").arg(keys.events()).query(&mut con)?;
+    let controls = queue.controls().await?;
+    let in_use = match variant {
+        Variant::Plain => !locked && events == 0 && controls == Default::default(),
+        Variant::Events => events > 0 && controls.events == Some(1_000_000),
+        Variant::Rate => controls.rate.is_some(),
+        Variant::Concurrency => controls.concurrency == Some(1_000_000),
+        Variant::Unique => locked,
+    };
+    if !in_use {
+        return Err(format!(
+            "{}: the feature was not in use ({controls:?})",
+            variant.name()
+        )
+        .into());
+    }
+    delete_queue(&mut con, &keys)?;
+    // Let Redis shrink its tables before the next variant.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(Measured {
+        round: 0,
+        variant,
+        enqueue,
+        process,
+        enqueue_stats: stats_delta(&before, &middle),
+        process_stats: stats_delta(&middle, &after),
+    })
+}
+
+/// Deletes every key of a queue (SCAN and UNLINK, 1,000 at a time).
+fn delete_queue(con: &mut redis::Connection, keys: &QueueKeys) -> redis::RedisResult<()> {
+    let meta = keys.meta();
+    let pattern = format!("{}*", meta.strip_suffix("meta").unwrap_or(&meta));
+    let mut cursor = 0u64;
+    loop {
+        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query(con)?;
+        if !found.is_empty() {
+            let _: i64 = redis::cmd("UNLINK").arg(&found).query(con)?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+/// The median of `v` (0 when empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// One variant's figures for one phase: medians over the rounds, and the
+/// ratios to plain (the median of the ratios within each round).
+#[derive(serde::Serialize)]
+struct ControlRow {
+    phase: String,
+    variant: String,
+    jobs: usize,
+    jobs_per_second: f64,
+    jobs_per_second_vs_plain: f64,
+    commands_per_job: f64,
+    commands_per_job_vs_plain: f64,
+    redis_cpu_us_per_job: f64,
+    redis_cpu_us_per_job_vs_plain: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_bytes_per_queued_job: Option<f64>,
+    /// Per job, summed over the rounds: calls and µs by command name.
+    commands: BTreeMap<String, (f64, f64)>,
+}
+
+/// The rows of one phase (`process`: the backlog phase, else the enqueue
+/// phase), one per variant.
+fn control_rows(variants: &[Variant], measured: &[Measured], process: bool) -> Vec<ControlRow> {
+    // The rounds, in order: the i-th of each variant's runs is round i.
+    let runs = |v: Variant| {
+        measured
+            .iter()
+            .filter(move |m| m.variant == v)
+            .map(move |m| m.phase(process))
+    };
+    let plain: Vec<&Phase> = runs(Variant::Plain).map(|(p, _)| p).collect();
+    variants
+        .iter()
+        .map(|&v| {
+            let phases: Vec<&Phase> = runs(v).map(|(p, _)| p).collect();
+            let of = |f: fn(&Phase) -> f64| median(phases.iter().map(|p| f(p)).collect());
+            let vs = |f: fn(&Phase) -> f64| {
+                median(
+                    phases
+                        .iter()
+                        .zip(&plain)
+                        .map(|(p, b)| f(p) / f(b))
+                        .collect(),
+                )
+            };
+            let jobs: usize = phases.iter().map(|p| p.jobs).sum();
+            let mut commands = BTreeMap::<String, (f64, f64)>::new();
+            for (_, stats) in runs(v) {
+                for (name, (calls, us)) in stats {
+                    let entry = commands.entry(name.clone()).or_default();
+                    entry.0 += *calls as f64 / jobs as f64;
+                    entry.1 += *us as f64 / jobs as f64;
+                }
+            }
+            ControlRow {
+                phase: phases[0].name.clone(),
+                variant: v.name().into(),
+                jobs: phases[0].jobs,
+                jobs_per_second: of(|p| p.jobs_per_second),
+                jobs_per_second_vs_plain: vs(|p| p.jobs_per_second),
+                commands_per_job: of(|p| p.commands_per_job),
+                commands_per_job_vs_plain: vs(|p| p.commands_per_job),
+                redis_cpu_us_per_job: of(|p| p.redis_cpu_us_per_job),
+                redis_cpu_us_per_job_vs_plain: vs(|p| p.redis_cpu_us_per_job),
+                memory_bytes_per_queued_job: phases[0]
+                    .memory_bytes_per_queued_job
+                    .map(|_| of(|p| p.memory_bytes_per_queued_job.unwrap_or(0.0))),
+                commands,
+            }
+        })
+        .collect()
+}
+
+/// Prints the `--controls` figures: one table of medians and ratios, then
+/// per phase the commands per job by name and variant.
+fn print_controls(
+    args: &Args,
+    variants: &[Variant],
+    measured: &[Measured],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let phases = [
+        control_rows(variants, measured, false),
+        control_rows(variants, measured, true),
+    ];
+    if args.json {
+        let runs: Vec<_> = measured
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "round": m.round, "variant": m.variant.name(),
+                    "phases": [&m.enqueue, &m.process],
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "mode": args.mode, "concurrency": args.concurrency, "runtime": args.runtime,
+            "rounds": args.controls_rounds,
+            "controls": phases.iter().flatten().collect::<Vec<_>>(),
+            "runs": runs,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!(
+        "job-async-redis controls, {} mode, concurrency {}, {} runtime; medians of {} rounds",
+        args.mode, args.concurrency, args.runtime, args.controls_rounds
+    );
+    println!(
+        "{:<16} {:<12} {:>7} {:>9} {:>6} {:>9} {:>6} {:>13} {:>6} {:>10}",
+        "phase",
+        "variant",
+        "jobs",
+        "jobs/s",
+        "ratio",
+        "cmds/job",
+        "ratio",
+        "redis µs/job",
+        "ratio",
+        "mem B/job"
+    );
+    for row in phases.iter().flatten() {
+        let mem = row
+            .memory_bytes_per_queued_job
+            .map(|m| format!("{m:.0}"))
+            .unwrap_or_default();
+        println!(
+            "{:<16} {:<12} {:>7} {:>9.0} {:>6.2} {:>9.2} {:>6.2} {:>13.1} {:>6.2} {:>10}",
+            row.phase,
+            row.variant,
+            row.jobs,
+            row.jobs_per_second,
+            row.jobs_per_second_vs_plain,
+            row.commands_per_job,
+            row.commands_per_job_vs_plain,
+            row.redis_cpu_us_per_job,
+            row.redis_cpu_us_per_job_vs_plain,
+            mem
+        );
+    }
+    println!("  ratio: the variant's figure / plain's, in the same round (median over rounds).");
+    for rows in &phases {
+        println!();
+        print!("{:<24}", format!("{}: calls (µs)/job", rows[0].phase));
+        for row in rows {
+            print!(" {:>14}", row.variant);
+        }
+        println!();
+        let names: std::collections::BTreeSet<&String> =
+            rows.iter().flat_map(|r| r.commands.keys()).collect();
+        for name in names {
+            let per_job: Vec<(f64, f64)> = rows
+                .iter()
+                .map(|r| r.commands.get(name).copied().unwrap_or_default())
+                .collect();
+            if per_job
+                .iter()
+                .all(|&(calls, us)| calls < 0.005 && us < 0.05)
+            {
+                continue;
+            }
+            print!("{name:<24}");
+            for (calls, us) in per_job {
+                print!(" {:>14}", format!("{calls:.3} ({us:.1})"));
+            }
+            println!();
+        }
+    }
+    println!(
+        "  INFO commandstats, per job, summed over the rounds; commands that scripts run are also"
+    );
+    println!("  counted under their own names, and their time is in the script's EVALSHA too.");
+    Ok(())
 }
