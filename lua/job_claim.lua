@@ -1,6 +1,6 @@
 #!lua
 -- name: job_claim
--- version: 5
+-- version: 6
 -- Recoverable mode, first half of a claim: takes up to COUNT job IDs from
 -- the pending list and gives each a fencing token and a lease, at once.
 -- The job's hash is updated by job_start, which the worker calls next with
@@ -127,7 +127,8 @@ local function bad_fence(key)
 end
 
 -- The queue's gate (protocol.md 8.9): its pause and limits, read from its
--- metadata. Returns the refusal when a key of the gate has another type;
+-- metadata only while its "gate" field is "1" (one field on the common
+-- path). Returns the refusal when a key of the gate has another type;
 -- else nil and: ROOM, how many jobs may start now (math.huge: no limit);
 -- REASON, what set ROOM ("paused", "concurrency" or "rate"; nil: nothing);
 -- WAIT, when the rate set ROOM, the ms until one more may start beyond it
@@ -137,10 +138,14 @@ end
 -- there are no limits; with a rate limit, starts older than its window
 -- leave the rate set.
 local function gate(meta, rate, gate_list, running_key, running, now_n)
-  local m = redis.pcall('HMGET', meta, 'paused', 'rate', 'concurrency')
-  if m.err then
-    return wrongtype(meta, 'hash') or m.err
+  local on = redis.pcall('HGET', meta, 'gate')
+  if type(on) == 'table' then
+    return wrongtype(meta, 'hash') or on.err
   end
+  if on ~= '1' then
+    return nil, math.huge
+  end
+  local m = redis.call('HMGET', meta, 'paused', 'rate', 'concurrency')
   if not m[1] and not m[2] and not m[3] then
     return nil, math.huge
   end

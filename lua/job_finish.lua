@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish
--- version: 14
+-- version: 15
 -- Recoverable and reliable modes: records a job's outcome under its fencing
 -- token, drops its claim (lease or in-flight entry) and rings the client's
 -- doorbell. The doorbell carries the outcome (the same record as a
@@ -245,7 +245,7 @@ if not base then
   return redis.error_reply('JQ_BAD_ARGS KEYS[1] has no {<queue>} hash tag')
 end
 local job = redis.pcall('HMGET', KEYS[1], 'state', 'token', 'client', 'enc', 'error_kind',
-  'attempt', 'max_attempts', 'backoff', 'slot', 'unique', 'events')
+  'attempt', 'max_attempts', 'backoff', 'extras')
 if job.err then
   return redis.error_reply(wrongtype(KEYS[1], 'hash') or job.err)
 end
@@ -266,11 +266,18 @@ local wait = 0
 if retry then
   wait = retry_delay >= 0 and retry_delay or backoff_ms(job[8], id, attempt)
 end
-local slot = job[9] == '1'
-local events = integer(job[11], 1, 1000000000)
--- Read only for an event (one field less on the common path).
+-- A job's slot, unique key and events (protocol.md 8.13) are read only when
+-- its extras field says it may have one: one absent field on the common
+-- path instead of three.
+local slot_f, unique_f, events_f, worker_f
+if job[9] == '1' then
+  local extra = redis.call('HMGET', KEYS[1], 'slot', 'unique', 'events', 'worker')
+  slot_f, unique_f, events_f, worker_f = extra[1], extra[2], extra[3], extra[4]
+end
+local slot = slot_f == '1'
+local events = events_f and integer(events_f, 1, 1000000000)
 local attempt_s = events and string.format('%d', attempt)
-local worker_s = events and (redis.call('HGET', KEYS[1], 'worker') or '')
+local worker_s = events and (worker_f or '')
 -- Every key it will write, checked before the first write.
 local refusal = wrongtype(KEYS[2], mode == 'reliable' and 'list' or 'zset')
   or (retry and wrongtype(KEYS[3], 'list'))
@@ -338,7 +345,7 @@ else
     'finished_ms', now_ms)
 end
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
-release_unique(base, job[10], id)
+release_unique(base, unique_f, id)
 if events then
   if status == 'completed' then
     event(KEYS[9], events, 'event', 'completed', 'id', id, 'attempt', attempt_s, 'worker', worker_s)

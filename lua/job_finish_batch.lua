@@ -1,6 +1,6 @@
 #!lua
 -- name: job_finish_batch
--- version: 12
+-- version: 13
 -- Recoverable and reliable modes: job_finish for several jobs of one queue
 -- in one call, so that a busy worker pays the cost of a script call once
 -- for all the jobs that finished meanwhile. Each job is checked and
@@ -272,7 +272,7 @@ local freed = false
 
 local function finish(key, id, token, status, a4, a5, retry, retry_delay)
   local job = redis.pcall('HMGET', key, 'state', 'token', 'client', 'enc', 'error_kind',
-    'attempt', 'max_attempts', 'backoff', 'slot', 'unique', 'events')
+    'attempt', 'max_attempts', 'backoff', 'extras')
   if job.err then
     -- Not the worker's to fix: refused for this job alone, nothing written.
     -- Its claim stays, so the sweep or recovery dead-letters it.
@@ -296,7 +296,14 @@ local function finish(key, id, token, status, a4, a5, retry, retry_delay)
   else
     claimed = redis.call('ZREM', KEYS[1], id)
   end
+  -- A job's slot, unique key and events (protocol.md 8.13) are read only
+  -- when its extras field says it may have one.
+  local slot_f, unique_f, events_f, worker_f
   if job[9] == '1' then
+    local extra = redis.call('HMGET', key, 'slot', 'unique', 'events', 'worker')
+    slot_f, unique_f, events_f, worker_f = extra[1], extra[2], extra[3], extra[4]
+  end
+  if slot_f == '1' then
     -- A slot of the concurrency limit is free again.
     if mode == 'reliable' then
       redis.call('ZREM', KEYS[6], id)
@@ -304,10 +311,9 @@ local function finish(key, id, token, status, a4, a5, retry, retry_delay)
     freed = true
   end
   local attempt = integer(job[6], 0, 1000000000) or 0
-  local events = integer(job[11], 1, 1000000000)
-  -- Read only for an event (one field less on the common path).
-  local attempt_s = events and int(attempt)
-  local worker_s = events and (redis.call('HGET', key, 'worker') or '')
+  local events = events_f and integer(events_f, 1, 1000000000)
+    local attempt_s = events and int(attempt)
+  local worker_s = events and (worker_f or '')
   if status == 'failed' and retry == '1' and attempt < (integer(job[7], 1, 1000000) or 1) then
     local wait = retry_delay >= 0 and retry_delay or backoff_ms(job[8], id, attempt)
     if claimed > 0 and wait > 0 then
@@ -347,7 +353,7 @@ local function finish(key, id, token, status, a4, a5, retry, retry_delay)
       .. '\167message' .. str(a5)
   end
   redis.call('PEXPIRE', key, ttl_ms)
-  release_unique(base, job[10], id)
+  release_unique(base, unique_f, id)
   if events then
     if status == 'completed' then
       event(KEYS[8], events, 'event', 'completed', 'id', id, 'attempt', attempt_s, 'worker', worker_s)

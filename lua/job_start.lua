@@ -1,6 +1,6 @@
 #!lua
 -- name: job_start
--- version: 13
+-- version: 14
 -- Recoverable mode, second half of a claim, for one or many claimed jobs of
 -- a queue in one call: marks each job active under its claim's fencing
 -- token, or tells the worker not to run it. An attempt that finds the job
@@ -25,8 +25,9 @@
 --                             on Redis Cluster) for the client's doorbell
 -- ARGV[7]    limited          "1" when job_claim said the queue has a
 --                             concurrency limit: each job that runs gets
---                             slot = "1", so that its finish wakes a worker
---                             held back by the limit (protocol.md 8.9); else "0"
+--                             slot = "1" (and extras = "1"), so that its
+--                             finish wakes a worker held back by the limit
+--                             (protocol.md 8.9); else "0"
 -- ARGV[8..]  two arguments per job, in KEYS order: id, token (from
 --            job_claim; 1 to 999999999999999)
 --
@@ -320,6 +321,8 @@ local function start(key, id, token)
     end
     if limited then
       fields[#fields + 1] = 'slot'
+      fields[#fields + 1] = '1'
+      fields[#fields + 1] = 'extras'
       fields[#fields + 1] = '1'
     end
     redis.call('HSET', key, unpack(fields))

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_submit
--- version: 11
+-- version: 12
 -- Recoverable and reliable modes: stores one or more jobs, each in its own
 -- hash in state "queued", and appends their IDs to the queue's pending
 -- list, all at once. In recoverable mode it also pushes one ticket per job
@@ -22,7 +22,10 @@
 -- scripts delete active-mode locks. A job refused this way is not written:
 -- the reply names the holder instead. When the queue's metadata has
 -- "events" (protocol.md 8.12), each job written carries it and a
--- "submitted" (or "delayed") event is appended to the event stream.
+-- "submitted" (or "delayed") event is appended to the event stream. A job
+-- written with a unique key (mode "active") or with events also gets the
+-- field extras = "1", which tells the finishing scripts to read those
+-- fields (protocol.md 8.13).
 --
 -- KEYS[1]    queue metadata hash   <prefix>:{<queue>}:meta
 -- KEYS[2]    pending list          <prefix>:{<queue>}:pending
@@ -52,9 +55,10 @@
 --            (no expiry) to 10^12, or "throttle" with ttl 1 to 10^12; key
 --            1 to 256 bytes of valid UTF-8)
 --
--- Reply:   flat array: the length of the pending list after the call, then
---          for each job refused for its unique key, its index (1-based, in
---          KEYS order) and the ID of the job holding the key.
+-- Reply:   the length of the pending list after the call (an integer) when
+--          no job was refused; else a flat array: that length, then for
+--          each job refused for its unique key, its index (1-based, in KEYS
+--          order) and the ID of the job holding the key.
 -- Errors:  JQ_QUEUE_UNKNOWN <meta key>
 --          JQ_MODE_MISMATCH <queue mode> <requested mode>
 --          JQ_PROTOCOL_MISMATCH <queue protocol> <requested protocol>
@@ -163,8 +167,9 @@ local seen = {}
 -- Per job, the lease, max attempts, timeout and backoff to store (nil: the
 -- default), and its delay or due time (nil: none).
 local leases, attempts, timeouts, backoffs, delays, run_ats = {}, {}, {}, {}, {}, {}
--- Per job with a unique key: its mode, TTL (ms; 0: none), key and lock key.
-local uniques, locks = {}, 0
+-- Per job with a unique key: its mode, TTL (ms; 0: none), key and lock key
+-- (nil while no job of the call has one: the common case builds no table).
+local uniques, locks = nil, 0
 local any_delayed = false
 for i = 1, n do
   local a = 2 + 11 * (i - 1)
@@ -243,6 +248,7 @@ for i = 1, n do
     if lock ~= base .. ':unique:' .. ukey then
       return redis.error_reply('JQ_BAD_ARGS lock key ' .. (lock and text(lock) or '(missing)') .. ' does not match unique key ' .. ukey)
     end
+    uniques = uniques or {}
     uniques[i] = {mode = umode, ttl = ttl_n, key = ukey, lock = lock}
   end
   if seen[id] then
@@ -302,7 +308,7 @@ for first = 7, 6 + n, 1000 do
   end
 end
 -- The event stream's length when the queue records events (else nil).
-local events = integer(meta[3], 1, 1000000000)
+local events = meta[3] and integer(meta[3], 1, 1000000000)
 if events then
   found = redis.call('TYPE', KEYS[6]).ok
   if found ~= 'none' and found ~= 'stream' then
@@ -313,7 +319,7 @@ end
 -- Unique keys: which jobs are refused because another job holds the key
 -- (refused[i] = the holder's ID). Read only: nothing is written yet.
 local refused, holders, any_refused = {}, {}, false
-for i = 1, n do
+for i = 1, uniques and n or 0 do
   local u = uniques[i]
   if u then
     local holder = holders[u.lock]
@@ -361,7 +367,7 @@ end
 for i = 1, n do
   local a = 2 + 11 * (i - 1)
   local key, client, lease, max, timeout = KEYS[6 + i], ARGV[a + 4], leases[i], attempts[i], timeouts[i]
-  local u = uniques[i]
+  local u = uniques and uniques[i]
   if refused[i] then
     -- Not written: the reply names the holder.
   elseif
@@ -410,6 +416,10 @@ for i = 1, n do
     if events then
       fields[#fields + 1] = 'events'
       fields[#fields + 1] = events
+    end
+    if events or (u and u.mode == 'active') then
+      fields[#fields + 1] = 'extras'
+      fields[#fields + 1] = '1'
     end
     redis.call('HSET', key, unpack(fields))
   end
@@ -471,13 +481,15 @@ for i = 1, n do
   end
 end
 push()
-local out = {len or redis.call('LLEN', KEYS[2])}
-if any_refused then
-  for i = 1, n do
-    if refused[i] then
-      out[#out + 1] = string.format('%d', i)
-      out[#out + 1] = refused[i]
-    end
+len = len or redis.call('LLEN', KEYS[2])
+if not any_refused then
+  return len
+end
+local out = {len}
+for i = 1, n do
+  if refused[i] then
+    out[#out + 1] = string.format('%d', i)
+    out[#out + 1] = refused[i]
   end
 end
 return out

@@ -1,6 +1,6 @@
 #!lua
 -- name: queue_control
--- version: 2
+-- version: 3
 -- Recoverable and reliable modes: sets or clears a queue's controls, kept in
 -- its metadata hash (protocol.md 8.9): "paused" ("1"), "rate"
 -- ("<max>:<window ms>": at most max starts in any window of that length)
@@ -11,7 +11,10 @@
 -- scripts (job_claim, reliable_start) enforce them atomically. A change
 -- that may let more jobs start (a resume, a limit raised, changed or
 -- cleared) pushes the gate list (when empty), so that a worker held back
--- wakes at once and passes the wake-up on.
+-- wakes at once and passes the wake-up on. It keeps the metadata's "gate"
+-- field equal to "1" while any of paused, rate and concurrency is set, and
+-- absent otherwise: the start scripts read that one field, and the three
+-- settings only when it is there.
 --
 -- KEYS[1]  queue metadata  <prefix>:{<queue>}:meta
 -- KEYS[2]  gate list       <prefix>:{<queue>}:gate
@@ -180,6 +183,12 @@ for k, field in ipairs(fields) do
   if value ~= old and not (field == 'paused' and value == '1') and field ~= 'events' then
     opens = true
   end
+end
+local gated = redis.call('HMGET', KEYS[1], 'paused', 'rate', 'concurrency')
+if gated[1] or gated[2] or gated[3] then
+  redis.call('HSET', KEYS[1], 'gate', '1')
+else
+  redis.call('HDEL', KEYS[1], 'gate')
 end
 if opens and redis.call('LLEN', KEYS[2]) == 0 then
   redis.call('LPUSH', KEYS[2], '1')

@@ -1,6 +1,6 @@
 #!lua
 -- name: reliable_start
--- version: 14
+-- version: 15
 -- Reliable mode: starts one or many jobs in one call: issues each attempt's
 -- fencing token and marks the job active, or tells the worker not to run
 -- it. With source "inflight" the IDs are already in the worker's in-flight
@@ -45,9 +45,10 @@
 -- what the limits leave. The jobs held back are "held": from "pending" they
 -- stay where they are; from "inflight" they go back to the tail of the
 -- pending list (next in line). A job started under a concurrency limit
--- enters the running set and gets slot = "1" (its finish leaves the set and
--- wakes a held worker); an ID started again from "inflight" that is still
--- in the running set (its earlier start's reply was lost) keeps its slot,
+-- enters the running set and gets slot = "1" and extras = "1" (its finish
+-- leaves the set and wakes a held worker); an ID started again from
+-- "inflight" that is still in the running set (its earlier start's reply
+-- was lost) keeps its slot,
 -- and one that is held back, finished, dead or invalid leaves the set
 -- (the gate list is pushed). As in job_claim, a held call deletes the gate
 -- list's entry, and a call after a hold that leaves room pushes it.
@@ -76,7 +77,8 @@
 --                            list any more; source "inflight": not in the
 --                            in-flight list; untouched, do not run
 -- Errors:  JQ_WRONGTYPE <key> <expected type> <found type>  the in-flight
---          list, the dead-letter set, the pending list, the metadata, the
+--          list, the dead-letter set, the pending list (from "pending", or
+--          from "inflight" when the gate holds jobs back), the metadata, the
 --          running or rate set, the gate list, or a fencing counter of
 --          another type or not an integer ("integer")
 --          JQ_BAD_ARGS <detail>
@@ -188,7 +190,8 @@ local function bad_fence(key)
 end
 
 -- The queue's gate (protocol.md 8.9): its pause and limits, read from its
--- metadata. Returns the refusal when a key of the gate has another type;
+-- metadata only while its "gate" field is "1" (one field on the common
+-- path). Returns the refusal when a key of the gate has another type;
 -- else nil and: ROOM, how many jobs may start now (math.huge: no limit);
 -- REASON, what set ROOM ("paused", "concurrency" or "rate"; nil: nothing);
 -- WAIT, when the rate set ROOM, the ms until one more may start beyond it
@@ -198,10 +201,14 @@ end
 -- there are no limits; with a rate limit, starts older than its window
 -- leave the rate set.
 local function gate(meta, rate, gate_list, running_key, running, now_n)
-  local m = redis.pcall('HMGET', meta, 'paused', 'rate', 'concurrency')
-  if m.err then
-    return wrongtype(meta, 'hash') or m.err
+  local on = redis.pcall('HGET', meta, 'gate')
+  if type(on) == 'table' then
+    return wrongtype(meta, 'hash') or on.err
   end
+  if on ~= '1' then
+    return nil, math.huge
+  end
+  local m = redis.call('HMGET', meta, 'paused', 'rate', 'concurrency')
   if not m[1] and not m[2] and not m[3] then
     return nil, math.huge
   end
@@ -276,7 +283,8 @@ if not base then
   return redis.error_reply('JQ_BAD_ARGS KEYS[2] has no {<queue>} hash tag')
 end
 local refusal = wrongtype(KEYS[1], 'list') or wrongtype(KEYS[2], 'zset') or bad_fence(KEYS[3])
-  or wrongtype(KEYS[4], 'list') or (ARGV[7] == '1' and wrongtype(KEYS[8], 'list'))
+  or (source == 'pending' and wrongtype(KEYS[4], 'list'))
+  or (ARGV[7] == '1' and wrongtype(KEYS[8], 'list'))
 if refusal then
   return redis.error_reply(refusal)
 end
@@ -293,6 +301,14 @@ refusal, room, reason, wait, cmax, rmax, rwin = gate(KEYS[5], KEYS[7], KEYS[8], 
   function() return redis.call('ZCARD', KEYS[6]) end, now_n)
 if refusal then
   return redis.error_reply(refusal)
+end
+-- From "inflight", jobs the gate holds back go to pending: checked (before
+-- the first write) only then.
+if source == 'inflight' and room < n then
+  refusal = wrongtype(KEYS[4], 'list')
+  if refusal then
+    return redis.error_reply(refusal)
+  end
 end
 if cmax and source == 'inflight' then
   -- IDs of this call that already hold a slot (a start whose reply was
@@ -432,6 +448,8 @@ local function start(key, id)
     if cmax then
       fields[#fields + 1] = 'slot'
       fields[#fields + 1] = '1'
+      fields[#fields + 1] = 'extras'
+      fields[#fields + 1] = '1'
       redis.call('ZADD', KEYS[6], now_ms, id)
     end
     redis.call('HSET', key, unpack(fields))
@@ -489,7 +507,7 @@ if source == 'pending' then
 end
 
 local out, seen = {}, {}
-local held = {'held', reason or '', int(wait or -1)}
+local held = allowed < n and {'held', reason or '', int(wait or -1)}
 for i = 1, n do
   local id = ARGV[7 + i]
   if i > allowed then

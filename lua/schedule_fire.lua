@@ -1,6 +1,6 @@
 #!lua
 -- name: schedule_fire
--- version: 3
+-- version: 4
 -- Recoverable and reliable modes: fires a recurring schedule once. The
 -- caller read the schedule's due time DUE (its next_ms) and computed, from
 -- the spec and time zone, the fire after it, NEXT, and the first fire after
@@ -228,6 +228,8 @@ if outcome == 'fired' then
   if events then
     fields[#fields + 1] = 'events'
     fields[#fields + 1] = string.format('%d', events)
+    fields[#fields + 1] = 'extras'
+    fields[#fields + 1] = '1'
   end
   redis.call('HSET', KEYS[6], unpack(fields))
   if events then

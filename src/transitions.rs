@@ -190,14 +190,18 @@ pub(crate) fn job_submit(keys: &QueueKeys, mode: Mode, jobs: &[NewJob<'_>]) -> C
 }
 
 /// The jobs of a `job_submit` call that were not enqueued because another
-/// job holds their unique key: (index in the call, the holder's ID).
+/// job holds their unique key: (index in the call, the holder's ID). The
+/// reply is the pending list's length (an integer) when none was refused,
+/// else an array of that length and (index, holder) pairs.
 pub(crate) fn submit_refusals(reply: &Value) -> Result<Vec<(usize, String)>, Error> {
     let bad = || Error::Decode {
         what: "job_submit reply",
         message: format!("{reply:?}"),
     };
-    let Value::Array(items) = reply else {
-        return Err(bad());
+    let items = match reply {
+        Value::Int(_) => return Ok(Vec::new()),
+        Value::Array(items) => items,
+        _ => return Err(bad()),
     };
     let text = |v: &Value| match v {
         Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),

@@ -683,7 +683,7 @@ class Queue:
                 raise
             register(self.client.scripts, self.keys, self.mode)
             reply = self.client.scripts(*call)
-        if self.mode != "simple" and len(reply) >= 3:
+        if self.mode != "simple" and isinstance(reply, list) and len(reply) >= 3:
             # A flat array: the pending list's length, then (index, holder)
             # per job refused for its unique key. One job here: index 1.
             return text(reply[2])
