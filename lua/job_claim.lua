@@ -1,6 +1,6 @@
 #!lua
 -- name: job_claim
--- version: 6
+-- version: 7
 -- Recoverable mode, first half of a claim: takes up to COUNT job IDs from
 -- the pending list and gives each a fencing token and a lease, at once.
 -- The job's hash is updated by job_start, which the worker calls next with
@@ -134,10 +134,12 @@ end
 -- WAIT, when the rate set ROOM, the ms until one more may start beyond it
 -- (else -1: until a wake-up on the gate list); CMAX, the concurrency limit; RMAX
 -- and RWIN, the rate limit. Limits that do not parse count as absent.
--- RUNNING() counts the queue's running jobs. Nothing is written when
+-- The size of the sorted set COUNTED is the number of running jobs
+-- (RUNNING_KEY, type-checked, is the running set in reliable mode). Nothing
+-- is written when
 -- there are no limits; with a rate limit, starts older than its window
 -- leave the rate set.
-local function gate(meta, rate, gate_list, running_key, running, now_n)
+local function gate(meta, rate, gate_list, running_key, counted, now_n)
   local on = redis.pcall('HGET', meta, 'gate')
   if type(on) == 'table' then
     return wrongtype(meta, 'hash') or on.err
@@ -160,7 +162,7 @@ local function gate(meta, rate, gate_list, running_key, running, now_n)
   local room, reason, wait = math.huge, nil, -1
   local cmax = integer(m[3], 1, 1000000)
   if cmax then
-    room, reason = math.max(cmax - running(), 0), 'concurrency'
+    room, reason = math.max(cmax - redis.call('ZCARD', counted), 0), 'concurrency'
   end
   local rmax, rwin
   if m[2] then
@@ -229,7 +231,7 @@ local now = redis.call('TIME')
 local now_n = now[1] * 1000 + math.floor(now[2] / 1000)
 local room, reason, wait, cmax, rmax, rwin
 refusal, room, reason, wait, cmax, rmax, rwin = gate(KEYS[5], KEYS[6], KEYS[7], nil,
-  function() return redis.call('ZCARD', KEYS[3]) end, now_n)
+  KEYS[3], now_n)
 if refusal then
   return redis.error_reply(refusal)
 end

@@ -1,6 +1,6 @@
 #!lua
 -- name: job_submit
--- version: 12
+-- version: 13
 -- Recoverable and reliable modes: stores one or more jobs, each in its own
 -- hash in state "queued", and appends their IDs to the queue's pending
 -- list, all at once. In recoverable mode it also pushes one ticket per job
@@ -317,8 +317,9 @@ if events then
   events = string.format('%d', events)
 end
 -- Unique keys: which jobs are refused because another job holds the key
--- (refused[i] = the holder's ID). Read only: nothing is written yet.
-local refused, holders, any_refused = {}, {}, false
+-- (refused[i] = the holder's ID; nil when no job of the call has a unique
+-- key). Read only: nothing is written yet.
+local refused, holders, any_refused = uniques and {}, uniques and {}, false
 for i = 1, uniques and n or 0 do
   local u = uniques[i]
   if u then
@@ -360,7 +361,7 @@ local now_ms = string.format('%d', now_n)
 local dues = {}
 for i = 1, n do
   local due = run_ats[i] or (delays[i] and now_n + delays[i])
-  if due and due > now_n and not refused[i] then
+  if due and due > now_n and not (refused and refused[i]) then
     dues[i] = due
   end
 end
@@ -368,7 +369,7 @@ for i = 1, n do
   local a = 2 + 11 * (i - 1)
   local key, client, lease, max, timeout = KEYS[6 + i], ARGV[a + 4], leases[i], attempts[i], timeouts[i]
   local u = uniques and uniques[i]
-  if refused[i] then
+  if refused and refused[i] then
     -- Not written: the reply names the holder.
   elseif
   -- Fields at their default value (client "", lease_ms 0, max_attempts 1,
@@ -430,7 +431,7 @@ for i = 1, n do
       redis.call('SET', u.lock, ARGV[a + 1])
     end
   end
-  if events and not refused[i] then
+  if events and not (refused and refused[i]) then
     if dues[i] then
       redis.pcall('XADD', KEYS[6], 'MAXLEN', '~', events, '*', 'event', 'delayed', 'id', ARGV[a + 1],
         'due_ms', string.format('%d', dues[i]))
@@ -459,28 +460,38 @@ if any_delayed then
   end
 end
 -- The other IDs (and, in recoverable mode, one ticket per job), pushed a
--- thousand at a time: oldest first, as one LPUSH per job would.
-local ids, tickets = {}, {}
+-- thousand at a time: oldest first, as one LPUSH per job would. A single
+-- job is pushed without building tables.
 local len = nil
-local function push()
-  if #ids > 0 then
-    len = redis.call('LPUSH', KEYS[2], unpack(ids))
+if n == 1 then
+  if not dues[1] and not (refused and refused[1]) then
+    len = redis.call('LPUSH', KEYS[2], ARGV[3])
     if mode == 'recoverable' then
-      redis.call('LPUSH', KEYS[3], unpack(tickets))
-    end
-    ids, tickets = {}, {}
-  end
-end
-for i = 1, n do
-  if not dues[i] and not refused[i] then
-    ids[#ids + 1] = ARGV[2 + 11 * (i - 1) + 1]
-    tickets[#tickets + 1] = '1'
-    if #ids == 1000 then
-      push()
+      redis.call('LPUSH', KEYS[3], '1')
     end
   end
+else
+  local ids, tickets = {}, {}
+  local function push()
+    if #ids > 0 then
+      len = redis.call('LPUSH', KEYS[2], unpack(ids))
+      if mode == 'recoverable' then
+        redis.call('LPUSH', KEYS[3], unpack(tickets))
+      end
+      ids, tickets = {}, {}
+    end
+  end
+  for i = 1, n do
+    if not dues[i] and not (refused and refused[i]) then
+      ids[#ids + 1] = ARGV[2 + 11 * (i - 1) + 1]
+      tickets[#tickets + 1] = '1'
+      if #ids == 1000 then
+        push()
+      end
+    end
+  end
+  push()
 end
-push()
 len = len or redis.call('LLEN', KEYS[2])
 if not any_refused then
   return len

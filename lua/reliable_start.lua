@@ -1,6 +1,6 @@
 #!lua
 -- name: reliable_start
--- version: 15
+-- version: 16
 -- Reliable mode: starts one or many jobs in one call: issues each attempt's
 -- fencing token and marks the job active, or tells the worker not to run
 -- it. With source "inflight" the IDs are already in the worker's in-flight
@@ -197,10 +197,12 @@ end
 -- WAIT, when the rate set ROOM, the ms until one more may start beyond it
 -- (else -1: until a wake-up on the gate list); CMAX, the concurrency limit; RMAX
 -- and RWIN, the rate limit. Limits that do not parse count as absent.
--- RUNNING() counts the queue's running jobs. Nothing is written when
+-- The size of the sorted set COUNTED is the number of running jobs
+-- (RUNNING_KEY, type-checked, is the running set in reliable mode). Nothing
+-- is written when
 -- there are no limits; with a rate limit, starts older than its window
 -- leave the rate set.
-local function gate(meta, rate, gate_list, running_key, running, now_n)
+local function gate(meta, rate, gate_list, running_key, counted, now_n)
   local on = redis.pcall('HGET', meta, 'gate')
   if type(on) == 'table' then
     return wrongtype(meta, 'hash') or on.err
@@ -223,7 +225,7 @@ local function gate(meta, rate, gate_list, running_key, running, now_n)
   local room, reason, wait = math.huge, nil, -1
   local cmax = integer(m[3], 1, 1000000)
   if cmax then
-    room, reason = math.max(cmax - running(), 0), 'concurrency'
+    room, reason = math.max(cmax - redis.call('ZCARD', counted), 0), 'concurrency'
   end
   local rmax, rwin
   if m[2] then
@@ -298,7 +300,7 @@ local now_n = now[1] * 1000 + math.floor(now[2] / 1000)
 local now_ms = int(now_n)
 local room, reason, wait, cmax, rmax, rwin
 refusal, room, reason, wait, cmax, rmax, rwin = gate(KEYS[5], KEYS[7], KEYS[8], KEYS[6],
-  function() return redis.call('ZCARD', KEYS[6]) end, now_n)
+  KEYS[6], now_n)
 if refusal then
   return redis.error_reply(refusal)
 end
@@ -506,7 +508,8 @@ if source == 'pending' then
   end
 end
 
-local out, seen = {}, {}
+-- IDs met in this call (a table only when there can be two).
+local out, seen = {}, n > 1 and {}
 local held = allowed < n and {'held', reason or '', int(wait or -1)}
 for i = 1, n do
   local id = ARGV[7 + i]
@@ -514,7 +517,7 @@ for i = 1, n do
     out[i] = held
   elseif i > taken then
     out[i] = {'missed'}
-  elseif seen[id] then
+  elseif seen and seen[id] then
     -- The same ID twice in one call (it was in the list twice): one start
     -- only; the extra copy leaves the in-flight list.
     redis.call('LREM', KEYS[1], '-1', id)
@@ -523,7 +526,9 @@ for i = 1, n do
     -- Not in the worker's in-flight list (any more): not the worker's.
     out[i] = {'missed'}
   else
-    seen[id] = true
+    if seen then
+      seen[id] = true
+    end
     out[i] = start(KEYS[9 + i], id)
   end
 end

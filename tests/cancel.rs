@@ -238,7 +238,14 @@ async fn a_cancel_racing_completion_leaves_one_outcome(mode: Mode) {
     let worker = spawn_built(
         builder(&server, mode, queue.name()).concurrency(16),
         |job: Job<u64>| async move {
-            tokio::time::sleep(Duration::from_millis(job.payload % 7)).await;
+            // The last job cannot finish before its cancel (so one job at
+            // least is cancelled, however fast the worker runs).
+            let ms = if job.payload == 299 {
+                60_000
+            } else {
+                job.payload % 7
+            };
+            tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok::<u64, String>(job.payload)
         },
     )
@@ -246,6 +253,15 @@ async fn a_cancel_racing_completion_leaves_one_outcome(mode: Mode) {
     let payloads: Vec<u64> = (0..300).collect();
     let handles = queue.submit_many(&payloads).await.unwrap();
     let ids: Vec<String> = handles.iter().map(|h| h.id().to_owned()).collect();
+    // One job at least completes before the cancels begin (however slowly
+    // the worker starts on a loaded machine).
+    queue
+        .job(&ids[0])
+        .await
+        .unwrap()
+        .result_timeout::<u64>(WAIT)
+        .await
+        .unwrap();
     // Cancel each job at a different moment while they run.
     let mut outcomes = Vec::new();
     for (i, id) in ids.iter().enumerate() {
