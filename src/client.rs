@@ -76,6 +76,16 @@ impl Client {
         })
     }
 
+    /// The client's multiplexed connection.
+    pub(crate) fn con(&self) -> &Conn {
+        &self.inner.con
+    }
+
+    /// The client's settings.
+    pub(crate) fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
     /// The client's subscriptions (reply channels, followed progress).
     pub(crate) fn replies(&self) -> &Replies {
         &self.inner.replies

@@ -208,6 +208,95 @@ pub(crate) async fn on_queue_primary(
     }
 }
 
+/// Every key matching `pattern`, found with SCAN (`count` keys examined per
+/// call): on a single server, of the server; on a cluster, of every primary
+/// (from CLUSTER NODES), each scanned to the end. Keys may repeat when the
+/// cluster resharded meanwhile.
+pub(crate) async fn scan_every_primary(
+    con: &Conn,
+    pattern: &str,
+    count: usize,
+) -> redis::RedisResult<Vec<Vec<u8>>> {
+    let scan = |cursor: u64| {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(count);
+        cmd
+    };
+    let mut keys = Vec::new();
+    match con {
+        Conn::Cluster(h) => {
+            use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+            let nodes: String = {
+                let cmd = redis::cmd("CLUSTER").arg("NODES").clone();
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+                let value = h
+                    .call(move |mut con| async move { con.route_command(cmd, routing).await })
+                    .await?;
+                redis::from_redis_value(value)?
+            };
+            for (host, port) in primaries(&nodes) {
+                let mut cursor = 0u64;
+                loop {
+                    let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port,
+                    });
+                    let cmd = scan(cursor);
+                    let value = h
+                        .call(move |mut con| async move { con.route_command(cmd, routing).await })
+                        .await?;
+                    let (next, batch): (u64, Vec<Vec<u8>>) = redis::from_redis_value(value)?;
+                    keys.extend(batch);
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+        }
+        other => {
+            let mut con = other.clone();
+            let mut cursor = 0u64;
+            loop {
+                let (next, batch): (u64, Vec<Vec<u8>>) = scan(cursor).query_async(&mut con).await?;
+                keys.extend(batch);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+    }
+    Ok(keys)
+}
+
+/// The primaries that serve slots, from CLUSTER NODES: `(host, port)`.
+fn primaries(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (addr, flags) = (fields.get(1)?, fields.get(2)?);
+            let flags: Vec<&str> = flags.split(',').collect();
+            if !flags.contains(&"master")
+                || flags
+                    .iter()
+                    .any(|f| f.starts_with("fail") || *f == "noaddr")
+            {
+                return None;
+            }
+            // ip:port@cport[,hostname]
+            let hostport = addr.split(['@', ',']).next()?;
+            let (host, port) = hostport.rsplit_once(':')?;
+            Some((host.to_owned(), port.parse().ok()?))
+        })
+        .collect()
+}
+
 /// The node URLs of a `redis+cluster://` URL, or `None` for a single server.
 pub(crate) fn cluster_nodes(url: &str) -> Option<Vec<String>> {
     let (scheme, rest) = url.split_once("://")?;
@@ -372,6 +461,21 @@ pub(crate) fn cluster_client(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn primaries_are_read_from_cluster_nodes() {
+        let nodes = "07c3 127.0.0.1:30004@31004,host4 slave e7d1 0 1 4 connected\n\
+                     67ed 127.0.0.1:30002@31002 master - 0 1 2 connected 5461-10922\n\
+                     292f 127.0.0.1:30003@31003 master,fail - 0 1 3 connected\n\
+                     e7d1 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460\n";
+        assert_eq!(
+            primaries(nodes),
+            [
+                ("127.0.0.1".to_owned(), 30002),
+                ("127.0.0.1".to_owned(), 30001)
+            ]
+        );
+    }
 
     #[test]
     fn cluster_urls_list_their_nodes() {

@@ -75,6 +75,27 @@ pub struct QueueControls {
     pub events: Option<u64>,
 }
 
+impl QueueControls {
+    /// The metadata fields the controls are read from, in the order
+    /// [`QueueControls::from_fields`] takes them.
+    pub(crate) const FIELDS: [&'static str; 4] = ["paused", "rate", "concurrency", "events"];
+
+    /// The controls from the values of [`QueueControls::FIELDS`]; values
+    /// that do not parse (written by another program) count as absent.
+    pub(crate) fn from_fields(values: &[Option<String>]) -> Self {
+        let get = |i: usize| values.get(i).cloned().flatten();
+        QueueControls {
+            paused: get(0).as_deref() == Some("1"),
+            rate: get(1).as_deref().and_then(RateLimit::parse),
+            concurrency: crate::wire::lenient_u64(get(2).as_deref())
+                .filter(|m| (1..=u64::from(MAX_LIMIT)).contains(m))
+                .map(|m| m as u32),
+            events: crate::wire::lenient_u64(get(3).as_deref())
+                .filter(|m| (1..=MAX_EVENTS).contains(m)),
+        }
+    }
+}
+
 impl Queue {
     /// Pauses the queue: from now on no worker starts a job from it (jobs
     /// already running finish). Submits still succeed and delayed jobs
@@ -170,20 +191,11 @@ impl Queue {
         let meta = self.keys().meta();
         let values: Vec<Option<String>> = redis::cmd("HMGET")
             .arg(&meta)
-            .arg(&["paused", "rate", "concurrency", "events"])
+            .arg(&QueueControls::FIELDS[..])
             .query_async(&mut self.con().clone())
             .await
             .map_err(|e| crate::error::on_key(e, &meta, "hash"))?;
-        let get = |i: usize| values.get(i).cloned().flatten();
-        Ok(QueueControls {
-            paused: get(0).as_deref() == Some("1"),
-            rate: get(1).as_deref().and_then(RateLimit::parse),
-            concurrency: crate::wire::lenient_u64(get(2).as_deref())
-                .filter(|m| (1..=u64::from(MAX_LIMIT)).contains(m))
-                .map(|m| m as u32),
-            events: crate::wire::lenient_u64(get(3).as_deref())
-                .filter(|m| (1..=MAX_EVENTS).contains(m)),
-        })
+        Ok(QueueControls::from_fields(&values))
     }
 
     async fn control(

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 mod acl;
+pub mod admin;
 mod backoff;
 mod cancel;
 mod client;

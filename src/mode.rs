@@ -38,6 +38,16 @@ impl Mode {
             Mode::Reliable => "reliable",
         }
     }
+
+    /// Parses a wire name (`simple`, `recoverable`, `reliable`).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "simple" => Some(Mode::Simple),
+            "recoverable" => Some(Mode::Recoverable),
+            "reliable" => Some(Mode::Reliable),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for Mode {

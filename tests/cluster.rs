@@ -103,6 +103,28 @@ async fn many_queues_spread_over_all_primaries() {
         );
     }
     assert_eq!(rec_worker.stop().await.completed, 240);
+    // The admin API finds every queue, whichever primary holds it, and
+    // reads one on its primary.
+    let admin = client.admin();
+    let found: Vec<String> = admin
+        .queues()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|q| q.mode == "recoverable")
+        .map(|q| q.name)
+        .collect();
+    let mut expected = queues.clone();
+    expected.sort();
+    assert_eq!(found, expected);
+    for q in &queues {
+        let overview = admin.overview(q).await.unwrap();
+        assert_eq!(
+            (overview.counts.waiting, overview.counts.active),
+            (0, Some(0)),
+            "{q}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
