@@ -167,8 +167,8 @@ const COMMANDS: &[(&str, Need, &str)] = &[
     // Worker, inside scripts (and the wake lists, reliable look-ahead).
     (
         "+hget",
-        Need::Worker,
-        "start scripts; the dead path reads a unique lock's key",
+        Need::Both,
+        "start scripts; the dead path reads a unique lock's key; job_requeue",
     ),
     (
         "+hdel",
@@ -176,6 +176,11 @@ const COMMANDS: &[(&str, Need, &str)] = &[
         "job_finish, job_finish_batch; schedule_set, schedule_remove",
     ),
     ("+hkeys", Need::Client, "schedule_remove"),
+    (
+        "+persist",
+        Need::Client,
+        "job_requeue: a requeued job's hash no longer expires",
+    ),
     ("+rpush", Need::Worker, "requeues to the front of the queue"),
     ("+lpop", Need::Worker, "job_claim"),
     ("+rpop", Need::Worker, "job_claim"),
@@ -286,8 +291,8 @@ const COMMANDS: &[(&str, Need, &str)] = &[
 ];
 
 /// The keys of a queue the client role may touch (what `queue_register`,
-/// `simple_submit`, `job_submit`, `job_watch`, `queue_control` and status
-/// reads use).
+/// `simple_submit`, `job_submit`, `job_watch`, `queue_control`,
+/// `job_requeue` and status reads use).
 const CLIENT_KEYS: &[&str] = &[
     "meta",
     "pending",
@@ -299,6 +304,7 @@ const CLIENT_KEYS: &[&str] = &[
     "gate",
     "unique:*",
     "events",
+    "dead_jobs",
     "job:*",
 ];
 
@@ -456,6 +462,7 @@ mod tests {
         "schedule_set",
         "schedule_remove",
         "queue_control",
+        "job_requeue",
     ];
 
     fn role_runs(role: AclRole, script: &str) -> bool {
@@ -665,7 +672,7 @@ mod tests {
             .rules()
             .unwrap();
         assert_eq!(
-            client[..14],
+            client[..15],
             [
                 "clearselectors",
                 "resetkeys",
@@ -679,6 +686,7 @@ mod tests {
                 "~jq:{a}:gate",
                 "~jq:{a}:unique:*",
                 "~jq:{a}:events",
+                "~jq:{a}:dead_jobs",
                 "~jq:{a}:job:*",
                 "resetchannels"
             ]

@@ -105,11 +105,12 @@ pub(crate) enum Name {
     QueueControl,
     JobCancel,
     JobProgress,
+    JobRequeue,
 }
 
 impl Name {
     #[cfg(test)]
-    const ALL: [Name; 25] = [
+    const ALL: [Name; 26] = [
         Name::QueueRegister,
         Name::SimpleSubmit,
         Name::SimpleReply,
@@ -135,6 +136,7 @@ impl Name {
         Name::QueueControl,
         Name::JobCancel,
         Name::JobProgress,
+        Name::JobRequeue,
     ];
 
     fn file_stem(self) -> &'static str {
@@ -161,6 +163,7 @@ impl Name {
             Name::QueueControl => "queue_control",
             Name::JobCancel => "job_cancel",
             Name::JobProgress => "job_progress",
+            Name::JobRequeue => "job_requeue",
             Name::SimpleReply => "simple_reply",
             Name::SimpleRequeue => "simple_requeue",
             Name::SimpleDead => "simple_dead",
@@ -417,6 +420,7 @@ mod tests {
         ("job_progress", 1, "8a97f699088603ac16a339e830a0430eba7907b5"),
         ("job_promote", 2, "a3f2d1bf3af9ddff62c27f8d21afa0b7da496650"),
         ("job_release", 5, "68be103489e4c145f97d53285ffd66800bcdff95"),
+        ("job_requeue", 1, "02945dabc3cbb8666eb57376a4523ce85df6d4a6"),
         ("job_requeue_stale", 3, "e5eba56ff26d48d4790331b765b30762c17ff6ff"),
         ("job_start", 14, "1cef6c1d6d6e87385a951b7d00e1566a615d69de"),
         ("job_submit", 13, "ac441b87dfbdc1af0f944a8d7a7c850c7488e764"),

@@ -1074,3 +1074,30 @@ pub(crate) fn job_progress(
         .arg(progress)
         .arg(notify(sharded))
 }
+
+/// `job_requeue`: puts dead and failed jobs back on the queue (at most
+/// [`REQUEUE_BATCH`] per call); one decision per ID, in order.
+pub(crate) async fn job_requeue(
+    con: &Conn,
+    keys: &QueueKeys,
+    mode: Mode,
+    ids: &[String],
+) -> Result<Vec<String>, Error> {
+    let mut call = scripts::get(Name::JobRequeue)
+        .call()
+        .key(keys.meta())
+        .key(keys.dead_jobs())
+        .key(keys.pending())
+        .key(keys.tickets())
+        .arg(mode.as_str())
+        .arg(PROTOCOL_VERSION.to_string());
+    for id in ids {
+        call = call.key(keys.job(id)).arg(id.as_str());
+    }
+    let replies: Vec<String> = run(con, &call, keys, None).await?;
+    one_per_job(&replies, ids.len(), "job_requeue reply")?;
+    Ok(replies)
+}
+
+/// Most jobs per `job_requeue` call.
+pub(crate) const REQUEUE_BATCH: usize = 1000;

@@ -213,11 +213,10 @@ async fn a_reliable_queue_shows_its_workers_and_their_jobs() {
         .await
         .unwrap();
     let admin = client.admin();
+    // The worker starts three (however slowly, on a loaded machine).
+    let deadline = std::time::Instant::now() + WAIT;
     let mut overview = admin.overview(&name).await.unwrap();
-    for _ in 0..200 {
-        if overview.counts.active == Some(3) {
-            break;
-        }
+    while overview.counts.active != Some(3) && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
         overview = admin.overview(&name).await.unwrap();
     }
@@ -309,4 +308,170 @@ async fn unknown_queues_simple_mode_and_undecodable_payloads_are_told_apart() {
 
 fn ids(entries: &[job_async_redis::admin::JobEntry]) -> Vec<String> {
     entries.iter().map(|e| e.id.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_and_failed_jobs_are_requeued_with_all_their_attempts_and_run_again() {
+    let server = RedisServer::start();
+    let client = Client::connect(config(&server)).await.unwrap();
+    let name = queue_name("requeue");
+    let queue = client.queue(&name, Mode::Reliable).await.unwrap();
+    let admin = client.admin();
+
+    // Failed for real: the handler fails while the switch is off.
+    let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let switch = healthy.clone();
+    let worker = spawn_built(
+        Worker::builder(config(&server))
+            .mode(Mode::Reliable)
+            .queue(&name),
+        move |job: Job<u32>| {
+            let ok = switch.load(std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if ok {
+                    Ok(job.payload + 1)
+                } else {
+                    Err(format!("job {} failed", job.payload))
+                }
+            }
+        },
+    )
+    .await;
+    let failed = queue.submit_many(&[1u32, 2]).await.unwrap();
+    let failed_ids: Vec<String> = failed.iter().map(|h| h.id().to_owned()).collect();
+    for h in failed {
+        assert!(h.result_timeout::<u32>(WAIT).await.is_err());
+    }
+    // Dead letters: 2,500 jobs written as the start scripts leave them, a
+    // stale entry (its job completed) and an entry that is not a job.
+    let mut con = server.connection();
+    let mut pipe = redis::pipe();
+    for i in 0..2500u32 {
+        let id = format!("dead-{i:04}");
+        pipe.hset_multiple(
+            format!("jq:{{{name}}}:job:{id}"),
+            &[
+                ("state", "dead".as_bytes().to_vec()),
+                ("enc", b"msgpack".to_vec()),
+                ("payload", rmp_serde::to_vec(&i).unwrap()),
+                ("attempt", b"1".to_vec()),
+                ("stalls", b"4".to_vec()),
+                ("error_kind", b"stalled".to_vec()),
+            ],
+        )
+        .ignore()
+        .pexpire(format!("jq:{{{name}}}:job:{id}"), 86_400_000)
+        .ignore()
+        .zadd(format!("jq:{{{name}}}:dead_jobs"), &id, i)
+        .ignore();
+    }
+    let _: () = pipe.query(&mut con).unwrap();
+    let _: () = con
+        .hset(format!("jq:{{{name}}}:job:stale"), "state", "completed")
+        .unwrap();
+    let _: () = con
+        .zadd(format!("jq:{{{name}}}:dead_jobs"), "stale", 9_000)
+        .unwrap();
+    let _: () = con.set(format!("jq:{{{name}}}:job:odd"), "x").unwrap();
+    let _: () = con
+        .zadd(format!("jq:{{{name}}}:dead_jobs"), "odd", 9_001)
+        .unwrap();
+
+    // By ID: the failed jobs, a missing one, and a completed one whose
+    // entry in the dead-letter set was stale (it leaves the set).
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut ids = failed_ids.clone();
+    ids.extend(["nobody".to_owned(), "stale".to_owned()]);
+    let outcomes = admin.requeue(&name, &ids).await.unwrap();
+    use job_async_redis::admin::Requeued;
+    assert_eq!(
+        outcomes,
+        [
+            Requeued::Requeued,
+            Requeued::Requeued,
+            Requeued::Missing,
+            Requeued::Unchanged("completed".into())
+        ]
+    );
+
+    // Every dead job, in batches of 1,000, stopping nowhere.
+    let mut seen = Vec::new();
+    let progress = admin
+        .requeue_dead(&name, 1000, None, |p| {
+            seen.push(p.requeued);
+            true
+        })
+        .await
+        .unwrap();
+    assert_eq!(seen, [1000, 2000, 2500]);
+    assert_eq!(
+        (progress.requeued, progress.skipped, progress.remaining),
+        (2500, 1, 1)
+    );
+    let left: Vec<String> = con
+        .zrange(format!("jq:{{{name}}}:dead_jobs"), 0, -1)
+        .unwrap();
+    assert_eq!(left, ["odd"], "only the entry that is not a job stays");
+    // They all run, and complete.
+    let handle = queue.job("dead-2499").await.unwrap();
+    assert_eq!(handle.result_timeout::<u32>(WAIT).await.unwrap(), 2500);
+    for id in &failed_ids {
+        let h = queue.job(id).await.unwrap();
+        h.result_timeout::<u32>(WAIT).await.unwrap();
+    }
+    assert!(
+        support::hostile::wait_until(WAIT, || {
+            let mut con = server.connection();
+            let pending: u64 = con.llen(format!("jq:{{{name}}}:pending")).unwrap();
+            pending == 0
+        })
+        .await
+    );
+    let ttl: i64 = con.pttl(format!("jq:{{{name}}}:job:dead-0000")).unwrap();
+    assert!(ttl > 0, "finished again, the job expires again");
+    worker.stop().await;
+
+    // Stopped after the first batch, the rest stays dead.
+    let more = queue_name("stop");
+    client.queue(&more, Mode::Recoverable).await.unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..30u32 {
+        pipe.hset_multiple(
+            format!("jq:{{{more}}}:job:d{i}"),
+            &[
+                ("state", "dead"),
+                ("attempt", "3"),
+                ("stalls", "4"),
+                ("finished_ms", "5"),
+            ],
+        )
+        .ignore()
+        .pexpire(format!("jq:{{{more}}}:job:d{i}"), 86_400_000)
+        .ignore()
+        .zadd(format!("jq:{{{more}}}:dead_jobs"), format!("d{i}"), i)
+        .ignore();
+    }
+    let _: () = pipe.query(&mut con).unwrap();
+    let progress = admin
+        .requeue_dead(&more, 10, None, |_| false)
+        .await
+        .unwrap();
+    assert_eq!((progress.requeued, progress.remaining), (10, 20));
+    let tickets: u64 = con.llen(format!("jq:{{{more}}}:tickets")).unwrap();
+    assert_eq!(tickets, 10, "recoverable mode: one ticket per requeued job");
+    // A requeued job starts over: queued, no attempt or stall, no expiry.
+    let job = admin.job(&more, "d0").await.unwrap().unwrap();
+    assert_eq!(job.state, "queued");
+    assert!(
+        ["attempt", "stalls", "finished_ms"]
+            .iter()
+            .all(|f| !job.fields.contains_key(*f))
+    );
+    let ttl: i64 = con.pttl(format!("jq:{{{more}}}:job:d0")).unwrap();
+    assert_eq!(ttl, -1);
+    let progress = admin
+        .requeue_dead(&more, 1000, Some(5), |_| true)
+        .await
+        .unwrap();
+    assert_eq!((progress.requeued, progress.remaining), (5, 15));
 }

@@ -3733,6 +3733,35 @@ fn baselines() -> Vec<Baseline> {
             vec![(1, Num::Token)],
             fixed(2, 4, 4),
         ),
+        bl(
+            "requeue a dead, a failed, a queued and a missing job",
+            "job_requeue",
+            &[
+                ("meta", "hash"),
+                ("dead_jobs", "zset"),
+                ("pending", "list"),
+                ("tickets", "list"),
+                ("job:j1", "hash"),
+                ("job:j2", "hash"),
+                ("job:j3", "hash"),
+                ("job:j4", "hash"),
+            ],
+            &[b"recoverable", b"1", b"j1", b"j2", b"j3", b"j4"],
+            vec![
+                meta("recoverable"),
+                c(&["HSET", &k("job:j1"), "state", "dead", "stalls", "4"]),
+                c(&["PEXPIRE", &k("job:j1"), "86400000"]),
+                c(&["HSET", &k("job:j2"), "state", "failed", "attempt", "3"]),
+                queued("j3"),
+                c(&["ZADD", &k("dead_jobs"), "1", "j1", "2", "j4"]),
+            ],
+            vec![(1, Num::Protocol)],
+            Arity::PerJob {
+                keys: 4,
+                argv: 2,
+                per: 1,
+            },
+        ),
     ]
 }
 
@@ -4060,6 +4089,7 @@ mutation_tests! {
     mutate_schedule_remove => "schedule_remove",
     mutate_queue_control => "queue_control",
     mutate_job_cancel => "job_cancel",
+    mutate_job_requeue => "job_requeue",
     mutate_job_progress => "job_progress",
 }
 

@@ -6,6 +6,7 @@
 //! reason on stderr), 2 for a usage error.
 
 mod render;
+mod requeue;
 
 use std::process::ExitCode;
 
@@ -66,6 +67,29 @@ enum Command {
         /// The job's ID.
         id: String,
     },
+    /// Puts dead or failed jobs back on their queue, with all their
+    /// attempts: the jobs named, or with --dead every dead job (asks first
+    /// unless --yes; batches of --batch jobs, interruptible with Ctrl-C
+    /// between batches).
+    Requeue {
+        /// The queue's name.
+        queue: String,
+        /// The jobs to requeue.
+        #[arg(required_unless_present = "dead")]
+        ids: Vec<String>,
+        /// Requeue the jobs of the dead-letter set, oldest death first.
+        #[arg(long, conflicts_with = "ids")]
+        dead: bool,
+        /// With --dead: at most this many.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// With --dead: jobs per atomic call, 1 to 1000.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
+        batch: u16,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
     /// Prints a shell completion script (bash, zsh, fish, elvish,
     /// powershell).
     Completions {
@@ -118,6 +142,32 @@ async fn run(cli: Cli) -> Result<(), Error> {
         } => {
             let list = admin.jobs(&queue, state, offset, limit).await?;
             render::output(cli.json, &list, render::jobs)
+        }
+        Command::Requeue {
+            queue,
+            ids,
+            dead,
+            limit,
+            batch,
+            yes,
+        } => {
+            if dead {
+                return requeue::dead(&admin, &queue, limit, batch.into(), yes, cli.json).await;
+            }
+            if limit.is_some() {
+                // (clap's `requires` is always met by a flag that defaults
+                // to false.)
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        "--limit goes with --dead",
+                    )
+                    .exit();
+            }
+            let outcomes = admin.requeue(&queue, &ids).await?;
+            let rows: Vec<(String, job_async_redis::admin::Requeued)> =
+                ids.into_iter().zip(outcomes).collect();
+            render::output(cli.json, &rows, render::requeued)
         }
         Command::Job { queue, id } => match admin.job(&queue, &id).await? {
             Some(job) => render::output(cli.json, &job, render::job),

@@ -155,6 +155,22 @@ pub fn job(job: &JobDetail) -> String {
     out
 }
 
+pub fn requeued(rows: &Vec<(String, job_async_redis::admin::Requeued)>) -> String {
+    use job_async_redis::admin::Requeued;
+    let mut t = table(&["JOB", "OUTCOME"], &[]);
+    for (id, outcome) in rows {
+        let text = match outcome {
+            Requeued::Requeued => "requeued".to_owned(),
+            Requeued::Missing => "missing".to_owned(),
+            Requeued::NotAJob => "not a job".to_owned(),
+            Requeued::Unchanged(state) => format!("unchanged ({state})"),
+            other => format!("{other:?}"),
+        };
+        t.add_row(vec![id.clone(), text]);
+    }
+    t.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::age;

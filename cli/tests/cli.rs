@@ -159,3 +159,123 @@ async fn failures_exit_1_and_usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("jarctl: "));
 }
+
+/// `n` dead jobs `dead-<i>` in recoverable queue `queue`, as the start
+/// scripts leave them.
+fn dead_jobs(server: &RedisServer, queue: &str, n: u32) {
+    let mut con = server.connection();
+    for first in (0..n).step_by(10_000) {
+        let mut pipe = redis::pipe();
+        for i in first..(first + 10_000).min(n) {
+            let key = format!("jq:{{{queue}}}:job:dead-{i}");
+            pipe.cmd("HSET")
+                .arg(&key)
+                .arg("state")
+                .arg("dead")
+                .arg("enc")
+                .arg("json")
+                .arg("payload")
+                .arg(i.to_string())
+                .ignore();
+            pipe.cmd("ZADD")
+                .arg(format!("jq:{{{queue}}}:dead_jobs"))
+                .arg(i)
+                .arg(format!("dead-{i}"))
+                .ignore();
+        }
+        pipe.exec(&mut con).unwrap();
+    }
+}
+
+fn count(server: &RedisServer, cmd: &str, key: &str) -> u64 {
+    redis::cmd(cmd)
+        .arg(key)
+        .query(&mut server.connection())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requeue_asks_first_then_moves_100000_dead_jobs_in_batches() {
+    let server = RedisServer::start();
+    fill(&server).await;
+    dead_jobs(&server, "emails", 100_000);
+    let dead_before = count(&server, "ZCARD", "jq:{emails}:dead_jobs");
+    assert_eq!(dead_before, 100_001);
+
+    // Without --yes, and no answer on stdin: nothing happens.
+    let out = Command::new(env!("CARGO_BIN_EXE_jarctl"))
+        .args(["requeue", "emails", "--dead"])
+        .env("REDIS_URL", server.url())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("aborted"));
+    assert_eq!(
+        count(&server, "ZCARD", "jq:{emails}:dead_jobs"),
+        dead_before
+    );
+
+    // With --yes: 101 batches of 1,000, each reported on a plain line (stderr
+    // is not a terminal here).
+    let out = jarctl(&server, &["requeue", "emails", "--dead", "--yes"]);
+    let lines = String::from_utf8_lossy(&out.stderr).into_owned();
+    let summary = stdout(&out);
+    let progress: Vec<&str> = lines
+        .lines()
+        .filter(|l| l.starts_with("requeued "))
+        .collect();
+    assert_eq!(progress.len(), 101, "{lines}");
+    assert!(
+        progress[0].starts_with("requeued 1000 of 100001"),
+        "{}",
+        progress[0]
+    );
+    assert!(
+        progress[100].starts_with("requeued 100000 of 100001"),
+        "{}",
+        progress[100]
+    );
+    assert!(
+        summary.contains("requeued 100000 dead jobs of emails (1 skipped, 0 left)"),
+        "{summary}"
+    );
+    assert_eq!(count(&server, "ZCARD", "jq:{emails}:dead_jobs"), 0);
+    // The three jobs that waited, then the 100,000 requeued, with a ticket each.
+    assert_eq!(count(&server, "LLEN", "jq:{emails}:pending"), 100_003);
+    assert_eq!(count(&server, "LLEN", "jq:{emails}:tickets"), 100_003);
+
+    // By ID, as a table and as JSON.
+    dead_jobs(&server, "emails", 2);
+    let out = stdout(&jarctl(
+        &server,
+        &["requeue", "emails", "dead-0", "e1", "nobody"],
+    ));
+    let rows: Vec<Vec<&str>> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[1], ["dead-0", "requeued"], "{out}");
+    assert_eq!(rows[2], ["e1", "unchanged", "(queued)"], "{out}");
+    assert_eq!(rows[3], ["nobody", "missing"], "{out}");
+    let rows = json(&jarctl(&server, &["requeue", "emails", "dead-1", "--json"]));
+    assert_eq!(rows[0][0], "dead-1");
+    assert_eq!(rows[0][1], "requeued");
+    // --limit with --dead only; IDs or --dead, not both.
+    assert_eq!(
+        jarctl(&server, &["requeue", "emails", "--limit", "3", "x"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        jarctl(&server, &["requeue", "emails", "--dead", "x"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(
+        jarctl(&server, &["requeue", "emails"]).status.code(),
+        Some(2)
+    );
+}

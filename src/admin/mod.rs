@@ -1,7 +1,9 @@
 //! Inspecting queues, for operators and their tools: which queues exist,
-//! how each is doing, which jobs wait, run or died, and one job in full.
+//! how each is doing, which jobs wait, run or died, and one job in full;
+//! and putting dead jobs back ([`Admin::requeue`], [`Admin::requeue_dead`]).
 //!
-//! Everything here reads; nothing registers a queue or changes a job. The
+//! Nothing here registers a queue. Only the requeue methods change jobs,
+//! each batch with one atomic script (`job_requeue`, protocol.md 8.14). The
 //! command-line tool (`jarctl`) and the dashboard are built on it. Reads
 //! use plain commands on the queue's slot (every key of a queue shares it,
 //! so they work on a Redis Cluster too) and are not atomic with each
@@ -28,25 +30,27 @@
 mod discover;
 mod jobs;
 mod overview;
+mod requeue;
 
 pub use discover::QueueInfo;
 pub use jobs::{JobDetail, JobEntry, JobList, ListState};
 pub use overview::{QueueOverview, StateCounts, WorkerInfo};
+pub use requeue::{RequeueProgress, Requeued};
 
 use crate::client::Client;
 use crate::error::Error;
 use crate::keys::QueueKeys;
 use crate::mode::Mode;
 
-/// Read-only inspection of the queues under the client's key prefix
-/// ([`Client::admin`]).
+/// Inspection of the queues under the client's key prefix, and requeueing
+/// of their dead jobs ([`Client::admin`]).
 #[derive(Debug, Clone)]
 pub struct Admin {
     client: Client,
 }
 
 impl Client {
-    /// Read-only inspection of queues: [`Admin`].
+    /// Inspection of queues, and requeueing of dead jobs: [`Admin`].
     pub fn admin(&self) -> Admin {
         Admin {
             client: self.clone(),

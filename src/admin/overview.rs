@@ -76,10 +76,27 @@ pub struct WorkerInfo {
 }
 
 /// Reads the overview of the queue of `keys`, in `mode`.
+///
+/// The counts are read in one transaction (MULTI/EXEC, on the queue's
+/// primary), so that a job moving from one state to another is counted
+/// once; only the list of reliable workers is read just before.
 pub(crate) async fn read(con: &Conn, keys: &QueueKeys, mode: Mode) -> Result<QueueOverview, Error> {
+    let workers: Vec<(String, f64)> = if mode == Mode::Reliable {
+        redis::cmd("ZRANGE")
+            .arg(keys.workers())
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut con.clone())
+            .await
+            .map_err(|e| wrong_type(e, keys))?
+    } else {
+        Vec::new()
+    };
     let mut fields = vec!["mode", "protocol", "created_ms"];
     fields.extend(QueueControls::FIELDS);
     let mut pipe = redis::pipe();
+    pipe.atomic();
     pipe.cmd("HMGET").arg(keys.meta()).arg(&fields);
     pipe.cmd("TIME");
     pipe.cmd("LLEN").arg(keys.pending());
@@ -90,16 +107,15 @@ pub(crate) async fn read(con: &Conn, keys: &QueueKeys, mode: Mode) -> Result<Que
     };
     pipe.cmd("ZCARD").arg(keys.leases());
     pipe.cmd("LINDEX").arg(keys.pending()).arg(-1);
-    pipe.cmd("ZRANGE")
-        .arg(keys.workers())
-        .arg(0)
-        .arg(-1)
-        .arg("WITHSCORES");
     pipe.cmd("ZCARD").arg(keys.schedules());
-    let values: Vec<Value> = pipe
+    for (id, _) in &workers {
+        pipe.cmd("LLEN").arg(keys.inflight(id));
+    }
+    let mut values: Vec<Value> = pipe
         .query_async(&mut con.clone())
         .await
         .map_err(|e| wrong_type(e, keys))?;
+    let lens = values.split_off(values.len().min(8));
     let [
         meta,
         time,
@@ -108,14 +124,13 @@ pub(crate) async fn read(con: &Conn, keys: &QueueKeys, mode: Mode) -> Result<Que
         dead,
         leases,
         oldest,
-        workers,
         schedules,
-    ] = <[Value; 9]>::try_from(values).map_err(|v| decode(format!("{} replies", v.len())))?;
+    ] = <[Value; 8]>::try_from(values).map_err(|v| decode(format!("{} replies", v.len())))?;
 
     let meta: Vec<Option<String>> =
         redis::from_redis_value(meta).map_err(|e| decode(e.to_string()))?;
     let text = |i: usize| meta.get(i).cloned().flatten();
-    let controls = QueueControls::from_fields(&meta[3..]);
+    let controls = QueueControls::from_fields(meta.get(3..).unwrap_or_default());
     let (secs, micros): (u64, u64) =
         redis::from_redis_value(time).map_err(|e| decode(e.to_string()))?;
     let now_ms = secs * 1000 + micros / 1000;
@@ -127,26 +142,13 @@ pub(crate) async fn read(con: &Conn, keys: &QueueKeys, mode: Mode) -> Result<Que
         count(leases)?,
         count(schedules)?,
     );
-    let workers: Vec<(String, f64)> =
-        redis::from_redis_value(workers).map_err(|e| decode(e.to_string()))?;
-
     let mut infos = Vec::with_capacity(workers.len());
-    if mode == Mode::Reliable && !workers.is_empty() {
-        let mut pipe = redis::pipe();
-        for (id, _) in &workers {
-            pipe.cmd("LLEN").arg(keys.inflight(id));
-        }
-        let lens: Vec<u64> = pipe
-            .query_async(&mut con.clone())
-            .await
-            .map_err(|e| wrong_type(e, keys))?;
-        for ((id, deadline), in_flight) in workers.into_iter().zip(lens) {
-            infos.push(WorkerInfo {
-                id,
-                heartbeat_left_ms: deadline as i64 - now_ms as i64,
-                in_flight,
-            });
-        }
+    for ((id, deadline), len) in workers.into_iter().zip(lens) {
+        infos.push(WorkerInfo {
+            id,
+            heartbeat_left_ms: deadline as i64 - now_ms as i64,
+            in_flight: count(len)?,
+        });
     }
     let active = match mode {
         Mode::Simple => None,
