@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::connection::Conn;
 use serde::Serialize;
 use serde_bytes::ByteBuf;
+use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
@@ -507,6 +508,27 @@ impl Queue {
         P: Serialize + ?Sized + 'a,
         I: Iterator<Item = (&'a P, JobOptions)>,
     {
+        // Field names from OpenTelemetry's messaging conventions (a
+        // producer's "send" span).
+        let span = tracing::info_span!(
+            "submit",
+            otel.name = %format_args!("send {}", self.name()),
+            otel.kind = "producer",
+            messaging.system = "job_async_redis",
+            messaging.operation.type = "send",
+            messaging.destination.name = %self.name(),
+            messaging.batch.message_count = tracing::field::Empty,
+            messaging.message.id = tracing::field::Empty,
+            job_async_redis.mode = self.mode.as_str(),
+        );
+        self.submit_prepared(jobs).instrument(span).await
+    }
+
+    async fn submit_prepared<'a, P, I>(&self, jobs: I) -> Result<Vec<JobHandle>, Error>
+    where
+        P: Serialize + ?Sized + 'a,
+        I: Iterator<Item = (&'a P, JobOptions)>,
+    {
         let max = self.client.inner.config.max_payload_bytes;
         let mut prepared = Vec::new();
         for (payload, options) in jobs {
@@ -556,6 +578,11 @@ impl Queue {
         }
         if prepared.is_empty() {
             return Ok(Vec::new());
+        }
+        let span = tracing::Span::current();
+        span.record("messaging.batch.message_count", prepared.len());
+        if let [(id, _, _)] = &prepared[..] {
+            span.record("messaging.message.id", id.as_str());
         }
         let calls = match self.mode {
             Mode::Simple => self.simple_calls(&prepared)?,

@@ -199,6 +199,7 @@ pub(crate) fn spawn_started(
     let input = Input {
         id: id.clone(),
         queue: keys.queue().to_owned(),
+        mode,
         enc,
         payload,
         attempt,

@@ -14,6 +14,7 @@ use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::encoding::Encoding;
 use crate::failure::FailureKind;
@@ -23,6 +24,7 @@ use crate::job::{Control, Job, JobError, RetryRule};
 pub(crate) struct Input {
     pub id: String,
     pub queue: String,
+    pub mode: crate::mode::Mode,
     /// The encoding name found on the wire.
     pub enc: String,
     pub payload: Vec<u8>,
@@ -154,6 +156,54 @@ where
 /// to return (it sees [`Job::cancelled`]) before it is dropped; either way
 /// the outcome is [`Outcome::Cancelled`].
 pub(crate) async fn run(
+    handler: &Erased,
+    input: Input,
+    hard_stop: &CancellationToken,
+    grace: Duration,
+) -> Option<Outcome> {
+    let span = job_span(&input);
+    let outcome = run_handler(handler, input, hard_stop, grace)
+        .instrument(span.clone())
+        .await;
+    match &outcome {
+        Some(Outcome::Completed(_)) => {
+            span.record("otel.status_code", "OK");
+        }
+        Some(Outcome::Failed(kind, ..)) => {
+            span.record("otel.status_code", "ERROR");
+            span.record("error.type", kind.as_str());
+        }
+        Some(Outcome::Cancelled) => {
+            span.record("error.type", FailureKind::Cancelled.as_str());
+        }
+        None => {
+            span.record("error.type", FailureKind::Shutdown.as_str());
+        }
+    }
+    outcome
+}
+
+/// The span of one attempt, its field names from OpenTelemetry's messaging
+/// conventions (a consumer's "process" span) and, for what they do not
+/// name, `job_async_redis.*`; the status and `error.type` are recorded
+/// when the attempt ends.
+fn job_span(input: &Input) -> tracing::Span {
+    tracing::info_span!(
+        "job",
+        otel.name = %format_args!("process {}", input.queue),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        messaging.system = "job_async_redis",
+        messaging.operation.type = "process",
+        messaging.destination.name = %input.queue,
+        messaging.message.id = %input.id,
+        job_async_redis.attempt = input.attempt,
+        job_async_redis.mode = input.mode.as_str(),
+    )
+}
+
+async fn run_handler(
     handler: &Erased,
     input: Input,
     hard_stop: &CancellationToken,

@@ -115,6 +115,7 @@ async fn run_job(
     let input = Input {
         id: envelope.id.clone(),
         queue: keys.queue().to_owned(),
+        mode: crate::mode::Mode::Simple,
         enc: envelope.enc.clone(),
         payload: envelope.payload.into_vec(),
         attempt: 1,
