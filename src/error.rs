@@ -349,10 +349,16 @@ pub(crate) fn from_code(
     }
 }
 
-/// Maps the failure of a plain command on `key`: a `WRONGTYPE` reply
-/// becomes [`Error::WrongType`] naming the key.
+/// Maps the failure of a plain command (or a pipeline) on `key`: a
+/// `WRONGTYPE` reply, or a pipeline one of whose commands got one, becomes
+/// [`Error::WrongType`] naming the key.
 pub(crate) fn on_key(err: RedisError, key: &str, expected: &str) -> Error {
-    if err.code() == Some("WRONGTYPE") {
+    let wrong_type = err.code() == Some("WRONGTYPE")
+        || err
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, e)| e.code() == "WRONGTYPE"));
+    if wrong_type {
         return Error::WrongType {
             key: key.to_owned(),
             expected: expected.to_owned(),

@@ -45,6 +45,12 @@ impl QueueKeys {
         &self.queue
     }
 
+    /// The glob pattern of every key of the queue, `<prefix>:{<queue>}:*`
+    /// (to name them in an error).
+    pub(crate) fn pattern(&self) -> String {
+        format!("{}:*", self.base)
+    }
+
     /// Queue metadata hash: mode, protocol version, creation time.
     pub fn meta(&self) -> String {
         format!("{}:meta", self.base)

@@ -304,6 +304,13 @@ async fn unknown_queues_simple_mode_and_undecodable_payloads_are_told_apart() {
     let (why, hex) = job.payload.undecoded.unwrap();
     assert_eq!(hex, "c1ff");
     assert!(!why.is_empty());
+
+    // A key of another type is named as the queue's keys.
+    let _: () = con.set(format!("jq:{{{rec}}}:pending"), "x").unwrap();
+    match admin.overview(&rec).await {
+        Err(Error::WrongType { key, .. }) => assert_eq!(key, format!("jq:{{{rec}}}:*")),
+        other => panic!("{other:?}"),
+    }
 }
 
 fn ids(entries: &[job_async_redis::admin::JobEntry]) -> Vec<String> {

@@ -115,6 +115,21 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Error> {
+    if let Command::Requeue {
+        limit: Some(_),
+        dead: false,
+        ..
+    } = cli.command
+    {
+        // A usage error, told before connecting (clap's `requires` is
+        // always met by a flag that defaults to false).
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--limit goes with --dead",
+            )
+            .exit();
+    }
     let command = match cli.command {
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "jarctl", &mut std::io::stdout());
@@ -154,16 +169,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             if dead {
                 return requeue::dead(&admin, &queue, limit, batch.into(), yes, cli.json).await;
             }
-            if limit.is_some() {
-                // (clap's `requires` is always met by a flag that defaults
-                // to false.)
-                Cli::command()
-                    .error(
-                        clap::error::ErrorKind::MissingRequiredArgument,
-                        "--limit goes with --dead",
-                    )
-                    .exit();
-            }
+
             let outcomes = admin.requeue(&queue, &ids).await?;
             let rows: Vec<(String, job_async_redis::admin::Requeued)> =
                 ids.into_iter().zip(outcomes).collect();

@@ -202,17 +202,9 @@ pub(super) fn decode(message: String) -> Error {
     }
 }
 
-/// A WRONGTYPE reply names no key: the queue's keys are named instead.
+/// Maps a failed read of the queue's keys with the crate's one mapping
+/// ([`crate::error::on_key`]): a WRONGTYPE reply to a pipeline names no
+/// key, so the error names the queue's keys as a pattern.
 pub(super) fn wrong_type(e: redis::RedisError, keys: &QueueKeys) -> Error {
-    if e.code() == Some("WRONGTYPE") {
-        Error::Decode {
-            what: "queue keys",
-            message: format!(
-                "a key of queue {:?} holds another type than the protocol gives it: {e}",
-                keys.queue()
-            ),
-        }
-    } else {
-        Error::Redis(e)
-    }
+    crate::error::on_key(e, &keys.pattern(), "its protocol type")
 }
